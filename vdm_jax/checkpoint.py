@@ -1,0 +1,180 @@
+"""Checkpoints in `workdir/checkpoints` with orbax, plus the saved config.
+
+Each step is saved as two orbax items: 'state' (step, params, opt_state) and
+'ema_params', so that sampling restores the EMA parameters alone. Orbax
+writes a step into a temporary directory and renames it when complete, so a
+crash or SIGKILL during a save leaves the previous checkpoint intact; the
+unfinished directory is ignored and removed at the next start.
+"""
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+from etils import epath
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = 'config.json'
+
+# Fields that must agree between a workdir's saved config and a new run that
+# restores from it: they fix the parameter shapes or what the network means.
+COMPATIBILITY_FIELDS = (
+    ('data', 'image_size'),
+    ('data', 'channels'),
+    ('model', 'base_channels'),
+    ('model', 'channel_mults'),
+    ('model', 'num_res_blocks'),
+    ('model', 'attn_resolutions'),
+    ('model', 'head_dim'),
+    ('model', 'num_classes'),
+    ('model', 'emb_dim'),
+    ('model', 'emb_mlp_layers'),
+    ('model', 'max_temporal_distance'),
+    ('diffusion', 'target'),
+)
+
+
+class Checkpointer:
+  """Saves and restores train states under `workdir/checkpoints`."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = epath.Path(workdir) / 'checkpoints'
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+    )
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+    """Saves `state` (a TrainState) at `step`; returns whether it saved."""
+    return self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave({
+                'step': state.step,
+                'params': state.params,
+                'opt_state': state.opt_state,
+            }),
+            ema_params=ocp.args.StandardSave(state.ema_params),
+        ),
+        force=force,
+    )
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> Any:
+    """Restores a full TrainState shaped (and sharded) like `abstract_state`."""
+    step = self.latest_step() if step is None else step
+    restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore({
+                'step': abstract_state.step,
+                'params': abstract_state.params,
+                'opt_state': abstract_state.opt_state,
+            }),
+            ema_params=ocp.args.StandardRestore(abstract_state.ema_params),
+        ),
+    )
+    s = restored['state']
+    return abstract_state.replace(
+        step=s['step'],
+        params=s['params'],
+        opt_state=s['opt_state'],
+        ema_params=restored['ema_params'],
+    )
+
+  def restore_ema_params(
+      self, abstract_params: Any, step: int | None = None
+  ) -> tuple[Any, int]:
+    """Restores only the EMA parameters; returns (params, step)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(
+          f'No checkpoint in {self.directory}; train first with'
+          ' --mode=train on this workdir.'
+      )
+    restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            ema_params=ocp.args.StandardRestore(abstract_params)
+        ),
+    )
+    return restored['ema_params'], step
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes config.json into the workdir (process 0 only, atomically)."""
+  if jax.process_index() != 0:
+    return
+  path = epath.Path(workdir) / CONFIG_FILE
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (CONFIG_FILE + '.tmp')
+  tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  if str(path).startswith('gs://'):
+    tmp.copy(path, overwrite=True)
+    tmp.unlink()
+  else:
+    os.replace(tmp, path)
+
+
+def load_config(workdir: str) -> dict | None:
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    return None
+  return json.loads(path.read_text())
+
+
+def _get(tree, keys):
+  for k in keys:
+    if not isinstance(tree, dict) or k not in tree:
+      return None
+    tree = tree[k]
+  return tree
+
+
+def _normalize(v):
+  return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def check_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ValueError if the workdir's saved config cannot be restored into.
+
+  Called before any compilation, so that a wrong --workdir or a changed model
+  field fails at once with the differing fields named.
+  """
+  saved = load_config(workdir)
+  if saved is None:
+    return
+  requested = json.loads(config.to_json_best_effort())
+  diffs = []
+  for keys in COMPATIBILITY_FIELDS:
+    a, b = _get(saved, keys), _get(requested, keys)
+    if _normalize(a) != _normalize(b):
+      diffs.append(f'{".".join(keys)}: saved {a!r}, requested {b!r}')
+  if diffs:
+    raise ValueError(
+        f'The workdir {workdir} holds a run with an incompatible config:\n  '
+        + '\n  '.join(diffs)
+        + '\nUse a new --workdir, or the saved config '
+        f'({epath.Path(workdir) / CONFIG_FILE}).'
+    )
+  logging.info('Saved config in %s is compatible.', workdir)

@@ -1,0 +1,68 @@
+"""Entry point: the only module with flags.
+
+  python -m vdm_jax.main --config=configs/quickstart.py --workdir=/tmp/qs \
+      --mode=train [--config.training.batch_size=8 ...]
+
+Modes: train (resumes from the workdir's last checkpoint), sample (EMA
+parameters -> videos in workdir/samples), eval (samples scored with FVD).
+On several hosts, run the same command on each; jax.distributed is set up
+automatically on TPU pods and SLURM, or from --coordinator_address,
+--num_processes and --process_id.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Path to a config file (configs/*.py[:arg]).',
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints,'
+                               ' logs and samples (local path or gs://).')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'],
+                          'What to run.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0 (multi-process).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Number of processes (multi-process).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'This process\'s index (multi-process).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _maybe_initialize_distributed() -> None:
+  if _COORDINATOR.value is not None:
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+    )
+  else:
+    try:  # Auto-detects TPU pods and SLURM; a no-op elsewhere raises.
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError):
+      pass
+
+
+def main(argv):
+  del argv
+  _maybe_initialize_distributed()
+  logging.info('JAX process %d/%d, devices: %s', jax.process_index(),
+               jax.process_count(), jax.devices())
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if _MODE.value == 'train':
+    from vdm_jax import train  # pylint: disable=g-import-not-at-top
+    train.train_and_evaluate(config, workdir)
+  elif _MODE.value == 'sample':
+    from vdm_jax import sample  # pylint: disable=g-import-not-at-top
+    sample.sample_and_save(config, workdir)
+  else:
+    from vdm_jax import sample  # pylint: disable=g-import-not-at-top
+    sample.sample_and_evaluate(config, workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
