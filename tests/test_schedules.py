@@ -1,0 +1,58 @@
+"""Log-SNR schedule properties."""
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vdm_jax import schedules
+
+
+def _cfg(name, lo=-20.0, hi=20.0):
+  return ml_collections.ConfigDict(
+      dict(schedule=name, logsnr_min=lo, logsnr_max=hi, shift_base=64)
+  )
+
+
+@pytest.mark.parametrize('name', schedules.SCHEDULES)
+def test_endpoints_and_monotone(name):
+  fn = schedules.get_logsnr_fn(_cfg(name), image_size=64)
+  t = jnp.linspace(0.0, 1.0, 1001)
+  logsnr = np.asarray(fn(t))
+  np.testing.assert_allclose(logsnr[0], 20.0, atol=1e-3)
+  np.testing.assert_allclose(logsnr[-1], -20.0, atol=1e-3)
+  assert np.all(np.diff(logsnr) < 0), 'log-SNR must strictly decrease in t'
+
+
+def test_alpha_sigma_variance_preserving():
+  logsnr = jnp.linspace(-20.0, 20.0, 401)
+  alpha, sigma = schedules.alpha_sigma(logsnr)
+  np.testing.assert_allclose(alpha**2 + sigma**2, 1.0, atol=1e-6)
+  np.testing.assert_allclose(
+      np.log(alpha**2) - np.log(sigma**2), logsnr, rtol=1e-4, atol=1e-4
+  )
+  # Both ends stay accurate in float32 (no 1 - tiny cancellation).
+  a, s = schedules.alpha_sigma(jnp.float32(-20.0))
+  np.testing.assert_allclose(a**2, 1.0 / (1.0 + np.exp(20.0)), rtol=1e-4)
+
+
+def test_cosine_midpoint_is_zero_logsnr():
+  np.testing.assert_allclose(schedules.cosine_logsnr(0.5), 0.0, atol=1e-5)
+
+
+def test_shifted_cosine_has_less_signal_for_larger_frames():
+  t = jnp.linspace(0.05, 0.95, 19)
+  base = schedules.get_logsnr_fn(_cfg('cosine'))(t)
+  big = schedules.get_logsnr_fn(_cfg('shifted_cosine'), image_size=256)(t)
+  small = schedules.get_logsnr_fn(_cfg('shifted_cosine'), image_size=16)(t)
+  assert np.all(big < base) and np.all(small > base)
+  # In the middle the shift is 2 log(64 / 256) exactly.
+  mid = schedules.get_logsnr_fn(_cfg('shifted_cosine'), image_size=256)(0.5)
+  np.testing.assert_allclose(mid, 2 * np.log(64 / 256), atol=1e-3)
+
+
+def test_bad_schedule_errors():
+  with pytest.raises(ValueError, match='Unknown diffusion.schedule'):
+    schedules.get_logsnr_fn(_cfg('quadratic'))
+  with pytest.raises(ValueError, match='must be below'):
+    schedules.get_logsnr_fn(_cfg('cosine', lo=5.0, hi=-5.0))
