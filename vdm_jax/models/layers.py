@@ -1,0 +1,281 @@
+"""Layers of the factorized space-time UNet (Ho et al. 2022, section 3).
+
+Inside the UNet, activations are kept as frames-as-batch images,
+`[N, H, W, C]` with `N = B * T`: every space-only (1x3x3) convolution, every
+GroupNorm and every spatial attention then treats frames independently, and
+only `TemporalAttention` looks across frames (it reshapes to `[B, T, H*W, C]`).
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+# GroupNorm groups (DDPM/VDM standard); fewer when a layer is narrower.
+MAX_GROUPS = 32
+
+
+def num_groups(channels: int) -> int:
+  """GroupNorm group count used for a layer of `channels` channels."""
+  return min(MAX_GROUPS, channels)
+
+
+def num_heads(channels: int, head_dim: int) -> int:
+  """Attention heads of a layer: channels // head_dim, at least 1."""
+  return max(1, channels // head_dim)
+
+
+def logsnr_embedding(logsnr: Array, dim: int) -> Array:
+  """Sinusoidal features of a rescaled log-SNR.
+
+  The log-SNR range [-20, 20] is mapped linearly onto [0, 1000], the range
+  of DDPM timesteps that the sinusoidal frequencies are tuned for.
+
+  Args:
+    logsnr: [...] float log-SNR values.
+    dim: number of features.
+
+  Returns:
+    [..., dim] float32 features.
+  """
+  t = (logsnr.astype(jnp.float32) + 20.0) * 25.0
+  half = dim // 2
+  freqs = jnp.exp(-jnp.log(10000.0) * jnp.arange(half, dtype=jnp.float32)
+                  / max(half, 1))
+  args = t[..., None] * freqs
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, [(0, 0)] * (emb.ndim - 1) + [(0, 1)])
+  return emb
+
+
+class Conv3x3(nn.Module):
+  """Space-only (1x3x3) convolution of frames-as-batch images.
+
+  A 1x3x3 convolution of a `[B, T, H, W, C]` video is a 2D 3x3 convolution of
+  its `B * T` frames; it runs as one NHWC `lax.conv_general_dilated`.
+
+  Attributes:
+    features: output channels.
+    strides: spatial stride (2 to downsample).
+    zero_init: initialise the kernel to zero (last conv of a block).
+    dtype: compute dtype; the parameters stay float32.
+  """
+
+  features: int
+  strides: int = 1
+  zero_init: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: [N, H, W, Cin] -> [N, H', W', features]."""
+    init = (nn.initializers.zeros if self.zero_init
+            else nn.initializers.lecun_normal())
+    kernel = self.param('kernel', init, (3, 3, x.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        window_strides=(self.strides, self.strides),
+        padding=((1, 1), (1, 1)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y + bias.astype(self.dtype)
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm of each leading-axis entry (each frame) separately.
+
+  Statistics are float32 and computed in one pass (E[x], E[x^2]); the
+  normalisation, the learned affine map and an optional conditioning
+  scale/shift are folded into one multiply-add per element.
+
+  Attributes:
+    epsilon: variance offset.
+    dtype: output dtype.
+  """
+
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, scale: Optional[Array] = None,
+               shift: Optional[Array] = None) -> Array:
+    """Normalises x, then applies `* (1 + scale) + shift` if given.
+
+    Args:
+      x: [N, ..., C] activations; statistics per N and channel group.
+      scale: optional [N, C] conditioning scale.
+      shift: optional [N, C] conditioning shift.
+
+    Returns:
+      [N, ..., C] normalised activations of `dtype`.
+    """
+    n, c = x.shape[0], x.shape[-1]
+    g = num_groups(c)
+    gamma = self.param('scale', nn.initializers.ones, (c,))
+    beta = self.param('bias', nn.initializers.zeros, (c,))
+    xg = x.reshape(n, -1, g, c // g).astype(jnp.float32)
+    mean = jnp.mean(xg, axis=(1, 3))
+    mean_sq = jnp.mean(jnp.square(xg), axis=(1, 3))
+    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+    inv = jax.lax.rsqrt(var + self.epsilon)  # [N, G]
+    inv = jnp.repeat(inv, c // g, axis=1)  # [N, C]
+    mean = jnp.repeat(mean, c // g, axis=1)
+    a = gamma * inv
+    b = beta - mean * a
+    if scale is not None:
+      a = a * (1.0 + scale)
+      b = b * (1.0 + scale)
+    if shift is not None:
+      b = b + shift
+    bshape = (n,) + (1,) * (x.ndim - 2) + (c,)
+    y = x.astype(jnp.float32) * a.reshape(bshape) + b.reshape(bshape)
+    return y.astype(self.dtype)
+
+
+class ResBlock(nn.Module):
+  """Residual block with space-only convs and log-SNR/label conditioning.
+
+  GroupNorm, SiLU, conv; GroupNorm with a conditioning scale/shift, SiLU,
+  dropout, zero-initialised conv; a 1x1 projection of the skip when the
+  channel count changes.
+
+  Attributes:
+    out_channels: output channels.
+    dropout: dropout rate (active only when not deterministic).
+    deterministic: disables dropout.
+    dtype: compute dtype.
+  """
+
+  out_channels: int
+  dropout: float = 0.0
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, emb: Array) -> Array:
+    """x: [N, H, W, Cin], emb: [N, E] -> [N, H, W, out_channels]."""
+    c = self.out_channels
+    h = nn.silu(GroupNorm(dtype=self.dtype, name='norm_0')(x))
+    h = Conv3x3(c, dtype=self.dtype, name='conv_0')(h)
+    ss = nn.Dense(2 * c, dtype=jnp.float32, name='emb_proj')(nn.silu(emb))
+    scale, shift = jnp.split(ss, 2, axis=-1)
+    h = nn.silu(GroupNorm(dtype=self.dtype, name='norm_1')(h, scale, shift))
+    h = nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
+    h = Conv3x3(c, zero_init=True, dtype=self.dtype, name='conv_1')(h)
+    if x.shape[-1] != c:
+      x = nn.Dense(c, dtype=self.dtype, name='skip')(x)
+    return x.astype(self.dtype) + h
+
+
+def _attention(q: Array, k: Array, v: Array, spec: str, bias: Optional[Array],
+               mask: Optional[Array]) -> Array:
+  """Softmax attention with float32 logits.
+
+  Args:
+    q: queries, scaled by 1/sqrt(head dim) by the caller.
+    k: keys.
+    v: values.
+    spec: 'q,k,v' einsum spec pieces, e.g. ('nqhd', 'nkhd', 'nhqk').
+    bias: logits bias broadcastable to the logits, or None.
+    mask: bool, True = attend, broadcastable to the logits, or None.
+
+  Returns:
+    Attention output in the layout of q.
+  """
+  qs, ks, ls = spec
+  logits = jnp.einsum(f'{qs},{ks}->{ls}', q, k,
+                      preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum(f'{ls},{ks}->{qs}', weights, v)
+
+
+class SpatialAttention(nn.Module):
+  """Self-attention over the pixels of each frame (frames as batch).
+
+  Attributes:
+    head_dim: target head width; heads = channels // head_dim (>= 1).
+    dtype: compute dtype.
+  """
+
+  head_dim: int = 64
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: [N, H, W, C] -> [N, H, W, C] (residual included)."""
+    n, hgt, wid, c = x.shape
+    heads = num_heads(c, self.head_dim)
+    d = c // heads
+    h = GroupNorm(dtype=self.dtype, name='norm')(x)
+    qkv = nn.Dense(3 * c, dtype=self.dtype, name='qkv')(h)
+    qkv = qkv.reshape(n, hgt * wid, 3, heads, d)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = q * jnp.asarray(d**-0.5, q.dtype)
+    out = _attention(q, k, v, ('nqhd', 'nkhd', 'nhqk'), None, None)
+    out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                   name='out')(out.reshape(n, hgt, wid, c))
+    return x.astype(self.dtype) + out
+
+
+class TemporalAttention(nn.Module):
+  """Self-attention over frames at every pixel, with relative position bias.
+
+  The logits get a learned bias per head and clipped frame distance
+  (Shaw et al. 2018): there is no absolute notion of time. A frame mask
+  restricts video frames to video frames and each image frame to itself
+  (joint image-video training, VDM section 3).
+
+  Attributes:
+    num_frames: T (to fold the frames-as-batch axis back).
+    head_dim: target head width; heads = channels // head_dim (>= 1).
+    max_distance: frame distances are clipped to [-max_distance,
+      max_distance].
+    dtype: compute dtype.
+  """
+
+  num_frames: int
+  head_dim: int = 64
+  max_distance: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array) -> Array:
+    """Applies temporal attention.
+
+    Args:
+      x: [B*T, H, W, C] frames as batch.
+      mask: [B, T, T] bool, True where query frame t may attend to key frame
+        u.
+
+    Returns:
+      [B*T, H, W, C] (residual included).
+    """
+    n, hgt, wid, c = x.shape
+    t = self.num_frames
+    b = n // t
+    heads = num_heads(c, self.head_dim)
+    d = c // heads
+    h = GroupNorm(dtype=self.dtype, name='norm')(x)
+    qkv = nn.Dense(3 * c, dtype=self.dtype, name='qkv')(h)
+    qkv = qkv.reshape(b, t, hgt * wid, 3, heads, d)
+    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+    q = q * jnp.asarray(d**-0.5, q.dtype)
+    m = self.max_distance
+    table = self.param('rel_bias', nn.initializers.zeros, (2 * m + 1, heads))
+    pos = jnp.arange(t)
+    rel = jnp.clip(pos[None, :] - pos[:, None], -m, m) + m  # [T(q), T(k)]
+    bias = jnp.transpose(table[rel], (2, 0, 1))  # [heads, T, T]
+    out = _attention(q, k, v, ('btshd', 'bushd', 'bshtu'), bias,
+                     mask[:, None, None])
+    out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                   name='out')(out.reshape(n, hgt, wid, c))
+    return x.astype(self.dtype) + out
