@@ -239,32 +239,39 @@ class SyntheticVideos:
     u = uniform_hash(self.seed, indices,
                      1 + _SLOTS_PER_OBJECT * self.num_objects)
     labels = self.labels(indices)
-    canvas = np.broadcast_to(BACKGROUND, (b, t, s, s, 3)).astype(np.float32)
+    palette, background = PALETTE, BACKGROUND
+    if self.channels == 1:
+      palette, background = PALETTE @ _LUMA[:, None], BACKGROUND @ _LUMA[:, None]
     centres = np.arange(s, dtype=np.float32) + 0.5  # Pixel centres.
     times = np.arange(t, dtype=np.float64)
+    canvas = None  # float32 [B, T, H, W, C]
     for o in range(self.num_objects):
       uo = u[:, 1 + _SLOTS_PER_OBJECT * o:1 + _SLOTS_PER_OBJECT * (o + 1)]
       r = s * (MIN_RADIUS + (MAX_RADIUS - MIN_RADIUS) * uo[:, 0])
-      colour = PALETTE[(uo[:, 1] * len(PALETTE)).astype(np.int64)]
+      colour = palette[(uo[:, 1] * len(palette)).astype(np.int64)]
       angle = 2 * np.pi * uo[:, 2]
       speed = s * (MIN_SPEED + (MAX_SPEED - MIN_SPEED) * uo[:, 3])
       lo, hi = r, s - r
       x = _bounce(lo + (hi - lo) * uo[:, 4], speed * np.cos(angle), lo, hi,
-                  times)
+                  times).astype(np.float32)
       y = _bounce(lo + (hi - lo) * uo[:, 5], speed * np.sin(angle), lo, hi,
-                  times)
-      alpha = np.empty((b, t, s, s), dtype=np.float32)
+                  times).astype(np.float32)
+      r = r.astype(np.float32)
+      alpha = np.empty((b, t, s, s, 1), dtype=np.float32)
       for kind in np.unique(labels):
         sel = labels == kind
         px = centres[None, None, None, :] - x[sel, :, None, None]
         py = centres[None, None, :, None] - y[sel, :, None, None]
-        rk = r[sel, None, None, None]
-        d = _sdf(int(kind), px.astype(np.float32), py.astype(np.float32),
-                 rk.astype(np.float32))
-        alpha[sel] = np.clip(0.5 - d, 0.0, 1.0)
-      alpha = alpha[..., None]
-      canvas += alpha * (colour[:, None, None, None, :] - canvas)
-    if self.channels == 1:
-      canvas = canvas @ _LUMA[:, None]
-    video = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+        d = _sdf(int(kind), px, py, r[sel, None, None, None])
+        alpha[sel, ..., 0] = np.clip(0.5 - d, 0.0, 1.0)
+      if canvas is None:  # Composite over the plain background.
+        canvas = alpha * (colour - background)[:, None, None, None, :]
+        canvas += background
+      else:
+        alpha *= colour[:, None, None, None, :] - canvas
+        canvas += alpha
+    # A convex combination of in-range colours: adding 0.5 and truncating
+    # rounds to nearest without clipping.
+    canvas += 0.5
+    video = canvas.astype(np.uint8)
     return {'video': video, 'label': labels}

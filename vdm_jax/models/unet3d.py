@@ -1,0 +1,343 @@
+"""The factorized space-time UNet of Video Diffusion Models (Ho et al. 2022).
+
+Section 3 of the paper: a DDPM UNet whose 3x3 convolutions become space-only
+1x3x3 convolutions, whose spatial attention treats frames as batch, and
+where each spatial attention is followed by a temporal attention over frames
+with relative position bias. Down/upsampling are spatial only; skips are
+concatenations.
+
+Choices the paper leaves open (REFERENCE.md 1.2): BigGAN/Wide-ResNet style
+residual blocks with GroupNorm (per frame) and a scale/shift conditioning;
+a learned per-head relative position bias clipped at `max_temporal_distance`;
+temporal attention also in the middle block; heads = channels // head_dim;
+attention output projections are zero-initialised like the last conv of
+every residual block.
+"""
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vdm_jax.models import layers
+
+Array = jax.Array
+
+DTYPES = ('float32', 'bfloat16')
+REMAT = ('none', 'block', 'full')
+
+
+def _channel_plan(base_channels: int, channel_mults: Sequence[int],
+                  num_res_blocks: int) -> list[tuple[int, int]]:
+  """(input, output) channels of every residual block, down/middle/up order."""
+  chans = [base_channels * m for m in channel_mults]
+  skips = [chans[0]]
+  blocks = []
+  cur = chans[0]
+  for level, ch in enumerate(chans):
+    for _ in range(num_res_blocks):
+      blocks.append((cur, ch))
+      cur = ch
+      skips.append(cur)
+    if level != len(chans) - 1:
+      skips.append(cur)
+  blocks += [(cur, cur), (cur, cur)]
+  for ch in reversed(chans):
+    for _ in range(num_res_blocks + 1):
+      cin = cur + skips.pop()
+      blocks.append((cin, ch))
+      cur = ch
+  return blocks
+
+
+def validate_model_config(image_size: int, num_frames: int,
+                          **model_kwargs: Any) -> None:
+  """Raises ValueError on settings UNet3D cannot run, before any compile.
+
+  Args:
+    image_size: frame height = width in pixels.
+    num_frames: frames per example (video plus image frames).
+    **model_kwargs: the fields of `config.model` (UNet3D attributes).
+
+  Raises:
+    ValueError: with what is wrong and how to fix it.
+  """
+  fields = set(UNet3D.__dataclass_fields__) - {'parent', 'name'}
+  unknown = set(model_kwargs) - fields
+  if unknown:
+    raise ValueError(f'Unknown model fields {sorted(unknown)}; UNet3D takes '
+                     f'{sorted(fields)}.')
+  kw = {f: UNet3D.__dataclass_fields__[f].default for f in fields}
+  kw.update(model_kwargs)
+  missing = [f for f, v in kw.items() if v is dataclasses.MISSING]
+  if missing:
+    raise ValueError(f'Missing model fields {sorted(missing)}.')
+  if num_frames < 1:
+    raise ValueError(f'num_frames must be >= 1, got {num_frames}.')
+  if kw['dtype'] not in DTYPES:
+    raise ValueError(f'Unknown model.dtype {kw["dtype"]!r}; choose one of '
+                     f'{DTYPES}.')
+  if kw['remat'] not in REMAT:
+    raise ValueError(f'Unknown model.remat {kw["remat"]!r}; choose one of '
+                     f'{REMAT}.')
+  mults = tuple(kw['channel_mults'])
+  base = kw['base_channels']
+  if not mults or base < 1 or min(mults) < 1:
+    raise ValueError('model.base_channels and model.channel_mults must be '
+                     f'positive and non-empty, got {base} and {mults}.')
+  if kw['num_res_blocks'] < 1 or kw['head_dim'] < 1:
+    raise ValueError('model.num_res_blocks and model.head_dim must be >= 1.')
+  if kw['emb_mlp_layers'] < 1:
+    raise ValueError('model.emb_mlp_layers must be >= 1.')
+  if kw['num_classes'] < 0 or kw['max_temporal_distance'] < 0:
+    raise ValueError('model.num_classes and model.max_temporal_distance '
+                     'must be >= 0.')
+  if not 0.0 <= kw['dropout'] < 1.0:
+    raise ValueError(f'model.dropout must lie in [0, 1), got {kw["dropout"]}.')
+  factor = 2**(len(mults) - 1)
+  if image_size % factor:
+    raise ValueError(
+        f'image_size {image_size} is not divisible by 2**(len(channel_mults)'
+        f' - 1) = {factor}; use an image size that is a multiple of {factor}'
+        ' or fewer levels in model.channel_mults.')
+  resolutions = [image_size // 2**i for i in range(len(mults))]
+  bad = [r for r in kw['attn_resolutions'] if r not in resolutions]
+  if bad:
+    raise ValueError(
+        f'model.attn_resolutions {bad} never occur: with image_size '
+        f'{image_size} and {len(mults)} levels the resolutions are '
+        f'{resolutions}.')
+  normed = {c for pair in _channel_plan(base, mults, kw['num_res_blocks'])
+            for c in pair}
+  bad = sorted(c for c in normed if c % layers.num_groups(c))
+  if bad:
+    raise ValueError(
+        f'Channel counts {bad} (including skip concatenations) are not '
+        f'divisible by the GroupNorm group count {layers.MAX_GROUPS}; use a '
+        f'model.base_channels that is a multiple of {layers.MAX_GROUPS} (or '
+        f'at most {layers.MAX_GROUPS} channels at every layer).')
+  attn_ch = {base * m for m, r in zip(mults, resolutions)
+             if r in kw['attn_resolutions']} | {base * mults[-1]}
+  bad = sorted(c for c in attn_ch if c % layers.num_heads(c, kw['head_dim']))
+  if bad:
+    raise ValueError(
+        f'Attention channel counts {bad} do not split into heads of '
+        f'model.head_dim {kw["head_dim"]}; use a head_dim that divides them.')
+
+
+def count_params(params: Any) -> int:
+  """Total number of parameter entries in a pytree."""
+  return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def temporal_attention_mask(frame_mask: Array) -> Array:
+  """Which frames may attend to which (VDM section 3, joint training).
+
+  Args:
+    frame_mask: [B, T] bool, True = video frame, False = image frame.
+
+  Returns:
+    [B, T, T] bool: video frames attend to all video frames, each image frame
+    only to itself.
+  """
+  t = frame_mask.shape[1]
+  both = frame_mask[:, :, None] & frame_mask[:, None, :]
+  return both | jnp.eye(t, dtype=bool)[None]
+
+
+class _Level(nn.Module):
+  """The residual (+ attention) blocks of one UNet level, down or up path."""
+
+  channels: int
+  num_blocks: int
+  use_attn: bool
+  up: bool
+  num_frames: int
+  head_dim: int
+  max_distance: int
+  dropout: float
+  deterministic: bool
+  remat_blocks: bool
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, h: Array, emb: Array, mask: Array,
+               skips: Sequence[Array] = ()) -> tuple[Array, list[Array]]:
+    """Runs the blocks; down levels return their outputs for the skips.
+
+    Args:
+      h: [B*T, H, W, C] input.
+      emb: [B*T, E] conditioning embedding.
+      mask: [B, T, T] temporal attention mask.
+      skips: up levels: the num_blocks [B*T, H, W, C_i] skips to consume,
+        last one first.
+
+    Returns:
+      ([B*T, H, W, channels] output, the outputs of each block (down only)).
+    """
+    res_cls, sattn_cls, tattn_cls = _block_classes(self.remat_blocks)
+    skips = list(skips)
+    outs = []
+    for i in range(self.num_blocks):
+      if self.up:
+        h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
+      h = res_cls(self.channels, self.dropout, self.deterministic, self.dtype,
+                  name=f'res_{i}')(h, emb)
+      if self.use_attn:
+        h = sattn_cls(self.head_dim, self.dtype, name=f'sattn_{i}')(h)
+        h = tattn_cls(self.num_frames, self.head_dim, self.max_distance,
+                      self.dtype, name=f'tattn_{i}')(h, mask)
+      outs.append(h)
+    return h, outs
+
+
+def _block_classes(remat: bool):
+  classes = (layers.ResBlock, layers.SpatialAttention,
+             layers.TemporalAttention)
+  if remat:
+    return tuple(nn.remat(c) for c in classes)
+  return classes
+
+
+class UNet3D(nn.Module):
+  """Factorized space-time UNet: (z, logsnr, label, frame_mask) -> prediction.
+
+  Attributes:
+    base_channels: width of the first level.
+    channel_mults: channel multiplier per level; resolution halves between
+      levels.
+    num_res_blocks: residual blocks per level (num_res_blocks + 1 on the up
+      path).
+    attn_resolutions: spatial sizes (pixels) with spatial + temporal
+      attention.
+    head_dim: attention head width; heads = channels // head_dim (>= 1).
+    dropout: dropout rate inside residual blocks (train=True only).
+    num_classes: label classes; 0 = unconditional. Label num_classes is the
+      null label of classifier-free guidance.
+    emb_dim: conditioning embedding width; None means 4 * base_channels.
+    emb_mlp_layers: Dense layers of the conditioning MLP.
+    max_temporal_distance: clipping range of the relative position bias.
+    dtype: compute dtype 'float32' or 'bfloat16'; params stay float32.
+    remat: 'none', 'block' (rematerialise each residual/attention block) or
+      'full' (also each whole level).
+    out_channels: output channels; None means the input channels.
+  """
+
+  base_channels: int
+  channel_mults: Sequence[int]
+  num_res_blocks: int
+  attn_resolutions: Sequence[int]
+  head_dim: int = 64
+  dropout: float = 0.0
+  num_classes: int = 0
+  emb_dim: Optional[int] = None
+  emb_mlp_layers: int = 2
+  max_temporal_distance: int = 32
+  dtype: str = 'float32'
+  remat: str = 'none'
+  out_channels: Optional[int] = None
+
+  def _config(self) -> dict[str, Any]:
+    fields = set(UNet3D.__dataclass_fields__) - {'parent', 'name'}
+    return {f: getattr(self, f) for f in fields}
+
+  def _embed(self, logsnr: Array, label: Optional[Array], b: int,
+             t: int) -> Array:
+    """Conditioning embedding [B*T, E] from logsnr [B] or [B, T] and label."""
+    emb_dim = self.emb_dim or 4 * self.base_channels
+    logsnr = jnp.asarray(logsnr, jnp.float32)
+    if logsnr.shape not in ((b,), (b, t)):
+      raise ValueError(f'logsnr must have shape [B]={(b,)} or [B, T]='
+                       f'{(b, t)}, got {logsnr.shape}.')
+    emb = layers.logsnr_embedding(logsnr, self.base_channels)
+    for i in range(self.emb_mlp_layers):
+      if i:
+        emb = nn.silu(emb)
+      emb = nn.Dense(emb_dim, name=f'emb_mlp_{i}')(emb)
+    if self.num_classes > 0:
+      if label is None:
+        label = jnp.full((b,), self.num_classes, jnp.int32)
+      label_emb = nn.Embed(self.num_classes + 1, emb_dim,
+                           name='label_emb')(label)  # [B, E]
+      emb = emb + (label_emb[:, None] if emb.ndim == 3 else label_emb)
+    elif label is not None:
+      raise ValueError('A label was given but model.num_classes is 0.')
+    if emb.ndim == 2:
+      emb = jnp.broadcast_to(emb[:, None], (b, t, emb_dim))
+    return emb.reshape(b * t, emb_dim)
+
+  @nn.compact
+  def __call__(self, z: Array, logsnr: Array, label: Optional[Array] = None,
+               frame_mask: Optional[Array] = None, *,
+               train: bool = False) -> Array:
+    """Predicts eps / v / x from a noisy video.
+
+    Args:
+      z: [B, T, H, W, C] noisy video.
+      logsnr: [B] or [B, T] float32 log-SNR (per frame when [B, T]).
+      label: [B] int32 in [0, num_classes]; None = the null label.
+      frame_mask: [B, T] bool, True = video frame, False = independent image
+        frame; None = all video frames.
+      train: enables dropout (needs a 'dropout' rng).
+
+    Returns:
+      [B, T, H, W, out_channels] float32.
+    """
+    b, t, hgt, wid, c = z.shape
+    validate_model_config(hgt, t, **self._config())
+    dtype = jnp.dtype(self.dtype)
+    out_ch = self.out_channels or c
+    emb = self._embed(logsnr, label, b, t)
+    if frame_mask is None:
+      frame_mask = jnp.ones((b, t), bool)
+    mask = temporal_attention_mask(frame_mask.astype(bool))
+
+    level_cls = nn.remat(_Level) if self.remat == 'full' else _Level
+    res_cls, sattn_cls, tattn_cls = _block_classes(self.remat != 'none')
+    common = dict(num_frames=t, head_dim=self.head_dim,
+                  max_distance=self.max_temporal_distance,
+                  dropout=self.dropout, deterministic=not train,
+                  remat_blocks=self.remat != 'none', dtype=dtype)
+    chans = [self.base_channels * m for m in self.channel_mults]
+    last = len(chans) - 1
+
+    h = layers.Conv3x3(chans[0], dtype=dtype, name='conv_in')(
+        z.reshape(b * t, hgt, wid, c))
+    skips = [h]
+    for i, ch in enumerate(chans):
+      h, outs = level_cls(ch, self.num_res_blocks,
+                          hgt >> i in self.attn_resolutions, up=False,
+                          name=f'down_{i}', **common)(h, emb, mask)
+      skips += outs
+      if i != last:
+        h = layers.Conv3x3(ch, strides=2, dtype=dtype, name=f'downsample_{i}')(
+            h)
+        skips.append(h)
+
+    h = res_cls(chans[-1], self.dropout, not train, dtype, name='mid_res_0')(
+        h, emb)
+    h = sattn_cls(self.head_dim, dtype, name='mid_sattn')(h)
+    h = tattn_cls(t, self.head_dim, self.max_temporal_distance, dtype,
+                  name='mid_tattn')(h, mask)
+    h = res_cls(chans[-1], self.dropout, not train, dtype, name='mid_res_1')(
+        h, emb)
+
+    n_up = self.num_res_blocks + 1
+    for i in reversed(range(len(chans))):
+      level_skips = skips[-n_up:]
+      del skips[-n_up:]
+      h, _ = level_cls(chans[i], n_up, hgt >> i in self.attn_resolutions,
+                       up=True, name=f'up_{i}', **common)(
+                           h, emb, mask, level_skips)
+      if i:
+        n, hh, ww, cc = h.shape
+        h = jnp.broadcast_to(h[:, :, None, :, None],
+                             (n, hh, 2, ww, 2, cc)).reshape(
+                                 n, 2 * hh, 2 * ww, cc)
+        h = layers.Conv3x3(chans[i], dtype=dtype, name=f'upsample_{i}')(h)
+
+    h = nn.silu(layers.GroupNorm(dtype=dtype, name='norm_out')(h))
+    h = layers.Conv3x3(out_ch, zero_init=True, dtype=dtype, name='conv_out')(h)
+    return h.reshape(b, t, hgt, wid, out_ch).astype(jnp.float32)
