@@ -105,6 +105,11 @@ def get_config(arg=None):
   config.training.preview_every_steps = 0
   # Label dropout probability for classifier-free guidance.
   config.training.label_dropout = 0.0
+  # Gradient accumulation: the global batch is processed in this many
+  # microbatches per update (same update as the full batch, less memory).
+  config.training.grad_accum_steps = 1
+  # Sampler steps of the preview samples.
+  config.training.preview_num_steps = 64
 
   config.sample = ml_collections.ConfigDict()
   # 'ancestral' | 'ddim' | 'pc' (predictor-corrector).

@@ -140,6 +140,11 @@ def sample_noise(rng: jax.Array, shape: tuple[int, ...]) -> jnp.ndarray:
   return jax.random.normal(rng, shape, jnp.float32)
 
 
+def _example_draws(rng, shape):
+  rng_t, rng_eps = jax.random.split(rng)
+  return jax.random.uniform(rng_t, ()), sample_noise(rng_eps, shape)
+
+
 @flax.struct.dataclass
 class LossOutput:
   """Per-example terms of the diffusion loss; every field is [B]."""
@@ -165,7 +170,9 @@ def loss(
   Args:
     denoise_fn: (z, logsnr, cond) -> prediction, all [B, T, H, W, C].
     x: [B, T, H, W, C] clean videos in [-1, 1].
-    rng: PRNG key (split here into time and noise streams).
+    rng: a PRNG key (split here into time and noise streams), or one key
+      per example ([B] keys), which makes each example's t and noise
+      independent of how the batch is split into microbatches.
     logsnr_fn: the schedule t -> logsnr.
     target: the network's parameterization ('eps', 'v' or 'x').
     cond: optional model inputs passed through to denoise_fn.
@@ -175,10 +182,20 @@ def loss(
     LossOutput of [B] arrays; the caller reduces and weights them.
   """
   check_target(target)
-  rng_t, rng_eps = jax.random.split(rng)
-  t = sample_time(rng_t, x.shape[0], time_sampling)
+  if rng.shape == (x.shape[0],):  # One key per example.
+    if time_sampling != 'uniform':
+      raise ValueError(
+          f'time_sampling={time_sampling!r} couples the examples of a batch;'
+          ' per-example keys need uniform time sampling.'
+      )
+    t, eps = jax.vmap(
+        lambda k: _example_draws(k, x.shape[1:]), out_axes=(0, 0)
+    )(rng)
+  else:
+    rng_t, rng_eps = jax.random.split(rng)
+    t = sample_time(rng_t, x.shape[0], time_sampling)
+    eps = sample_noise(rng_eps, x.shape)
   logsnr = logsnr_fn(t)
-  eps = sample_noise(rng_eps, x.shape)
   z = q_sample(x, logsnr, eps)
   pred = denoise_fn(z, logsnr, cond or {}).astype(jnp.float32)
   tgt = x_eps_to_target(x, eps, logsnr, target)

@@ -80,6 +80,12 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         f'Unknown optimizer.name {config.optimizer.name!r}; choose one of'
         f' {OPTIMIZERS}.'
     )
+  k = config.training.grad_accum_steps
+  if k < 1 or config.training.batch_size % k:
+    raise ValueError(
+        f'training.grad_accum_steps={k} must be >= 1 and divide'
+        f' training.batch_size={config.training.batch_size}.'
+    )
   if not 0.0 <= config.training.label_dropout < 1.0:
     raise ValueError('training.label_dropout must lie in [0, 1).')
   if config.training.label_dropout > 0 and config.model.num_classes <= 0:
@@ -136,6 +142,19 @@ def to_model_range(video: jnp.ndarray) -> jnp.ndarray:
   return video.astype(jnp.float32) / 127.5 - 1.0
 
 
+def _split_microbatches(tree, k: int):
+  """[B, ...] -> [k, B / k, ...]; microbatch j holds examples j, j + k, ...
+
+  Strided so that every microbatch takes an equal share from every device's
+  slice of the batch.
+  """
+  def split(x):
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+    return jnp.moveaxis(x, 1, 0)
+
+  return jax.tree.map(split, tree)
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jnp.ndarray],
@@ -160,30 +179,51 @@ def train_step(
   """
   rng = jax.random.fold_in(rng, state.step)
   rng_loss, rng_drop, rng_label = jax.random.split(rng, 3)
-  x = to_model_range(batch['video'])
-  cond = {'frame_mask': batch['frame_mask']}
+  batch_size = batch['video'].shape[0]
+  per_example = config.diffusion.time_sampling == 'uniform'
+  inputs = {
+      **batch,
+      'loss_rng': jax.random.split(rng_loss, batch_size),
+      'label_u': jax.random.uniform(rng_label, (batch_size,)),
+  }
   num_classes = config.model.num_classes
-  if num_classes > 0:
-    p = config.training.label_dropout
-    drop = jax.random.uniform(rng_label, batch['label'].shape) < p
-    cond['label'] = jnp.where(drop, num_classes, batch['label'])
   logsnr_fn = schedules.get_logsnr_fn(config.diffusion, config.data.image_size)
 
-  def loss_fn(params):
+  def loss_fn(params, mb, drop_rng):
+    cond = {'frame_mask': mb['frame_mask']}
+    if num_classes > 0:
+      drop = mb['label_u'] < config.training.label_dropout
+      cond['label'] = jnp.where(drop, num_classes, mb['label'])
+
     def denoise_fn(z, logsnr, c):
       return model.apply(
           {'params': params}, z, logsnr, train=True,
-          rngs={'dropout': rng_drop}, **c,
+          rngs={'dropout': drop_rng}, **c,
       )
 
     out = diffusion.loss(
-        denoise_fn, x, rng_loss, logsnr_fn=logsnr_fn,
-        target=config.diffusion.target, cond=cond,
+        denoise_fn, to_model_range(mb['video']),
+        mb['loss_rng'] if per_example else mb['loss_rng'][0],
+        logsnr_fn=logsnr_fn, target=config.diffusion.target, cond=cond,
         time_sampling=config.diffusion.time_sampling,
     )
-    return jnp.mean(out.loss), out
+    return jnp.mean(out.loss), jnp.mean(out.mse_x)
 
-  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  k = config.training.grad_accum_steps
+  if k == 1:
+    (loss, mse_x), grads = grad_fn(state.params, inputs, rng_drop)
+  else:
+    def accumulate(carry, xs):
+      j, mb = xs
+      (l, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng_drop, j))
+      return jax.tree.map(jnp.add, carry, (l, m, g)), None
+
+    zeros = (0.0, 0.0, jax.tree.map(jnp.zeros_like, state.params))
+    total, _ = jax.lax.scan(
+        accumulate, zeros, (jnp.arange(k), _split_microbatches(inputs, k))
+    )
+    loss, mse_x, grads = jax.tree.map(lambda a: a / k, total)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = config.optimizer.ema_decay
@@ -192,7 +232,7 @@ def train_step(
   )
   metrics = {
       'loss': loss,
-      'mse_x': jnp.mean(out.mse_x),
+      'mse_x': mse_x,
       'grad_norm': optax.global_norm(grads),
       'param_norm': optax.global_norm(params),
       'lr': lr_fn(state.step),

@@ -1,0 +1,266 @@
+"""Deterministic, resumable, per-process batches of clips from a source.
+
+A source is any random-access collection: `len(source)` examples and
+`source[i] -> {'video': uint8[T', H, W, C], 'label': int}` with T' at least
+`(num_frames - 1) * frame_stride + 1`. A source may also provide
+`render_batch(indices) -> {'video': uint8[B, T', H, W, C], 'label': int[B]}`
+(the synthetic source does); the pipeline then fetches a batch in one call.
+
+Batch `step` is a pure function of (seed, step, process_index):
+  - global position g = step * global_batch_size + j; epoch g // len(source);
+    example = permutation_of_epoch[g % len(source)], the permutation seeded by
+    (seed, epoch), so every example appears exactly once per epoch;
+  - process p takes the contiguous slice [p * b, (p + 1) * b) of each global
+    batch, b = global_batch_size // process_count;
+  - the clip start and the image frames of position g are seeded by (seed, g).
+Resuming from a checkpoint at step k therefore only needs k.
+
+Joint image-video training (Ho et al. 2022, Sec. 3; REFERENCE 1.6): with
+`image_frames = N > 0` each clip of T frames is followed by N independent
+frames, each from a different randomly chosen other example at a random
+frame. `frame_mask` is True on the T clip frames and False on the N image
+frames.
+"""
+
+import collections
+import queue
+import threading
+from typing import Any, Iterator
+
+import numpy as np
+
+# Stream tags keep the seeded random streams of the pipeline apart.
+_PERMUTATION, _POSITION = 0, 1
+
+
+class Pipeline:
+  """Host-local batches `{'video', 'label', 'frame_mask'}` for each step."""
+
+  def __init__(self, source: Any, *, global_batch_size: int, num_frames: int,
+               seed: int, frame_stride: int = 1, image_frames: int = 0,
+               process_index: int = 0, process_count: int = 1,
+               random_start: bool = True):
+    """Checks the arguments against the source.
+
+    Args:
+      source: random-access source (see the module docstring).
+      global_batch_size: examples per step over all processes.
+      num_frames: T, clip frames.
+      seed: data seed.
+      frame_stride: frames of the source between consecutive clip frames.
+      image_frames: N, independent image frames appended to each clip.
+      process_index: this process, in [0, process_count).
+      process_count: processes sharing the global batch.
+      random_start: random clip start if True, else the first frame.
+
+    Raises:
+      ValueError: on inconsistent arguments or a source too small for them.
+    """
+    if process_count < 1 or not 0 <= process_index < process_count:
+      raise ValueError(
+          f'process_index={process_index} must lie in [0, process_count='
+          f'{process_count}).')
+    if global_batch_size < 1 or global_batch_size % process_count:
+      raise ValueError(
+          f'global_batch_size={global_batch_size} must be a positive '
+          f'multiple of process_count={process_count}.')
+    if num_frames < 1 or frame_stride < 1:
+      raise ValueError(
+          f'num_frames={num_frames} and frame_stride={frame_stride} must be '
+          '>= 1.')
+    if image_frames < 0:
+      raise ValueError(f'image_frames={image_frames} must be >= 0.')
+    size = len(source)
+    if size == 0:
+      raise ValueError('The source is empty: it has no examples.')
+    if image_frames > size - 1:
+      raise ValueError(
+          f'image_frames={image_frames} needs as many other examples, but '
+          f'the source has {size} example(s).')
+    self.source = source
+    self.global_batch_size = global_batch_size
+    self.batch_size = global_batch_size // process_count
+    self.num_frames = num_frames
+    self.seed = seed
+    self.frame_stride = frame_stride
+    self.image_frames = image_frames
+    self.process_index = process_index
+    self.process_count = process_count
+    self.random_start = random_start
+    self._permutations = collections.OrderedDict()
+    self._lock = threading.Lock()
+    self._check_length(source[0]['video'], 0)
+
+  @property
+  def num_frames_total(self) -> int:
+    """T + N: clip frames plus image frames."""
+    return self.num_frames + self.image_frames
+
+  @property
+  def clip_span(self) -> int:
+    """Source frames one clip covers: (T - 1) * stride + 1."""
+    return (self.num_frames - 1) * self.frame_stride + 1
+
+  def _check_length(self, video: np.ndarray, index: int) -> None:
+    if video.ndim != 4 or video.shape[0] < self.clip_span:
+      raise ValueError(
+          f'Source example {index} has video shape {video.shape}; need '
+          f'[T\', H, W, C] with T\' >= (num_frames - 1) * frame_stride + 1 = '
+          f'{self.clip_span} (num_frames={self.num_frames}, frame_stride='
+          f'{self.frame_stride}).')
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    """The example order of `epoch` (cached for the two latest epochs)."""
+    with self._lock:
+      perm = self._permutations.get(epoch)
+      if perm is None:
+        rng = np.random.default_rng([self.seed, _PERMUTATION, epoch])
+        perm = rng.permutation(len(self.source))
+        self._permutations[epoch] = perm
+        while len(self._permutations) > 2:
+          self._permutations.popitem(last=False)
+      return perm
+
+  def _fetch(self, indices: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
+    """Videos uint8[T', H, W, C] and labels of the examples `indices`."""
+    if hasattr(self.source, 'render_batch'):
+      out = self.source.render_batch(indices)
+      return list(out['video']), [int(l) for l in out['label']]
+    examples = [self.source[int(i)] for i in indices]
+    return ([np.asarray(e['video']) for e in examples],
+            [int(e['label']) for e in examples])
+
+  def batch_for_step(self, step: int) -> dict[str, np.ndarray]:
+    """The host-local batch of `step`; a pure function of (seed, step, p).
+
+    Args:
+      step: training step, >= 0.
+
+    Returns:
+      {'video': uint8[b, T + N, H, W, C], 'label': int32[b],
+       'frame_mask': bool[b, T + N]} with b = global_batch_size //
+      process_count.
+    """
+    if step < 0:
+      raise ValueError(f'step={step} must be >= 0.')
+    n, b, t = len(self.source), self.batch_size, self.num_frames
+    first = step * self.global_batch_size + self.process_index * b
+    positions = np.arange(first, first + b, dtype=np.int64)
+    examples = np.array([self._permutation(g // n)[g % n] for g in positions])
+    rngs = [np.random.default_rng([self.seed, _POSITION, g])
+            for g in positions]
+    # Image frames: N distinct other examples per position.
+    others = np.zeros((b, self.image_frames), dtype=np.int64)
+    for j, rng in enumerate(rngs):
+      if self.image_frames:
+        pick = rng.choice(n - 1, size=self.image_frames, replace=False)
+        others[j] = pick + (pick >= examples[j])
+    videos, labels = self._fetch(np.concatenate([examples, others.ravel()]))
+    frames = []
+    for j, rng in enumerate(rngs):
+      video = videos[j]
+      self._check_length(video, examples[j])
+      max_start = video.shape[0] - self.clip_span
+      start = int(rng.integers(0, max_start + 1)) if self.random_start else 0
+      clip = video[start:start + self.clip_span:self.frame_stride]
+      images = []
+      for k in range(self.image_frames):
+        other = videos[b + j * self.image_frames + k]
+        images.append(other[rng.integers(0, other.shape[0])])
+      frames.append(np.concatenate([clip, np.stack(images)]) if images
+                    else clip)
+    frame_mask = np.zeros((b, self.num_frames_total), dtype=bool)
+    frame_mask[:, :t] = True
+    return {
+        'video': np.stack(frames).astype(np.uint8, copy=False),
+        'label': np.asarray(labels[:b], dtype=np.int32),
+        'frame_mask': frame_mask,
+    }
+
+  def iterate(self, start_step: int = 0,
+              prefetch: int = 3) -> 'BatchIterator':
+    """Batches for start_step, start_step + 1, ..., made ahead in a thread.
+
+    Args:
+      start_step: the first step (e.g. the step of the restored checkpoint).
+      prefetch: batches the background thread may hold ready.
+
+    Returns:
+      An iterator; `close()` it (or use it as a context manager, or drop
+      it) to stop the thread.
+    """
+    return BatchIterator(self, start_step, prefetch)
+
+
+def _produce(pipeline: Pipeline, step: int, out: queue.Queue,
+             stop: threading.Event) -> None:
+  """Thread body: puts ('batch', b) items, or one ('error', e) and returns."""
+  while not stop.is_set():
+    try:
+      item = ('batch', pipeline.batch_for_step(step))
+    except BaseException as e:  # pylint: disable=broad-except
+      item = ('error', e)
+    while not stop.is_set():
+      try:
+        out.put(item, timeout=0.1)
+        break
+      except queue.Full:
+        continue
+    if item[0] == 'error':
+      return
+    step += 1
+
+
+class BatchIterator:
+  """Iterator over prefetched batches; stops its thread on close/GC.
+
+  The thread holds the pipeline, the queue and a stop event but not this
+  object, so dropping the iterator lets `__del__` stop the thread.
+  An exception raised while making a batch re-raises from `next()`.
+  """
+
+  def __init__(self, pipeline: Pipeline, start_step: int, prefetch: int):
+    self.step = start_step  # Step of the next batch returned.
+    self._queue = queue.Queue(maxsize=max(1, prefetch))
+    self._stop = threading.Event()
+    self._closed = False
+    self._thread = threading.Thread(
+        target=_produce, args=(pipeline, start_step, self._queue, self._stop),
+        name='vdm_jax-data', daemon=True)
+    self._thread.start()
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._closed:
+      raise StopIteration
+    kind, value = self._queue.get()
+    if kind == 'error':
+      self.close()
+      raise value
+    self.step += 1
+    return value
+
+  def close(self) -> None:
+    """Stops and joins the prefetch thread; later `next()` stops."""
+    if self._closed:
+      return
+    self._closed = True
+    self._stop.set()
+    while True:  # Unblock a pending put.
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        break
+    if threading.current_thread() is not self._thread:
+      self._thread.join()
+
+  def __enter__(self) -> 'BatchIterator':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def __del__(self):
+    self.close()
