@@ -111,16 +111,18 @@ def host_to_global(batch: Any, mesh: Mesh) -> Any:
   )
 
 
-def check_batch_size(global_batch: int, mesh: Mesh) -> None:
+def check_batch_size(
+    global_batch: int, mesh: Mesh, what: str = 'training.batch_size'
+) -> None:
   """The global batch must split evenly over devices and processes."""
   n = mesh.devices.size
   if global_batch % n:
     raise ValueError(
-        f'training.batch_size={global_batch} is not divisible by the {n}'
+        f'{what}={global_batch} is not divisible by the {n}'
         f' devices of the mesh; use a multiple of {n}.'
     )
   if global_batch % jax.process_count():
     raise ValueError(
-        f'training.batch_size={global_batch} is not divisible by the'
+        f'{what}={global_batch} is not divisible by the'
         f' {jax.process_count()} processes.'
     )

@@ -326,6 +326,10 @@ def train_and_evaluate(
   validate_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.training.batch_size, mesh)
+  sharding.check_batch_size(
+      config.training.batch_size // config.training.grad_accum_steps, mesh,
+      what='training.batch_size / training.grad_accum_steps',
+  )
   rng_init, _, rng_train, _ = jax.random.split(jax.random.key(config.seed), 4)
   model = create_model(config)
   tx, lr_fn = create_optimizer(config)

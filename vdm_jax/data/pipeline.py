@@ -3,8 +3,11 @@
 A source is any random-access collection: `len(source)` examples and
 `source[i] -> {'video': uint8[T', H, W, C], 'label': int}` with T' at least
 `(num_frames - 1) * frame_stride + 1`. A source may also provide
-`render_batch(indices) -> {'video': uint8[B, T', H, W, C], 'label': int[B]}`
-(the synthetic source does); the pipeline then fetches a batch in one call.
+`render_batch(indices, frames) -> {'video': uint8[B, K, H, W, C],
+'label': int[B]}`, frames `frames[b]` (int [B, K]) of example `indices[b]`,
+when all its videos have the same length T' (the synthetic source does);
+the pipeline then renders only the frames it needs, in two calls per batch.
+Both paths give the same batches.
 
 Batch `step` is a pure function of (seed, step, process_index):
   - global position g = step * global_batch_size + j; epoch g // len(source);
@@ -82,6 +85,7 @@ class Pipeline:
     self.batch_size = global_batch_size // process_count
     self.num_frames = num_frames
     self.seed = seed
+    self._seed_key = seed % 2**64  # SeedSequence needs entropy >= 0.
     self.frame_stride = frame_stride
     self.image_frames = image_frames
     self.process_index = process_index
@@ -89,7 +93,10 @@ class Pipeline:
     self.random_start = random_start
     self._permutations = collections.OrderedDict()
     self._lock = threading.Lock()
-    self._check_length(source[0]['video'], 0)
+    first = np.asarray(source[0]['video'])
+    self._check_length(first, 0)
+    # Video length of sources with `render_batch` (one length for all).
+    self._source_frames = first.shape[0]
 
   @property
   def num_frames_total(self) -> int:
@@ -114,21 +121,75 @@ class Pipeline:
     with self._lock:
       perm = self._permutations.get(epoch)
       if perm is None:
-        rng = np.random.default_rng([self.seed, _PERMUTATION, epoch])
+        rng = np.random.default_rng([self._seed_key, _PERMUTATION, epoch])
         perm = rng.permutation(len(self.source))
         self._permutations[epoch] = perm
         while len(self._permutations) > 2:
           self._permutations.popitem(last=False)
       return perm
 
-  def _fetch(self, indices: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
-    """Videos uint8[T', H, W, C] and labels of the examples `indices`."""
+  def _draw(self, positions: np.ndarray, examples: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random choices of each global position, seeded by (seed, position).
+
+    Returns:
+      others: int [b, N] distinct examples other than the clip's;
+      u_start: float [b] in [0, 1), picks the clip start;
+      u_images: float [b, N] in [0, 1), picks the frame of each image.
+    """
+    n, b, num_images = len(self.source), len(positions), self.image_frames
+    others = np.zeros((b, num_images), dtype=np.int64)
+    u_start = np.zeros(b)
+    u_images = np.zeros((b, num_images))
+    for j, g in enumerate(positions):
+      rng = np.random.default_rng([self._seed_key, _POSITION, g])
+      if num_images:
+        pick = rng.choice(n - 1, size=num_images, replace=False)
+        others[j] = pick + (pick >= examples[j])
+      u_start[j] = rng.random()
+      u_images[j] = rng.random(num_images)
+    return others, u_start, u_images
+
+  def _clip_frames(self, length: np.ndarray, u_start: np.ndarray
+                   ) -> np.ndarray:
+    """int [b, T] clip frame indices in videos of `length` [b] frames."""
+    starts = np.zeros(len(u_start), dtype=np.int64)
+    if self.random_start:
+      starts = (u_start * (length - self.clip_span + 1)).astype(np.int64)
+    return starts[:, None] + self.frame_stride * np.arange(self.num_frames)
+
+  def _gather(self, examples: np.ndarray, others: np.ndarray,
+              u_start: np.ndarray, u_images: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Clip and image frames uint8 [b, T + N, H, W, C] and labels [b]."""
+    b, num_images = others.shape
     if hasattr(self.source, 'render_batch'):
-      out = self.source.render_batch(indices)
-      return list(out['video']), [int(l) for l in out['label']]
-    examples = [self.source[int(i)] for i in indices]
-    return ([np.asarray(e['video']) for e in examples],
-            [int(e['label']) for e in examples])
+      # Batched source with one video length: render only needed frames.
+      length = np.full(b, self._source_frames)
+      clips = self.source.render_batch(
+          examples, frames=self._clip_frames(length, u_start))
+      video, labels = clips['video'], clips['label']
+      if num_images:
+        image_frames = (u_images * self._source_frames).astype(np.int64)
+        images = self.source.render_batch(
+            others.reshape(-1), frames=image_frames.reshape(-1, 1))['video']
+        video = np.concatenate(
+            [video, images.reshape((b, num_images) + images.shape[2:])],
+            axis=1)
+      return video, labels
+    examples_out, labels = [], []
+    for j in range(b):
+      item = self.source[int(examples[j])]
+      clip = np.asarray(item['video'])
+      self._check_length(clip, examples[j])
+      frames = self._clip_frames(np.array([clip.shape[0]]), u_start[j:j + 1])
+      parts = [clip[frames[0]]]
+      for k in range(num_images):
+        image = np.asarray(self.source[int(others[j, k])]['video'])
+        parts.append(image[int(u_images[j, k] * image.shape[0])][None])
+      examples_out.append(np.concatenate(parts))
+      labels.append(int(item['label']))
+    return np.stack(examples_out), np.asarray(labels)
 
   def batch_for_step(self, step: int) -> dict[str, np.ndarray]:
     """The host-local batch of `step`; a pure function of (seed, step, p).
@@ -143,37 +204,19 @@ class Pipeline:
     """
     if step < 0:
       raise ValueError(f'step={step} must be >= 0.')
-    n, b, t = len(self.source), self.batch_size, self.num_frames
+    n, b = len(self.source), self.batch_size
     first = step * self.global_batch_size + self.process_index * b
     positions = np.arange(first, first + b, dtype=np.int64)
-    examples = np.array([self._permutation(g // n)[g % n] for g in positions])
-    rngs = [np.random.default_rng([self.seed, _POSITION, g])
-            for g in positions]
-    # Image frames: N distinct other examples per position.
-    others = np.zeros((b, self.image_frames), dtype=np.int64)
-    for j, rng in enumerate(rngs):
-      if self.image_frames:
-        pick = rng.choice(n - 1, size=self.image_frames, replace=False)
-        others[j] = pick + (pick >= examples[j])
-    videos, labels = self._fetch(np.concatenate([examples, others.ravel()]))
-    frames = []
-    for j, rng in enumerate(rngs):
-      video = videos[j]
-      self._check_length(video, examples[j])
-      max_start = video.shape[0] - self.clip_span
-      start = int(rng.integers(0, max_start + 1)) if self.random_start else 0
-      clip = video[start:start + self.clip_span:self.frame_stride]
-      images = []
-      for k in range(self.image_frames):
-        other = videos[b + j * self.image_frames + k]
-        images.append(other[rng.integers(0, other.shape[0])])
-      frames.append(np.concatenate([clip, np.stack(images)]) if images
-                    else clip)
+    examples = np.empty(b, dtype=np.int64)
+    for epoch in np.unique(positions // n):
+      here = positions // n == epoch
+      examples[here] = self._permutation(int(epoch))[positions[here] % n]
+    video, labels = self._gather(examples, *self._draw(positions, examples))
     frame_mask = np.zeros((b, self.num_frames_total), dtype=bool)
-    frame_mask[:, :t] = True
+    frame_mask[:, :self.num_frames] = True
     return {
-        'video': np.stack(frames).astype(np.uint8, copy=False),
-        'label': np.asarray(labels[:b], dtype=np.int32),
+        'video': video.astype(np.uint8, copy=False),
+        'label': labels.astype(np.int32),
         'frame_mask': frame_mask,
     }
 
@@ -263,4 +306,5 @@ class BatchIterator:
     self.close()
 
   def __del__(self):
-    self.close()
+    if hasattr(self, '_thread'):
+      self.close()

@@ -252,16 +252,29 @@ def load_i3d_params() -> dict[str, Any]:
   importing any of its modules.
 
   Returns:
-    {'params': ..., 'batch_stats': ...} with the batch-norm statistics
-    reshaped from (1, 1, 1, 1, C) to (C,).
+    {'params': ..., 'batch_stats': ...} with the checkpoint's
+    '/'-joined module names ('Branch_0/Conv3d_0a_1x1') split into nested
+    dicts and the batch-norm statistics reshaped from (1, 1, 1, 1, C) to
+    (C,).
   """
   with weights_path().open('rb') as f:
-    variables = pickle.load(f)
-  variables = jax.tree.map(np.asarray, variables)
+    variables = _nest(pickle.load(f))
   variables['batch_stats'] = jax.tree.map(
       lambda v: v.reshape(v.shape[-1]), variables['batch_stats']
   )
   return variables
+
+
+def _nest(tree: dict[str, Any]) -> dict[str, Any]:
+  """Splits 'Branch_0/Conv3d_0a_1x1'-style keys into nested dicts."""
+  out = {}
+  for key, value in tree.items():
+    *parents, leaf = key.split('/')
+    node = out
+    for name in parents:
+      node = node.setdefault(name, {})
+    node[leaf] = _nest(value) if isinstance(value, dict) else np.asarray(value)
+  return out
 
 
 def kinetics400_labels() -> list[str]:

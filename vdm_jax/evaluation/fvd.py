@@ -1,0 +1,631 @@
+"""Frechet Video Distance under named protocols.
+
+Matches the reference implementation (google-research
+`frechet_video_distance/frechet_video_distance.py`, Unterthiner et al. 2018):
+
+  uint8 frames in [0, 255]
+    -> `tf.image.resize_bilinear` (TF1: align_corners=False,
+       half_pixel_centers=False) of the whole frame to 224x224, no crop
+    -> 2 * x / 255 - 1
+    -> TF-Hub deepmind/i3d-kinetics-400/1, tensor `RGB/inception_i3d/Mean:0`
+       (400 Kinetics logits averaged over time; `I3D` in i3d.py)
+    -> `tfgan.eval.frechet_classifier_distance_from_activations` (float64,
+       covariances with n - 1, trace of sqrt(sqrt(S1) S2 sqrt(S1))).
+
+Published numbers differ mostly by protocol (REFERENCE.md 1.7, 1.8): number
+of samples, real split, resolution at scoring, MAGVIT's 64x64 intermediate
+resize, folds. `PROTOCOLS` names each one; `evaluate_videos` reports the
+protocol name with the score. docs/fvd.md has the provenance.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import io
+import logging
+from typing import Any, Callable, Optional, Sequence
+
+from etils import epath
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import tqdm
+
+from vdm_jax.evaluation import i3d
+
+RESIZE_MODES = ('reference', 'magvit')
+# MAGVIT `normalize_videos` resizes to this size before 224x224.
+MAGVIT_INTER_SIZE = 64
+FEATURES = ('logits_mean', 'pool')
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """How an FVD number was computed; all fields change the score.
+
+  Attributes:
+    name: the key in `PROTOCOLS`, reported with every score.
+    resolution: frame size (H = W) at scoring, or None for "the dataset's".
+    num_frames: frames per scored clip (conditioning frames included).
+    resize: 'reference' (one bilinear resize to 224) or 'magvit' (to 64x64,
+      then to 224).
+    num_generated: generated videos in total (over all folds).
+    num_real: real clips in total (over all folds).
+    real_split: where the real clips come from.
+    conditioning_frames: ground-truth frames given to the model; they stay
+      inside the `num_frames` scored frames.
+    folds: the features are split into this many contiguous groups; the
+      score is the mean (and std) over groups.
+    feature: I3D output used ('logits_mean' everywhere in the literature).
+    source: where the protocol is defined.
+  """
+
+  name: str
+  resolution: Optional[int]
+  num_frames: int
+  resize: str
+  num_generated: int
+  num_real: int
+  real_split: str
+  conditioning_frames: int
+  folds: int
+  feature: str
+  source: str
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    # VDM Table 2 (BAIR, 1 -> 15 at 64x64, FVD 66.92): the FitVid protocol,
+    # 100 samples for each of the 256 test videos against the first 16-frame
+    # clip of each test video. REFERENCE.md 1.7.
+    'bair_vdm': Protocol(
+        name='bair_vdm',
+        resolution=64,
+        num_frames=16,
+        resize='reference',
+        num_generated=25_600,
+        num_real=256,
+        real_split='test (first 16 frames of each of the 256 videos)',
+        conditioning_frames=1,
+        folds=1,
+        feature='logits_mean',
+        source=(
+            'VDM (Ho et al. 2022) Table 2 / FitVid; REFERENCE.md 1.7. MAGVIT'
+            ' App. C: VDM scored another camera view; name the view.'
+        ),
+    ),
+    # MAGVIT Table 10 (UCF-101 class-conditional 16x128x128): 10,000 samples
+    # x 4 folds against random train clips, `videogvt/tools/compute_fvd.py`
+    # with its 64x64 intermediate resize. REFERENCE.md 1.8, 3.
+    'ucf101_magvit': Protocol(
+        name='ucf101_magvit',
+        resolution=128,
+        num_frames=16,
+        resize='magvit',
+        num_generated=40_000,
+        num_real=40_000,
+        real_split='train (random 16-frame clips)',
+        conditioning_frames=0,
+        folds=4,
+        feature='logits_mean',
+        source='MAGVIT (Yu et al. 2023) Table 10; REFERENCE.md 1.8.',
+    ),
+    # StyleGAN-V `fvd2048_16f` (also DIGAN, Latte): 2048 generated videos vs
+    # 2048 random real 16-frame clips at the dataset resolution. StyleGAN-V
+    # runs a TorchScript port of the same TF-Hub I3D that upsamples with
+    # half-pixel centers and uses 1/n covariances; the counts are what this
+    # preset reproduces. REFERENCE.md 1.8.
+    'stylegan_v_2048': Protocol(
+        name='stylegan_v_2048',
+        resolution=None,
+        num_frames=16,
+        resize='reference',
+        num_generated=2048,
+        num_real=2048,
+        real_split='train (random 16-frame clips)',
+        conditioning_frames=0,
+        folds=1,
+        feature='logits_mean',
+        source=(
+            'StyleGAN-V (Skorokhodov et al. 2022) src/metrics/'
+            'frechet_video_distance.py; REFERENCE.md 1.8.'
+        ),
+    ),
+    # VDM Kinetics-600 (5 -> 11 at 64x64, FVD 16.2 +- 0.34): 50k test
+    # videos, random 16-frame subsequences sampled without replacement, the
+    # same subsequences for samples and ground truth. REFERENCE.md 1.7.
+    'kinetics600_vdm': Protocol(
+        name='kinetics600_vdm',
+        resolution=64,
+        num_frames=16,
+        resize='reference',
+        num_generated=50_000,
+        num_real=50_000,
+        real_split='test (same random 16-frame subsequences as the samples)',
+        conditioning_frames=5,
+        folds=1,
+        feature='logits_mean',
+        source='VDM (Ho et al. 2022) Section 4.3; REFERENCE.md 1.7.',
+    ),
+}
+
+
+def _interp_matrix(in_size: int, out_size: int, half_pixel_centers: bool):
+  """TF bilinear resize along one axis as an [out_size, in_size] matrix.
+
+  Follows `compute_interpolation_weights` of TF's resize_bilinear kernel with
+  align_corners=False: source coordinate i * in / out (legacy, the TF1
+  default) or (i + 0.5) * in / out - 0.5 (half-pixel centers, TF2).
+  """
+  scale = in_size / out_size
+  coords = np.arange(out_size, dtype=np.float64)
+  if half_pixel_centers:
+    coords = (coords + 0.5) * scale - 0.5
+  else:
+    coords = coords * scale
+  floor = np.floor(coords)
+  lower = np.maximum(floor, 0).astype(np.int64)
+  upper = np.minimum(np.ceil(coords), in_size - 1).astype(np.int64)
+  lerp = coords - floor
+  weights = np.zeros((out_size, in_size), np.float64)
+  rows = np.arange(out_size)
+  np.add.at(weights, (rows, lower), 1.0 - lerp)
+  np.add.at(weights, (rows, upper), lerp)
+  return weights.astype(np.float32)
+
+
+def resize_bilinear(
+    frames: jax.Array, size: int, *, half_pixel_centers: bool = False
+) -> jax.Array:
+  """Bilinear resize of whole frames, as TF's `resize_bilinear`.
+
+  Args:
+    frames: [..., H, W, C] float frames.
+    size: output height and width.
+    half_pixel_centers: False reproduces the TF1 `tf.image.resize_bilinear`
+      of the reference FVD; True is TF2 `tf.image.resize(method='bilinear')`
+      (no antialiasing in either).
+
+  Returns:
+    [..., size, size, C] float32 frames.
+  """
+  h, w = frames.shape[-3], frames.shape[-2]
+  if (h, w) == (size, size):
+    return frames.astype(jnp.float32)
+  wh = _interp_matrix(h, size, half_pixel_centers)
+  ww = _interp_matrix(w, size, half_pixel_centers)
+  hi = jax.lax.Precision.HIGHEST
+  x = jnp.einsum('oh,...hwc->...owc', wh, frames, precision=hi)
+  return jnp.einsum('pw,...owc->...opc', ww, x, precision=hi)
+
+
+def _resize_and_scale(videos: jax.Array, resize: str) -> jax.Array:
+  """[B, T, H, W, 3] values in [0, 255] -> [B, T, 224, 224, 3] in [-1, 1]."""
+  x = videos.astype(jnp.float32)
+  if resize == 'magvit':
+    x = resize_bilinear(x, MAGVIT_INTER_SIZE)
+  x = resize_bilinear(x, i3d.INPUT_SIZE)
+  return 2.0 * x / 255.0 - 1.0
+
+
+def to_uint8_range(
+    videos: Any, input_range: Optional[tuple[float, float]] = None
+) -> np.ndarray:
+  """Checks videos and maps their values to [0, 255] on the host.
+
+  Args:
+    videos: [B, T, H, W, 3] uint8 in [0, 255], or float with `input_range`
+      (float videos in [0, 1] are accepted without it).
+    input_range: (low, high) of the values, e.g. (0, 1), (-1, 1), (0, 255).
+
+  Returns:
+    [B, T, H, W, 3] uint8 (unchanged) or float32 values in [0, 255].
+
+  Raises:
+    ValueError: wrong rank, channels, too few frames, or values outside
+      (or ambiguous about) their range.
+  """
+  videos = np.asarray(videos)
+  if videos.ndim != 5 or videos.shape[-1] != 3:
+    raise ValueError(
+        f'Expected videos of shape [B, T, H, W, 3] (RGB), got {videos.shape};'
+        ' add the batch axis with videos[None] for one video, and drop alpha'
+        ' or repeat grey channels to get 3.'
+    )
+  if videos.shape[1] < i3d.MIN_FRAMES:
+    raise ValueError(
+        f'I3D needs at least {i3d.MIN_FRAMES} frames per video, got'
+        f' {videos.shape[1]}; score longer clips (FVD protocols use 16).'
+    )
+  lo, hi = float(videos.min()), float(videos.max())
+  if input_range is None:
+    if videos.dtype == np.uint8:
+      return videos
+    if np.issubdtype(videos.dtype, np.floating) and 0.0 <= lo and hi <= 1.0:
+      input_range = (0.0, 1.0)
+    else:
+      raise ValueError(
+          f'Cannot tell the value range of {videos.dtype} videos with values'
+          f' in [{lo:.4g}, {hi:.4g}]; pass input_range=(0, 1), (-1, 1) or'
+          ' (0, 255), or give uint8 videos.'
+      )
+  low, high = map(float, input_range)
+  tol = 1e-3 * (high - low)
+  if lo < low - tol or hi > high + tol:
+    raise ValueError(
+        f'Video values span [{lo:.4g}, {hi:.4g}], outside'
+        f' input_range={input_range}; pass the range the videos are in, e.g.'
+        ' (0, 1), (-1, 1) or (0, 255).'
+    )
+  if videos.dtype == np.uint8 and (low, high) == (0.0, 255.0):
+    return videos
+  scaled = (videos.astype(np.float32) - low) * (255.0 / (high - low))
+  return np.clip(scaled, 0.0, 255.0)
+
+
+def preprocess(
+    videos: Any,
+    *,
+    input_range: Optional[tuple[float, float]] = None,
+    resize: str = 'reference',
+) -> jax.Array:
+  """Videos -> I3D input, as the reference FVD (or MAGVIT) prepares them.
+
+  Args:
+    videos: [B, T, H, W, 3], uint8 in [0, 255] or float (see
+      `to_uint8_range`); T >= 9.
+    input_range: value range of float videos.
+    resize: 'reference' (whole frame bilinear to 224x224) or 'magvit'
+      (bilinear to 64x64, then to 224x224).
+
+  Returns:
+    [B, T, 224, 224, 3] float32 in [-1, 1].
+  """
+  _check_resize(resize)
+  return _resize_and_scale(jnp.asarray(to_uint8_range(videos, input_range)),
+                           resize)
+
+
+def _check_resize(resize: str) -> None:
+  if resize not in RESIZE_MODES:
+    raise ValueError(f'resize={resize!r}; choose one of {RESIZE_MODES}.')
+
+
+@functools.cache
+def _variables(mesh: Mesh) -> Any:
+  """The I3D variables, loaded once and replicated over the mesh."""
+  return jax.device_put(i3d.load_i3d_params(), NamedSharding(mesh, P()))
+
+
+@functools.cache
+def _feature_fn(resize: str, mesh: Mesh) -> Callable[..., Any]:
+  """Jitted [B, T, H, W, 3] in [0, 255] -> {'logits_mean', 'pool'}."""
+  model = i3d.I3D()
+
+  def fn(variables, videos):
+    return model.apply(variables, _resize_and_scale(videos, resize))
+
+  return jax.jit(
+      fn,
+      in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))),
+      out_shardings=NamedSharding(mesh, P()),
+  )
+
+
+def default_mesh() -> Mesh:
+  """A 1-D 'data' mesh over all devices."""
+  return Mesh(np.asarray(jax.devices()), ('data',))
+
+
+def extract_features(
+    videos: Any,
+    *,
+    input_range: Optional[tuple[float, float]] = None,
+    resize: str = 'reference',
+    batch_size: int = 16,
+    mesh: Optional[Mesh] = None,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+  """I3D features of videos, in fixed-size batches sharded over the mesh.
+
+  Every process passes the same `videos`; batches are split over the 'data'
+  axis and the outputs replicated back. The last batch is padded with black
+  videos whose features are dropped.
+
+  Args:
+    videos: [N, T, H, W, 3] (see `to_uint8_range`).
+    input_range: value range of float videos.
+    resize: 'reference' or 'magvit'.
+    batch_size: videos per step, rounded up to a multiple of the devices.
+    mesh: a mesh with a 'data' axis; default: all devices.
+    progress: show a tqdm bar (process 0 only).
+
+  Returns:
+    'logits_mean': [N, 400] and 'pool': [N, 1024] float32.
+  """
+  _check_resize(resize)
+  videos = to_uint8_range(videos, input_range)
+  mesh = default_mesh() if mesh is None else mesh
+  n_dev = mesh.shape['data']
+  batch_size = -(-batch_size // n_dev) * n_dev
+  fn, variables = _feature_fn(resize, mesh), _variables(mesh)
+  sharding = NamedSharding(mesh, P('data'))
+  outputs = []
+  starts = range(0, len(videos), batch_size)
+  show = progress and jax.process_index() == 0
+  for start in tqdm.tqdm(starts, desc='I3D features', disable=not show):
+    batch = videos[start : start + batch_size]
+    n = len(batch)
+    if n < batch_size:
+      pad = np.zeros((batch_size - n,) + batch.shape[1:], batch.dtype)
+      batch = np.concatenate([batch, pad])
+    batch = jax.make_array_from_callback(
+        batch.shape, sharding, lambda idx, b=batch: b[idx]
+    )
+    out = fn(variables, batch)
+    outputs.append({k: np.asarray(v)[:n] for k, v in out.items()})
+  return {k: np.concatenate([o[k] for o in outputs]) for k in FEATURES}
+
+
+def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Mean [D] and covariance [D, D] (n - 1 normalised) in float64."""
+  feats = np.asarray(feats, np.float64)
+  return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def _sqrtm_psd(mat: np.ndarray) -> np.ndarray:
+  """Symmetric PSD square root; negative round-off eigenvalues become 0."""
+  eigvals, eigvecs = np.linalg.eigh((mat + mat.T) / 2)
+  return (eigvecs * np.sqrt(np.clip(eigvals, 0.0, None))) @ eigvecs.T
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
+  """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), float64.
+
+  |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrt(A S2 A) with A = sqrt(S1),
+  the symmetric form tfgan uses: tr sqrt(S1 S2) = tr sqrt(A S2 A), and
+  A S2 A is symmetric PSD, so both roots come from eigendecompositions and
+  stay real even for singular covariances (fewer videos than dimensions).
+
+  Args:
+    mu1: [D] mean. sigma1: [D, D] covariance. mu2, sigma2: the same.
+
+  Returns:
+    The distance (>= 0 up to round-off).
+  """
+  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+  sigma1 = np.asarray(sigma1, np.float64)
+  sigma2 = np.asarray(sigma2, np.float64)
+  if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+    raise ValueError(
+        f'Shapes differ: mu {mu1.shape} vs {mu2.shape}, sigma'
+        f' {sigma1.shape} vs {sigma2.shape}.'
+    )
+  root = _sqrtm_psd(sigma1)
+  inner = root @ sigma2 @ root
+  eigvals = np.linalg.eigvalsh((inner + inner.T) / 2)
+  trace_sqrt = np.sqrt(np.clip(eigvals, 0.0, None)).sum()
+  mean_term = np.square(mu1 - mu2).sum()
+  return float(
+      mean_term + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt
+  )
+
+
+def kernel_distance(
+    feats1: np.ndarray, feats2: np.ndarray, max_block_size: int = 1024
+) -> tuple[float, float]:
+  """Kernel video distance (KVD): unbiased polynomial-kernel MMD^2.
+
+  As `tfgan.eval.kernel_classifier_distance_and_std_from_activations`:
+  k(x, y) = (x.y / d + 1)^3, the samples split into ceil(max(n1, n2) /
+  max_block_size) contiguous blocks of near-equal size, an unbiased MMD^2
+  per block, then the mean and its standard error over blocks.
+
+  Args:
+    feats1: [N1, D] features (real in tfgan's argument order).
+    feats2: [N2, D] features.
+    max_block_size: largest block.
+
+  Returns:
+    (kvd, standard error); the error is NaN with a single block.
+  """
+  f1 = np.asarray(feats1, np.float64)
+  f2 = np.asarray(feats2, np.float64)
+  n_blocks = -(-max(len(f1), len(f2)) // max_block_size)
+  dim = f1.shape[1]
+
+  def block_bounds(n):
+    sizes = np.full(n_blocks, n // n_blocks)
+    sizes[n_blocks - n % n_blocks :] += 1
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+  b1, b2 = block_bounds(len(f1)), block_bounds(len(f2))
+  ests = []
+  for i in range(n_blocks):
+    x, y = f1[b1[i] : b1[i + 1]], f2[b2[i] : b2[i + 1]]
+    m, n = len(x), len(y)
+    k_xx = (x @ x.T / dim + 1) ** 3
+    k_yy = (y @ y.T / dim + 1) ** 3
+    k_xy = (x @ y.T / dim + 1) ** 3
+    ests.append(
+        (k_xx.sum() - np.trace(k_xx)) / (m * (m - 1))
+        + (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
+        - 2 * k_xy.mean()
+    )
+  ests = np.asarray(ests)
+  if n_blocks <= 1:
+    return float(ests.mean()), float('nan')
+  return float(ests.mean()), float(ests.std(ddof=1) / np.sqrt(n_blocks))
+
+
+def compute_fvd(
+    gen_feats: np.ndarray, real_feats: np.ndarray, folds: int = 1
+) -> dict[str, float]:
+  """FVD (mean and std over folds) and KVD from features.
+
+  Args:
+    gen_feats: [N, D] features of generated videos.
+    real_feats: [M, D] features of real videos.
+    folds: split both sets into this many contiguous groups (MAGVIT's
+      `reshape(num_repeats, -1)`); the std is over groups (ddof 0).
+
+  Returns:
+    'fvd', 'fvd_std' (0 for one fold), 'kvd', 'kvd_std' (standard error
+    of the tfgan block estimator over all features).
+  """
+  if len(gen_feats) < 2 * folds or len(real_feats) < 2 * folds:
+    raise ValueError(
+        f'Need at least 2 videos per fold on each side, got {len(gen_feats)}'
+        f' generated and {len(real_feats)} real for {folds} folds.'
+    )
+  scores = []
+  for g, r in zip(
+      np.array_split(gen_feats, folds), np.array_split(real_feats, folds)
+  ):
+    scores.append(frechet_distance(*feature_stats(g), *feature_stats(r)))
+  kvd, kvd_std = kernel_distance(real_feats, gen_feats)
+  return {
+      'fvd': float(np.mean(scores)),
+      'fvd_std': float(np.std(scores)),
+      'kvd': kvd,
+      'kvd_std': kvd_std,
+  }
+
+
+def _cache_path(
+    cache_dir: str, protocol: Protocol, fingerprint: str
+) -> epath.Path:
+  digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+  return epath.Path(cache_dir) / f'fvd_real_{protocol.name}_{digest}.npz'
+
+
+def real_features(
+    real_videos: Optional[Any],
+    protocol: Protocol,
+    *,
+    cache_dir: Optional[str] = None,
+    fingerprint: Optional[str] = None,
+    **extract_kwargs,
+) -> np.ndarray:
+  """Features of the real clips, read from / written to an npz cache.
+
+  Args:
+    real_videos: [M, T, H, W, 3] real clips; may be None on a cache hit.
+    protocol: the protocol (its name keys the cache).
+    cache_dir: directory of the cache (local or gs://); None: no cache.
+    fingerprint: a string that identifies the real clips (dataset, split,
+      view, seed, count, ...); the caller's responsibility.
+    **extract_kwargs: passed to `extract_features`.
+
+  Returns:
+    [M, D] features of `protocol.feature`.
+  """
+  path = None
+  if cache_dir is not None:
+    if not fingerprint:
+      raise ValueError('cache_dir needs a fingerprint of the real data.')
+    path = _cache_path(cache_dir, protocol, fingerprint)
+    if path.exists():
+      with io.BytesIO(path.read_bytes()) as f, np.load(f) as data:
+        if str(data['fingerprint']) == fingerprint and (
+            real_videos is None or len(data['features']) == len(real_videos)
+        ):
+          logging.info('Real FVD features from %s', path)
+          return data['features']
+      logging.warning('Stale FVD cache %s; recomputing.', path)
+  if real_videos is None:
+    raise ValueError(
+        'real_videos is None and no cache entry matches; pass the videos.'
+    )
+  feats = extract_features(real_videos, resize=protocol.resize,
+                           **extract_kwargs)[protocol.feature]
+  if path is not None and jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, features=feats, fingerprint=fingerprint,
+             protocol=protocol.name)
+    tmp = path.parent / (path.name + '.tmp')
+    tmp.write_bytes(buf.getvalue())
+    tmp.rename(path)
+  return feats
+
+
+def _protocol_mismatches(
+    protocol: Protocol, gen_shape: Sequence[int], num_real: int
+) -> list[str]:
+  """Differences between the inputs and the protocol, for the report."""
+  notes = []
+  if gen_shape[0] != protocol.num_generated:
+    notes.append(f'{gen_shape[0]} generated != {protocol.num_generated}')
+  if num_real != protocol.num_real:
+    notes.append(f'{num_real} real != {protocol.num_real}')
+  return notes
+
+
+def evaluate_videos(
+    gen_videos: Any,
+    real_videos: Optional[Any],
+    protocol: str,
+    cache_dir: Optional[str] = None,
+    fingerprint: Optional[str] = None,
+    *,
+    batch_size: int = 16,
+    mesh: Optional[Mesh] = None,
+) -> dict[str, Any]:
+  """Scores generated against real videos under a named protocol.
+
+  Args:
+    gen_videos: [N, T, H, W, 3] uint8 generated videos, conditioning frames
+      included as the protocol says.
+    real_videos: [M, T, H, W, 3] uint8 real clips (None if cached).
+    protocol: a key of `PROTOCOLS`.
+    cache_dir: where real-feature caches live (None: no cache).
+    fingerprint: identifies the real clips for the cache.
+    batch_size: videos per I3D step.
+    mesh: a mesh with a 'data' axis (default: all devices).
+
+  Returns:
+    {'protocol', 'fvd', 'fvd_std', 'kvd', 'kvd_std', 'num_generated',
+    'num_real', 'folds', 'feature', 'resize', 'protocol_compliant',
+    'deviations'}; a score with deviations is not comparable with the
+    published numbers of the protocol.
+  """
+  if protocol not in PROTOCOLS:
+    raise ValueError(
+        f'Unknown FVD protocol {protocol!r}; choose one of {list(PROTOCOLS)}.'
+    )
+  proto = PROTOCOLS[protocol]
+  gen_videos = np.asarray(gen_videos)
+  if gen_videos.ndim != 5 or gen_videos.shape[1] != proto.num_frames:
+    raise ValueError(
+        f'Protocol {protocol} scores [N, {proto.num_frames}, H, W, 3] videos,'
+        f' got {gen_videos.shape}.'
+    )
+  if proto.resolution and gen_videos.shape[2:4] != (proto.resolution,) * 2:
+    raise ValueError(
+        f'Protocol {protocol} scores at {proto.resolution}x'
+        f'{proto.resolution}, got frames of {gen_videos.shape[2:4]}; resize'
+        ' the videos first (the resolution at scoring changes FVD).'
+    )
+  kwargs = dict(batch_size=batch_size, mesh=mesh)
+  real = real_features(real_videos, proto, cache_dir=cache_dir,
+                       fingerprint=fingerprint, **kwargs)
+  gen = extract_features(gen_videos, resize=proto.resize, **kwargs)
+  scores = compute_fvd(gen[proto.feature], real, folds=proto.folds)
+  deviations = _protocol_mismatches(proto, gen_videos.shape, len(real))
+  if deviations:
+    logging.warning('FVD deviates from protocol %s: %s', protocol,
+                    '; '.join(deviations))
+  return {
+      'protocol': protocol,
+      **scores,
+      'num_generated': int(gen_videos.shape[0]),
+      'num_real': int(len(real)),
+      'folds': proto.folds,
+      'feature': proto.feature,
+      'resize': proto.resize,
+      'protocol_compliant': not deviations,
+      'deviations': deviations,
+  }

@@ -1,0 +1,609 @@
+"""Samplers and guidance for video diffusion (Ho et al. 2022, 2 and 3.1).
+
+Every sampler is one jitted `lax.scan` over timesteps t_i = 1 - i / N
+(i = 0..N-1, s_i = t_{i+1}), so the denoiser is traced once however many steps
+are taken; step i draws its noise from `fold_in(rng, i)`. The log-SNR of the
+N + 1 grid points is computed outside the compiled program and passed in as an
+array, so the program depends on N only through that array's length.
+
+Samplers (VDM 2, REFERENCE 1.4):
+  'ancestral': z_s = mu~_{s|t}(z_t, x_hat)
+      + sqrt((sigma~^2_{s|t})^{1-gamma} (sigma^2_{t|s})^gamma) eps.
+  'ddim': z_s = alpha_s x_hat + sqrt(sigma_s^2 - c^2) eps_hat + c eps,
+      c = eta sigma~_{s|t} (eta = 0: deterministic; eta = 1: ancestral with
+      gamma = 0).
+  'pc': an ancestral step, then a Langevin corrector at s:
+      z_s <- z_s - 1/2 delta sigma_s eps_hat(z_s) + sqrt(delta) sigma_s eps'.
+The last step returns x_hat (clipped), with no noise.
+
+Guidance turns `denoise_fn` into the (x_hat, eps_hat) the sampler consumes:
+classifier-free guidance (VDM 2), replacement (imputation) of the known part
+x^a, reconstruction guidance (VDM 3.1, eq. 7) and its spatial super-resolution
+variant; see `Guidance`.
+"""
+
+import functools
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vdm_jax import diffusion
+from vdm_jax import schedules
+
+SAMPLERS = ('ancestral', 'ddim', 'pc')
+GUIDANCE_METHODS = ('none', 'replacement', 'reconstruction', 'super_resolution')
+
+NoiseFn = Callable[[jax.Array, tuple[int, ...]], jnp.ndarray]
+# (z, logsnr) -> (x_hat, eps_hat), all [B, T, H, W, C]; logsnr [B].
+XEpsFn = Callable[[jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
+
+
+@flax.struct.dataclass
+class Guidance:
+  """What to condition on besides `cond`; a pytree (weights are traced).
+
+  Attributes:
+    method: 'none', 'replacement' (z^a replaced by forward samples of x^a),
+      'reconstruction' (replacement plus the gradient correction of x_hat^b,
+      VDM eq. 7) or 'super_resolution' (gradient of the error of a bilinear
+      downsample of x_hat against `x_lowres`, w.r.t. all of z_t).
+    cfg_weight: classifier-free guidance weight w (scalar); used when
+      `null_label` is not None.
+    null_label: label of the unconditional branch (= num_classes); None
+      disables classifier-free guidance.
+    x_a: [B, T, H, W, C] known values (only where `mask` is True matter).
+    mask: bool, broadcastable to x_a ([B, T, 1, 1, 1] for frames); True =
+      known (the `a` part).
+    recon_weight: w_r (scalar) of reconstruction / super-resolution guidance.
+    x_lowres: [B, T, h, w, C] low-resolution video for 'super_resolution'.
+    remat: wrap the denoiser in `jax.checkpoint` under the gradient (bounds
+      the memory of guided steps by recomputing activations).
+  """
+
+  method: str = flax.struct.field(pytree_node=False, default='none')
+  cfg_weight: Any = 0.0
+  null_label: int | None = flax.struct.field(pytree_node=False, default=None)
+  x_a: Any = None
+  mask: Any = None
+  recon_weight: Any = 0.0
+  x_lowres: Any = None
+  remat: bool = flax.struct.field(pytree_node=False, default=False)
+
+
+def make_guidance(
+    *,
+    cfg_weight: float = 0.0,
+    null_label: int | None = None,
+    x_a: jnp.ndarray | None = None,
+    mask: jnp.ndarray | None = None,
+    recon_weight: float = 0.0,
+    x_lowres: jnp.ndarray | None = None,
+    method: str | None = None,
+    remat: bool = False,
+) -> Guidance:
+  """Builds a checked `Guidance`.
+
+  Args:
+    cfg_weight: classifier-free guidance weight w; needs `null_label`.
+    null_label: the null (unconditional) label, = num_classes.
+    x_a: [B, T, H, W, C] known video values.
+    mask: [B, T] or anything broadcastable to x_a, True where known.
+    recon_weight: w_r; with x_a and method None, w_r > 0 selects
+      reconstruction guidance and w_r = 0 replacement.
+    x_lowres: [B, T, h, w, C] low-resolution video (super-resolution).
+    method: force a method (e.g. 'reconstruction' with w_r = 0 for tests).
+    remat: `jax.checkpoint` the denoiser inside the guidance gradient.
+
+  Returns:
+    A Guidance with mask as bool [B, T, 1, 1, 1] (or x_a's rank).
+  """
+  if method is None:
+    if x_lowres is not None:
+      method = 'super_resolution'
+    elif x_a is not None:
+      method = 'reconstruction' if recon_weight else 'replacement'
+    else:
+      method = 'none'
+  if method not in GUIDANCE_METHODS:
+    raise ValueError(
+        f'Unknown guidance method {method!r}; choose one of'
+        f' {GUIDANCE_METHODS}.'
+    )
+  if method in ('replacement', 'reconstruction'):
+    if x_a is None or mask is None:
+      raise ValueError(f'Guidance {method!r} needs x_a and mask.')
+    x_a = jnp.asarray(x_a, jnp.float32)
+    mask = jnp.asarray(mask, bool)
+    mask = mask.reshape(mask.shape + (1,) * (x_a.ndim - mask.ndim))
+  if method == 'super_resolution':
+    if x_lowres is None:
+      raise ValueError("Guidance 'super_resolution' needs x_lowres.")
+    x_lowres = jnp.asarray(x_lowres, jnp.float32)
+  if cfg_weight and null_label is None:
+    raise ValueError('Classifier-free guidance needs null_label.')
+  return Guidance(
+      method=method,
+      cfg_weight=jnp.asarray(cfg_weight, jnp.float32),
+      null_label=None if null_label is None else int(null_label),
+      x_a=x_a if method in ('replacement', 'reconstruction') else None,
+      mask=mask if method in ('replacement', 'reconstruction') else None,
+      recon_weight=jnp.asarray(recon_weight, jnp.float32),
+      x_lowres=x_lowres,
+      remat=remat,
+  )
+
+
+def model_x_eps(
+    denoise_fn: diffusion.DenoiseFn, target: str, cond: Mapping[str, Any]
+) -> XEpsFn:
+  """The plain model as (z, logsnr) -> (x_hat, eps_hat)."""
+
+  def fn(z, logsnr):
+    pred = denoise_fn(z, logsnr, cond)
+    return diffusion.prediction_to_x_eps(pred, z, logsnr, target)
+
+  return fn
+
+
+def classifier_free(
+    denoise_fn: diffusion.DenoiseFn,
+    target: str,
+    cond: Mapping[str, Any],
+    weight: jnp.ndarray,
+    null_label: int,
+    batched: bool = True,
+) -> XEpsFn:
+  """Classifier-free guidance, eps~ = (1 + w) eps(z, c) - w eps(z) (VDM 2).
+
+  x~ = (1 + w) x_hat(z, c) - w x_hat(z) is the same combination (x is affine
+  in eps at fixed z), taken directly so that v/x models keep their precision;
+  w = 0 returns the conditional prediction. The unconditional branch is the
+  model with cond['label'] set to `null_label`.
+
+  Args:
+    denoise_fn: (z, logsnr, cond) -> prediction.
+    target: the model's parameterization.
+    cond: must hold 'label' int32[B]; other entries go to both branches.
+    weight: scalar w.
+    null_label: the null label (num_classes).
+    batched: evaluate both branches as one call on a batch of 2B.
+
+  Returns:
+    (z, logsnr) -> (x~, eps~), each [B, T, H, W, C].
+  """
+  if 'label' not in cond:
+    raise ValueError("Classifier-free guidance needs cond['label'].")
+  label = jnp.asarray(cond['label'], jnp.int32)
+  uncond = dict(cond, label=jnp.full_like(label, null_label))
+
+  def fn(z, logsnr):
+    if batched:
+      both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), dict(cond),
+                          uncond)
+      pred = denoise_fn(jnp.concatenate([z, z]),
+                        jnp.concatenate([logsnr, logsnr]), both)
+      pred_c, pred_u = jnp.split(pred, 2)
+    else:
+      pred_c = denoise_fn(z, logsnr, cond)
+      pred_u = denoise_fn(z, logsnr, uncond)
+    x_c, eps_c = diffusion.prediction_to_x_eps(pred_c, z, logsnr, target)
+    x_u, eps_u = diffusion.prediction_to_x_eps(pred_u, z, logsnr, target)
+    return (1 + weight) * x_c - weight * x_u, (1 + weight) * eps_c - (
+        weight * eps_u)
+
+  return fn
+
+
+def replace_known(
+    z: jnp.ndarray,
+    logsnr: jnp.ndarray,
+    rng: jax.Array,
+    x_a: jnp.ndarray,
+    mask: jnp.ndarray,
+    noise_fn: NoiseFn,
+) -> jnp.ndarray:
+  """z with z^a replaced by a forward sample alpha x^a + sigma eps (imputation).
+
+  Args:
+    z: [B, T, H, W, C] current latent at logsnr ([B]).
+    logsnr: [B].
+    rng: key of the forward-process noise.
+    x_a, mask: known values and where they are known (broadcastable bool).
+    noise_fn: (rng, shape) -> noise.
+
+  Returns:
+    [B, T, H, W, C].
+  """
+  z_a = diffusion.q_sample(x_a, logsnr, noise_fn(rng, z.shape))
+  return jnp.where(mask, z_a, z)
+
+
+def reconstruction_guided(
+    xeps_fn: XEpsFn,
+    z: jnp.ndarray,
+    logsnr: jnp.ndarray,
+    weight: jnp.ndarray,
+    residual_fn: Callable[[jnp.ndarray], jnp.ndarray],
+    grad_mask: jnp.ndarray | None = None,
+    remat: bool = False,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Reconstruction guidance (VDM 3.1, eq. 7) of a prediction at z.
+
+  x~ = x_hat - (w_r alpha_t / 2) grad_z ||residual_fn(x_hat(z))||^2, the
+  gradient restricted to ~grad_mask (the b part) when given. eps~ is moved
+  consistently: eps = (z - alpha x) / sigma, so d eps = -(alpha / sigma) dx.
+  The gradient goes through the whole denoiser (`jax.vjp`), so a guided step
+  costs a forward and a backward pass.
+
+  Args:
+    xeps_fn: (z, logsnr) -> (x_hat, eps_hat).
+    z: [B, T, H, W, C]; logsnr: [B]; weight: scalar w_r.
+    residual_fn: x_hat -> residual whose squared norm is the error
+      (x^a - x_hat^a on the known part, or y - downsample(x_hat)).
+    grad_mask: bool broadcastable to z, True where z is known (no update
+      there); None updates all of x_hat (super-resolution).
+    remat: `jax.checkpoint` xeps_fn, so activations are recomputed in the
+      backward pass instead of stored.
+
+  Returns:
+    (x~, eps~), each [B, T, H, W, C].
+  """
+  f = jax.checkpoint(xeps_fn) if remat else xeps_fn
+
+  def err(z_):
+    x_hat, eps_hat = f(z_, logsnr)
+    return jnp.sum(jnp.square(residual_fn(x_hat))), (x_hat, eps_hat)
+
+  grad, (x_hat, eps_hat) = jax.grad(err, has_aux=True)(z)
+  alpha, sigma = schedules.alpha_sigma(diffusion.broadcast_to_video(logsnr, z))
+  dx = -0.5 * weight * alpha * grad
+  if grad_mask is not None:
+    dx = jnp.where(grad_mask, 0.0, dx)
+  return x_hat + dx, eps_hat - (alpha / sigma) * dx
+
+
+def downsample(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
+  """Differentiable bilinear (antialiased) spatial downsample.
+
+  Args:
+    x: [B, T, H, W, C].
+    size: (h, w).
+
+  Returns:
+    [B, T, h, w, C].
+  """
+  b, t, _, _, c = x.shape
+  return jax.image.resize(x, (b, t) + tuple(size) + (c,), 'bilinear',
+                          antialias=True)
+
+
+def guided_predictor(
+    denoise_fn: diffusion.DenoiseFn,
+    target: str,
+    cond: Mapping[str, Any],
+    guidance: Guidance,
+    noise_fn: NoiseFn,
+) -> Callable[..., tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]]:
+  """(z, logsnr, rng) -> (z', x_hat, eps_hat) with all guidance applied.
+
+  z' is z after replacement of the known part (equal to z when nothing is
+  replaced); the sampler continues from z'. x_hat is not clipped here.
+  """
+  g = guidance
+  if g.null_label is not None:
+    xeps_fn = classifier_free(denoise_fn, target, cond, g.cfg_weight,
+                              g.null_label)
+  else:
+    xeps_fn = model_x_eps(denoise_fn, target, cond)
+
+  def predict(z, logsnr, rng):
+    if g.method in ('replacement', 'reconstruction'):
+      z = replace_known(z, logsnr, rng, g.x_a, g.mask, noise_fn)
+    if g.method == 'reconstruction':
+      x_hat, eps_hat = reconstruction_guided(
+          xeps_fn, z, logsnr, g.recon_weight,
+          lambda x: jnp.where(g.mask, g.x_a - x, 0.0), g.mask, g.remat)
+    elif g.method == 'super_resolution':
+      size = g.x_lowres.shape[2:4]
+      x_hat, eps_hat = reconstruction_guided(
+          xeps_fn, z, logsnr, g.recon_weight,
+          lambda x: g.x_lowres - downsample(x, size), None, g.remat)
+    else:
+      x_hat, eps_hat = xeps_fn(z, logsnr)
+    return z, x_hat, eps_hat
+
+  return predict
+
+
+def _clip(x_hat, eps_hat, z, logsnr, clip_x):
+  """Clips x_hat to [-1, 1] and recomputes eps_hat from it (DDIM)."""
+  if not clip_x:
+    return x_hat, eps_hat
+  x_hat = jnp.clip(x_hat, -1.0, 1.0)
+  return x_hat, diffusion.x_to_eps(x_hat, z, logsnr)
+
+
+def ancestral_step(z, x_hat, noise, logsnr_t, logsnr_s, gamma):
+  """One ancestral step t -> s (VDM 2).
+
+  Args:
+    z: [B, ...] z_t; x_hat: [B, ...]; noise: [B, ...] standard normal.
+    logsnr_t, logsnr_s: scalars, logsnr_s > logsnr_t.
+    gamma: scalar log-variance interpolation.
+
+  Returns:
+    z_s: [B, ...].
+  """
+  alpha_t, _ = schedules.alpha_sigma(logsnr_t)
+  alpha_s, sigma_s = schedules.alpha_sigma(logsnr_s)
+  r = jnp.exp(logsnr_t - logsnr_s)  # e^{lambda_t - lambda_s}
+  one_minus_r = -jnp.expm1(logsnr_t - logsnr_s)
+  mean = r * (alpha_s / alpha_t) * z + one_minus_r * alpha_s * x_hat
+  log_var_tilde = jnp.log(one_minus_r) + 2 * jnp.log(sigma_s)
+  log_var_ts = jnp.log(one_minus_r) + jnp.log(schedules.jax_sigmoid(-logsnr_t))
+  std = jnp.exp(0.5 * ((1 - gamma) * log_var_tilde + gamma * log_var_ts))
+  return mean + std * noise
+
+
+def ddim_step(x_hat, eps_hat, noise, logsnr_t, logsnr_s, eta):
+  """One DDIM step t -> s; eta = 0 deterministic, eta = 1 ancestral (gamma 0).
+
+  Also runs backwards (logsnr_s < logsnr_t) with eta = 0 for inversion.
+  """
+  alpha_s, sigma_s = schedules.alpha_sigma(logsnr_s)
+  var_tilde = -jnp.expm1(logsnr_t - logsnr_s) * jnp.square(sigma_s)
+  c2 = jnp.square(eta) * jnp.maximum(var_tilde, 0.0)
+  return (alpha_s * x_hat + jnp.sqrt(jnp.square(sigma_s) - c2) * eps_hat
+          + jnp.sqrt(c2) * noise)
+
+
+def langevin_step(z, eps_hat, noise, logsnr, delta):
+  """Langevin corrector z - 1/2 delta sigma eps_hat + sqrt(delta) sigma eps'."""
+  _, sigma = schedules.alpha_sigma(logsnr)
+  return z - 0.5 * delta * sigma * eps_hat + jnp.sqrt(delta) * sigma * noise
+
+
+def default_noise(rng: jax.Array, shape: tuple[int, ...]) -> jnp.ndarray:
+  """I.i.d. standard normal noise (diffusion.sample_noise)."""
+  return diffusion.sample_noise(rng, shape)
+
+
+@functools.partial(
+    jax.jit, static_argnames=('target', 'sampler', 'clip_x', 'noise_fn'))
+def _sample_scan(denoise_fn, rng, z, logsnrs, cond, guidance, gamma, eta,
+                 delta, *, target, sampler, clip_x, noise_fn):
+  """The compiled sampler: one lax.scan over the len(logsnrs) - 1 steps."""
+  num_steps = logsnrs.shape[0] - 1
+  batch = z.shape[0]
+  predict = guided_predictor(denoise_fn, target, cond, guidance, noise_fn)
+
+  def step(z, i):
+    key = jax.random.fold_in(rng, i)
+    lt, ls = logsnrs[i], logsnrs[i + 1]
+    last = i == num_steps - 1
+    z, x_hat, eps_hat = predict(z, jnp.full((batch,), lt),
+                                jax.random.fold_in(key, 0))
+    x_c, eps_c = _clip(x_hat, eps_hat, z, lt, clip_x)
+    noise = noise_fn(jax.random.fold_in(key, 1), z.shape)
+    if sampler == 'ddim':
+      z_s = ddim_step(x_c, eps_c, noise, lt, ls, eta)
+    else:
+      z_s = ancestral_step(z, x_c, noise, lt, ls, gamma)
+    if sampler == 'pc':
+
+      def correct(z_s):
+        z_s, _, eps_s = predict(z_s, jnp.full((batch,), ls),
+                                jax.random.fold_in(key, 2))
+        noise = noise_fn(jax.random.fold_in(key, 3), z_s.shape)
+        return langevin_step(z_s, eps_s, noise, ls, delta)
+
+      z_s = jax.lax.cond(last, lambda z_s: z_s, correct, z_s)
+    return jnp.where(last, x_c, z_s), None
+
+  x, _ = jax.lax.scan(step, z, jnp.arange(num_steps))
+  if guidance.method in ('replacement', 'reconstruction'):
+    x = jnp.where(guidance.mask, guidance.x_a, x)
+  return x
+
+
+def timestep_logsnrs(
+    logsnr_fn: schedules.LogSNRFn, num_steps: int
+) -> jnp.ndarray:
+  """logsnr at t_i = 1 - i / N, i = 0..N: float32 [N + 1], increasing."""
+  t = 1.0 - jnp.arange(num_steps + 1, dtype=jnp.float32) / num_steps
+  return jnp.asarray(logsnr_fn(t), jnp.float32)
+
+
+def _as_partial(fn):
+  """A jit-able pytree for fn: params of a tree_util.Partial stay traced."""
+  if isinstance(fn, jax.tree_util.Partial):
+    return fn
+  return jax.tree_util.Partial(fn)
+
+
+def check_sampler(sampler: str) -> None:
+  if sampler not in SAMPLERS:
+    raise ValueError(
+        f'Unknown sample.sampler {sampler!r}; choose one of {SAMPLERS}.'
+    )
+
+
+def sample(
+    denoise_fn: diffusion.DenoiseFn,
+    rng: jax.Array,
+    shape: tuple[int, ...],
+    *,
+    logsnr_fn: schedules.LogSNRFn,
+    target: str,
+    sampler: str = 'ancestral',
+    num_steps: int = 256,
+    gamma: float = 0.1,
+    eta: float = 0.0,
+    delta: float = 0.1,
+    cond: Mapping[str, Any] | None = None,
+    guidance: Guidance | None = None,
+    clip_x: bool = True,
+    noise_fn: NoiseFn | None = None,
+    z_init: jnp.ndarray | None = None,
+    guidance_weight: float = 0.0,
+    null_label: int | None = None,
+) -> jnp.ndarray:
+  """Draws x ~ p(x | cond) with `sampler` in `num_steps` steps.
+
+  Compiled once per (shapes, sampler, target, clip_x, noise_fn, denoise_fn,
+  guidance method); gamma/eta/delta and guidance weights are traced, so new
+  values do not recompile. Pass `denoise_fn` as a
+  `jax.tree_util.Partial(apply, params)` to keep the parameters traced
+  arguments rather than compile-time constants; a plain function is keyed by
+  its identity.
+
+  Args:
+    denoise_fn: (z [B, T, H, W, C], logsnr [B], cond) -> prediction.
+    rng: PRNG key, split into the z_1 key and the step key; step i draws
+      its noise from fold_in(step key, i).
+    shape: (B, T, H, W, C).
+    logsnr_fn: schedule t -> logsnr.
+    target: 'eps', 'v' or 'x'.
+    sampler: 'ancestral', 'ddim' or 'pc'.
+    num_steps: N >= 1.
+    gamma: ancestral / pc log-variance interpolation (VDM 2).
+    eta: DDIM noise scale.
+    delta: Langevin step size of the pc corrector (VDM: 0.1).
+    cond: model inputs ('label' int32[B], 'frame_mask' bool[B, T]).
+    guidance: a `Guidance` (replacement / reconstruction / super-resolution
+      and classifier-free guidance).
+    clip_x: clip x_hat to [-1, 1] at every step.
+    noise_fn: (rng, shape) -> standard noise; default i.i.d. normal. Used for
+      z_1, per-step noise and the forward samples of replacement.
+    z_init: [B, T, H, W, C] starting z_1 (e.g. from `ddim_invert`).
+    guidance_weight: shorthand for classifier-free guidance with
+      `null_label` when `guidance` is None.
+    null_label: see guidance_weight.
+
+  Returns:
+    x: [B, T, H, W, C] float32.
+  """
+  check_sampler(sampler)
+  diffusion.check_target(target)
+  if num_steps < 1:
+    raise ValueError(f'num_steps must be >= 1, got {num_steps}.')
+  cond = dict(cond or {})
+  noise_fn = noise_fn or default_noise
+  if guidance is None:
+    guidance = make_guidance(
+        cfg_weight=guidance_weight,
+        null_label=null_label if guidance_weight else None)
+  rng_init, rng = jax.random.split(rng)
+  if z_init is None:
+    z_init = noise_fn(rng_init, tuple(shape))
+  z_init = jnp.asarray(z_init, jnp.float32)
+  if z_init.shape != tuple(shape):
+    raise ValueError(f'z_init shape {z_init.shape} != shape {tuple(shape)}.')
+  return _sample_scan(
+      _as_partial(denoise_fn), rng, z_init,
+      timestep_logsnrs(logsnr_fn, num_steps), cond, guidance,
+      jnp.float32(gamma), jnp.float32(eta), jnp.float32(delta),
+      target=target, sampler=sampler, clip_x=clip_x, noise_fn=noise_fn)
+
+
+@functools.partial(jax.jit, static_argnames=('target', 'clip_x'))
+def _invert_scan(denoise_fn, x, logsnrs, cond, *, target, clip_x):
+  batch = x.shape[0]
+  xeps_fn = model_x_eps(denoise_fn, target, cond)
+
+  def step(z, i):
+    lt, ls = logsnrs[i], logsnrs[i + 1]
+    x_hat, eps_hat = xeps_fn(z, jnp.full((batch,), lt))
+    x_hat, eps_hat = _clip(x_hat, eps_hat, z, lt, clip_x)
+    return ddim_step(x_hat, eps_hat, 0.0, lt, ls, 0.0), None
+
+  z, _ = jax.lax.scan(step, x, jnp.arange(logsnrs.shape[0] - 1))
+  return z
+
+
+def ddim_invert(
+    denoise_fn: diffusion.DenoiseFn,
+    x: jnp.ndarray,
+    *,
+    logsnr_fn: schedules.LogSNRFn,
+    target: str,
+    num_steps: int = 256,
+    cond: Mapping[str, Any] | None = None,
+    clip_x: bool = False,
+) -> jnp.ndarray:
+  """DDIM inversion x -> z_1: the eta = 0 sampler run from t = 0 to t = 1.
+
+  The mirror of `sample(sampler='ddim', eta=0)` on the same grid: starting at
+  z_0 = x (logsnr_max), step t_i -> t_{i+1} uses (x_hat, eps_hat) at t_i,
+  z_{t_{i+1}} = alpha x_hat + sigma eps_hat (Song et al. 2021; used by
+  Tune-A-Video for editing). Feed the result to `sample(z_init=...)`.
+
+  Args:
+    denoise_fn: (z, logsnr, cond) -> prediction.
+    x: [B, T, H, W, C] clean video.
+    logsnr_fn, target, num_steps, cond: as in `sample`.
+    clip_x: clip x_hat to [-1, 1] (off by default: inversion should follow
+      the model's ODE).
+
+  Returns:
+    z_1: [B, T, H, W, C] float32.
+  """
+  diffusion.check_target(target)
+  logsnrs = timestep_logsnrs(logsnr_fn, num_steps)[::-1]
+  return _invert_scan(_as_partial(denoise_fn), jnp.asarray(x, jnp.float32),
+                      logsnrs, dict(cond or {}), target=target, clip_x=clip_x)
+
+
+def sample_from_config(
+    denoise_fn: diffusion.DenoiseFn,
+    rng: jax.Array,
+    shape: tuple[int, ...],
+    config: ml_collections.ConfigDict,
+    *,
+    cond: Mapping[str, Any] | None = None,
+    guidance: Guidance | None = None,
+    logsnr_fn: schedules.LogSNRFn | None = None,
+    **overrides,
+) -> jnp.ndarray:
+  """`sample` with settings from config.sample and config.diffusion.
+
+  Args:
+    denoise_fn: (z, logsnr, cond) -> prediction.
+    rng: PRNG key.
+    shape: (B, T, H, W, C).
+    config: the full config.
+    cond: model inputs.
+    guidance: a Guidance; None builds classifier-free guidance from
+      sample.guidance_weight when the model has classes and cond['label'].
+    logsnr_fn: schedule; default from config.diffusion (pass one built once to
+      avoid rebuilding it per call).
+    **overrides: any other `sample` keyword (num_steps=..., noise_fn=...).
+
+  Returns:
+    x: [B, T, H, W, C] float32.
+  """
+  s = config.sample
+  cond = dict(cond or {})
+  if guidance is None:
+    w = float(s.get('guidance_weight', 0.0))
+    num_classes = int(config.model.get('num_classes', 0) or 0)
+    if w and num_classes and 'label' in cond:
+      guidance = make_guidance(cfg_weight=w, null_label=num_classes)
+  kwargs = dict(
+      logsnr_fn=logsnr_fn or schedules.get_logsnr_fn(
+          config.diffusion, config.data.image_size),
+      target=config.diffusion.target,
+      sampler=s.sampler,
+      num_steps=s.num_steps,
+      gamma=s.gamma,
+      eta=s.eta,
+      delta=s.delta,
+      clip_x=s.get('clip_x', True),
+      cond=cond,
+      guidance=guidance,
+  )
+  kwargs.update(overrides)
+  return sample(denoise_fn, rng, shape, **kwargs)

@@ -1,0 +1,285 @@
+"""Reading and writing videos: mp4, gif, png grids, npz.
+
+Videos are uint8 [T, H, W, C] with C = 1 or 3 (model outputs in [-1, 1] go
+through `to_uint8` first). Small videos are upscaled with nearest-neighbour
+sampling when written as mp4/gif/png, so that 16x16 or 64x64 samples are
+viewable. Every write goes to a temporary file in the target directory and
+is moved into place with `os.replace`, so readers never see partial files.
+"""
+
+import contextlib
+import math
+import os
+import tempfile
+from typing import Any, Iterator, Optional
+
+import imageio_ffmpeg
+import numpy as np
+from PIL import Image
+from PIL import ImageSequence
+
+# mp4/gif frames are upscaled until their shorter side is at least this.
+MIN_VIEW_SIZE = 128
+# png grid cells are upscaled until their shorter side is at least this.
+MIN_GRID_CELL = 64
+FFMPEG_EXTENSIONS = ('.mp4', '.webm', '.avi')
+READ_EXTENSIONS = FFMPEG_EXTENSIONS + ('.gif', '.npz')
+
+
+def to_uint8(x: Any) -> np.ndarray:
+  """Maps floats in [-1, 1] to uint8 [0, 255], rounding and clipping.
+
+  Args:
+    x: float array of any shape (numpy or jax); NaN maps to 0.
+
+  Returns:
+    uint8 array of the same shape.
+  """
+  x = np.asarray(x, dtype=np.float32)
+  x = np.rint((np.nan_to_num(x, nan=-1.0) + 1.0) * 127.5)
+  return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def _check_video(video: Any, ndim: int = 4) -> np.ndarray:
+  video = np.asarray(video)
+  if video.dtype != np.uint8:
+    raise ValueError(
+        f'Expected a uint8 video, got {video.dtype}; convert model outputs '
+        'with to_uint8.')
+  if video.ndim != ndim or video.shape[-1] not in (1, 3):
+    layout = '[T, H, W, C]' if ndim == 4 else '[N, T, H, W, C]'
+    raise ValueError(
+        f'Expected a video of shape {layout} with C in (1, 3), got '
+        f'{video.shape}.')
+  return video
+
+
+def _upscale(video: np.ndarray, min_size: int) -> np.ndarray:
+  """Nearest-neighbour upscale of [..., H, W, C] by an integer factor."""
+  factor = max(1, math.ceil(min_size / min(video.shape[-3:-1])))
+  if factor > 1:
+    video = video.repeat(factor, axis=-3).repeat(factor, axis=-2)
+  return video
+
+
+def _rgb(video: np.ndarray) -> np.ndarray:
+  """[..., C] with C in (1, 3) -> [..., 3]."""
+  return np.repeat(video, 3, axis=-1) if video.shape[-1] == 1 else video
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str) -> Iterator[str]:
+  """Yields a temporary path beside `path`; moves it to `path` on success.
+
+  The temporary name keeps the extension, so writers that infer the format
+  from it (ffmpeg) still work.
+  """
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  base, ext = os.path.splitext(os.path.basename(path))
+  fd, tmp = tempfile.mkstemp(prefix=f'.{base}.', suffix=f'.tmp{ext}',
+                             dir=directory)
+  os.close(fd)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def write_mp4(path: str, video: Any, fps: int = 8) -> None:
+  """Writes an H.264 (yuv420p) mp4, viewable in browsers and players.
+
+  Frames are upscaled (nearest) to a shorter side >= MIN_VIEW_SIZE and padded
+  by edge replication to even sizes, which yuv420p requires; 1-channel videos
+  become grey RGB.
+
+  Args:
+    path: output file (.mp4).
+    video: uint8 [T, H, W, C], C in (1, 3).
+    fps: frames per second.
+  """
+  video = _rgb(_upscale(_check_video(video), MIN_VIEW_SIZE))
+  _, h, w, _ = video.shape
+  video = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode='edge')
+  size = (video.shape[2], video.shape[1])
+  with _atomic_path(path) as tmp:
+    writer = imageio_ffmpeg.write_frames(
+        tmp, size, fps=fps, codec='libx264', pix_fmt_out='yuv420p',
+        quality=8, macro_block_size=2, ffmpeg_log_level='error')
+    writer.send(None)  # Starts ffmpeg.
+    try:
+      for frame in video:
+        writer.send(np.ascontiguousarray(frame))
+    finally:
+      writer.close()
+
+
+def write_gif(path: str, video: Any, fps: int = 8) -> None:
+  """Writes a looping GIF, upscaled (nearest) to a shorter side >= 128.
+
+  Each frame gets its own 256-colour palette (exact for videos with few
+  colours). The encoder stores identical consecutive frames once, with the
+  summed delay, so such a GIF reads back with fewer frames.
+
+  Args:
+    path: output file (.gif).
+    video: uint8 [T, H, W, C], C in (1, 3); 1-channel videos stay grey.
+    fps: frames per second (GIF stores delays in 10 ms units).
+  """
+  video = _upscale(_check_video(video), MIN_VIEW_SIZE)
+  # 2-D arrays become 'L' (grey) images, [H, W, 3] arrays 'RGB' ones.
+  frames = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f)
+            for f in video]
+  with _atomic_path(path) as tmp:
+    frames[0].save(tmp, format='GIF', save_all=True,
+                   append_images=frames[1:], duration=round(1000 / fps),
+                   loop=0, optimize=False)
+
+
+def write_png_grid(path: str, videos: Any, pad: int = 2) -> None:
+  """Writes a PNG with one row per video and one column per frame.
+
+  Frames are upscaled (nearest) to a shorter side >= MIN_GRID_CELL; cells
+  are separated by `pad` white pixels.
+
+  Args:
+    path: output file (.png).
+    videos: uint8 [N, T, H, W, C], C in (1, 3).
+    pad: pixels between cells and around the grid.
+  """
+  videos = _rgb(_upscale(_check_video(videos, ndim=5), MIN_GRID_CELL))
+  n, t, h, w, _ = videos.shape
+  grid = np.full((n * (h + pad) + pad, t * (w + pad) + pad, 3), 255,
+                 dtype=np.uint8)
+  for i in range(n):
+    for j in range(t):
+      y, x = pad + i * (h + pad), pad + j * (w + pad)
+      grid[y:y + h, x:x + w] = videos[i, j]
+  with _atomic_path(path) as tmp:
+    Image.fromarray(grid).save(tmp, format='PNG')
+
+
+def save_npz(path: str, videos: Any, **extra: Any) -> None:
+  """Saves `videos` (key 'videos') and `extra` arrays to a compressed npz.
+
+  Args:
+    path: output file (.npz).
+    videos: array, e.g. uint8 [N, T, H, W, C].
+    **extra: further arrays (labels, ...), saved under their names.
+  """
+  with _atomic_path(path) as tmp:
+    with open(tmp, 'wb') as f:
+      np.savez_compressed(f, videos=np.asarray(videos), **extra)
+
+
+def _npz_video(path: str) -> np.ndarray:
+  """The video of an npz file as uint8 [T, H, W, C] (see read_video)."""
+  with np.load(path, allow_pickle=False) as data:
+    if not data.files:
+      raise ValueError('the npz holds no arrays')
+    key = 'video' if 'video' in data.files else data.files[0]
+    video = data[key]
+  if video.ndim == 5 and video.shape[0] == 1:
+    video = video[0]
+  if video.ndim == 3:
+    video = video[..., None]
+  if video.ndim != 4 or video.shape[-1] not in (1, 3):
+    raise ValueError(
+        f'array {key!r} has shape {video.shape}; expected one video '
+        '[T, H, W, C] with C in (1, 3) (or [T, H, W])')
+  if np.issubdtype(video.dtype, np.floating):
+    if not np.all(np.isfinite(video)) or video.min() < -1 or video.max() > 1:
+      raise ValueError(
+          f'float video values must lie in [-1, 1] or [0, 1], got '
+          f'[{np.nanmin(video)}, {np.nanmax(video)}]')
+    if video.min() < 0:
+      video = to_uint8(video)
+    else:
+      video = np.rint(video * 255.0).astype(np.uint8)
+  elif video.dtype != np.uint8:
+    raise ValueError(
+        f'unsupported dtype {video.dtype}; expected uint8 or float')
+  return video
+
+
+def _ffmpeg_video(path: str, max_frames: Optional[int]) -> np.ndarray:
+  """Decodes a video file with ffmpeg into uint8 [T, H, W, 3]."""
+  reader = imageio_ffmpeg.read_frames(path, pix_fmt='rgb24')
+  frames = []
+  try:
+    meta = next(reader)
+    w, h = meta['size']
+    for raw in reader:
+      frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(h, w, 3))
+      if max_frames is not None and len(frames) >= max_frames:
+        break
+  finally:
+    reader.close()
+  if not frames:
+    raise ValueError('no frames')
+  return np.stack(frames)
+
+
+def _gif_video(path: str, max_frames: Optional[int]) -> np.ndarray:
+  """Decodes a GIF into uint8 [T, H, W, 3] (composited frames)."""
+  frames = []
+  with Image.open(path) as image:
+    for frame in ImageSequence.Iterator(image):
+      frames.append(np.asarray(frame.convert('RGB')))
+      if max_frames is not None and len(frames) >= max_frames:
+        break
+  return np.stack(frames)
+
+
+def _summary(error: Exception) -> str:
+  """First and last lines of an error message (ffmpeg's are long)."""
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  if len(lines) > 2:
+    lines = [lines[0], '...', lines[-1]]
+  return ' '.join(lines) or type(error).__name__
+
+
+def read_video(path: str, max_frames: Optional[int] = None) -> np.ndarray:
+  """Reads a video file as uint8 [T, H, W, 3].
+
+  Formats by extension: .mp4/.webm/.avi (ffmpeg), .gif, .npz. An npz holds
+  the video under 'video' or as its first array, shaped [T, H, W, C],
+  [1, T, H, W, C] or [T, H, W]; float values are taken as [-1, 1] if any
+  is negative and as [0, 1] otherwise (values outside [-1, 1] raise).
+  1-channel videos are repeated to RGB.
+
+  Args:
+    path: the file.
+    max_frames: read at most this many frames (None: all).
+
+  Returns:
+    uint8 [T, H, W, 3].
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    ValueError: unsupported extension, or the file could not be decoded.
+  """
+  path = os.fspath(path)
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in READ_EXTENSIONS:
+    raise ValueError(
+        f'Unsupported video extension {ext!r} of {path}; supported: '
+        f'{", ".join(READ_EXTENSIONS)}.')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No such video file: {path}')
+  try:
+    if ext == '.npz':
+      video = _npz_video(path)
+      if max_frames is not None:
+        video = video[:max_frames]
+    elif ext == '.gif':
+      video = _gif_video(path, max_frames)
+    else:
+      video = _ffmpeg_video(path, max_frames)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        f'Could not decode video file {path}: {_summary(e)}') from e
+  return _rgb(video)
