@@ -154,7 +154,6 @@ class DistanceTest(parameterized.TestCase):
     # ~336 round-off eigenvalues leave ~1e-7 of tr(S1) + tr(S2) (= 2e4).
     scale = 2 * np.trace(np.cov(feats, rowvar=False))
     self.assertLess(abs(score['fvd']), 1e-6 * scale)
-    self.assertLess(abs(score['kvd']), 1e-2)
 
   def test_kernel_distance_matches_pairwise_sums(self):
     rng = np.random.default_rng(0)

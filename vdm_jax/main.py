@@ -53,15 +53,18 @@ def main(argv):
   logging.info('JAX process %d/%d, devices: %s', jax.process_index(),
                jax.process_count(), jax.devices())
   config, workdir = _CONFIG.value, _WORKDIR.value
-  if _MODE.value == 'train':
-    from vdm_jax import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(config, workdir)
-  elif _MODE.value == 'sample':
-    from vdm_jax import sample  # pylint: disable=g-import-not-at-top
-    sample.sample_and_save(config, workdir)
+  if config.get('method', 'vdm') == 'sinfusion':
+    from vdm_jax import sinfusion as program  # pylint: disable=g-import-not-at-top
+  elif _MODE.value == 'train':
+    from vdm_jax import train as program  # pylint: disable=g-import-not-at-top
   else:
-    from vdm_jax import sample  # pylint: disable=g-import-not-at-top
-    sample.sample_and_evaluate(config, workdir)
+    from vdm_jax import sample as program  # pylint: disable=g-import-not-at-top
+  if _MODE.value == 'train':
+    program.train_and_evaluate(config, workdir)
+  elif _MODE.value == 'sample':
+    program.sample_and_save(config, workdir)
+  else:
+    program.sample_and_evaluate(config, workdir)
 
 
 if __name__ == '__main__':
