@@ -121,7 +121,7 @@ def test_incompatible_workdir_is_refused_before_compiling(tmp_path):
 
 
 @pytest.mark.parametrize('overrides,message', [
-    ({'data.image_size': 18}, 'divisible'),
+    ({'data.image_size': 17}, 'divisible'),
     ({'model.attn_resolutions': (5,)}, 'attn'),
     ({'diffusion.target': 'score'}, 'diffusion.target'),
     ({'diffusion.schedule': 'quadratic'}, 'diffusion.schedule'),

@@ -200,24 +200,22 @@ def classifier_free(
 def replace_known(
     z: jnp.ndarray,
     logsnr: jnp.ndarray,
-    rng: jax.Array,
+    noise: jnp.ndarray,
     x_a: jnp.ndarray,
     mask: jnp.ndarray,
-    noise_fn: NoiseFn,
 ) -> jnp.ndarray:
   """z with z^a replaced by a forward sample alpha x^a + sigma eps (imputation).
 
   Args:
     z: [B, T, H, W, C] current latent at logsnr ([B]).
     logsnr: [B].
-    rng: key of the forward-process noise.
+    noise: [B, T, H, W, C] standard noise of the forward sample.
     x_a, mask: known values and where they are known (broadcastable bool).
-    noise_fn: (rng, shape) -> noise.
 
   Returns:
     [B, T, H, W, C].
   """
-  z_a = diffusion.q_sample(x_a, logsnr, noise_fn(rng, z.shape))
+  z_a = diffusion.q_sample(x_a, logsnr, noise)
   return jnp.where(mask, z_a, z)
 
 
@@ -285,12 +283,12 @@ def guided_predictor(
     target: str,
     cond: Mapping[str, Any],
     guidance: Guidance,
-    noise_fn: NoiseFn,
 ) -> Callable[..., tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]]:
-  """(z, logsnr, rng) -> (z', x_hat, eps_hat) with all guidance applied.
+  """(z, logsnr, noise) -> (z', x_hat, eps_hat) with all guidance applied.
 
-  z' is z after replacement of the known part (equal to z when nothing is
-  replaced); the sampler continues from z'. x_hat is not clipped here.
+  z' is z after replacement of the known part by alpha x^a + sigma noise
+  (equal to z when nothing is replaced); the sampler continues from z'.
+  x_hat is not clipped here.
   """
   g = guidance
   if g.null_label is not None:
@@ -299,9 +297,9 @@ def guided_predictor(
   else:
     xeps_fn = model_x_eps(denoise_fn, target, cond)
 
-  def predict(z, logsnr, rng):
+  def predict(z, logsnr, noise):
     if g.method in ('replacement', 'reconstruction'):
-      z = replace_known(z, logsnr, rng, g.x_a, g.mask, noise_fn)
+      z = replace_known(z, logsnr, noise, g.x_a, g.mask)
     if g.method == 'reconstruction':
       x_hat, eps_hat = reconstruction_guided(
           xeps_fn, z, logsnr, g.recon_weight,
@@ -372,33 +370,44 @@ def default_noise(rng: jax.Array, shape: tuple[int, ...]) -> jnp.ndarray:
 
 
 @functools.partial(
-    jax.jit, static_argnames=('target', 'sampler', 'clip_x', 'noise_fn'))
+    jax.jit,
+    static_argnames=('shape', 'target', 'sampler', 'clip_x', 'noise_fn'))
 def _sample_scan(denoise_fn, rng, z, logsnrs, cond, guidance, gamma, eta,
-                 delta, *, target, sampler, clip_x, noise_fn):
+                 delta, *, shape, target, sampler, clip_x, noise_fn):
   """The compiled sampler: one lax.scan over the len(logsnrs) - 1 steps."""
   num_steps = logsnrs.shape[0] - 1
-  batch = z.shape[0]
-  predict = guided_predictor(denoise_fn, target, cond, guidance, noise_fn)
+  batch = shape[0]
+  rng_init, rng = jax.random.split(rng)
+  if z is None:
+    z = noise_fn(rng_init, shape)
+  predict = guided_predictor(denoise_fn, target, cond, guidance)
+  # All of a step's noise in one draw (one RNG program to compile): the step
+  # noise, the forward-process noise of replacement at t, and for 'pc' the
+  # Langevin noise and the replacement noise at s.
+  replace = guidance.method in ('replacement', 'reconstruction')
+  names = ['step'] + ['replace_t'] * replace
+  if sampler == 'pc':
+    names += ['langevin'] + ['replace_s'] * replace
 
   def step(z, i):
-    key = jax.random.fold_in(rng, i)
+    noises = noise_fn(jax.random.fold_in(rng, i),
+                      (len(names) * batch,) + shape[1:])
+    noises = dict(zip(names, jnp.split(noises, len(names))))
     lt, ls = logsnrs[i], logsnrs[i + 1]
     last = i == num_steps - 1
     z, x_hat, eps_hat = predict(z, jnp.full((batch,), lt),
-                                jax.random.fold_in(key, 0))
+                                noises.get('replace_t'))
     x_c, eps_c = _clip(x_hat, eps_hat, z, lt, clip_x)
-    noise = noise_fn(jax.random.fold_in(key, 1), z.shape)
     if sampler == 'ddim':
-      z_s = ddim_step(x_c, eps_c, noise, lt, ls, eta)
+      z_s = ddim_step(x_c, eps_c, noises['step'], lt, ls, eta)
     else:
-      z_s = ancestral_step(z, x_c, noise, lt, ls, gamma)
+      z_s = ancestral_step(z, x_c, noises['step'], lt, ls, gamma)
     if sampler == 'pc':
 
       def correct(z_s):
         z_s, _, eps_s = predict(z_s, jnp.full((batch,), ls),
-                                jax.random.fold_in(key, 2))
-        noise = noise_fn(jax.random.fold_in(key, 3), z_s.shape)
-        return langevin_step(z_s, eps_s, noise, ls, delta)
+                                noises.get('replace_s'))
+        return langevin_step(z_s, eps_s, noises['langevin'], ls, delta)
 
       z_s = jax.lax.cond(last, lambda z_s: z_s, correct, z_s)
     return jnp.where(last, x_c, z_s), None
@@ -409,10 +418,15 @@ def _sample_scan(denoise_fn, rng, z, logsnrs, cond, guidance, gamma, eta,
   return x
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def timestep_logsnrs(
     logsnr_fn: schedules.LogSNRFn, num_steps: int
 ) -> jnp.ndarray:
-  """logsnr at t_i = 1 - i / N, i = 0..N: float32 [N + 1], increasing."""
+  """logsnr at t_i = 1 - i / N, i = 0..N: float32 [N + 1], increasing.
+
+  Jitted on its own (a small program per schedule and N), so that the
+  sampler itself does not depend on the identity of `logsnr_fn`.
+  """
   t = 1.0 - jnp.arange(num_steps + 1, dtype=jnp.float32) / num_steps
   return jnp.asarray(logsnr_fn(t), jnp.float32)
 
@@ -496,17 +510,16 @@ def sample(
     guidance = make_guidance(
         cfg_weight=guidance_weight,
         null_label=null_label if guidance_weight else None)
-  rng_init, rng = jax.random.split(rng)
-  if z_init is None:
-    z_init = noise_fn(rng_init, tuple(shape))
-  z_init = jnp.asarray(z_init, jnp.float32)
-  if z_init.shape != tuple(shape):
-    raise ValueError(f'z_init shape {z_init.shape} != shape {tuple(shape)}.')
+  shape = tuple(int(d) for d in shape)
+  if z_init is not None:
+    z_init = jnp.asarray(z_init, jnp.float32)
+    if z_init.shape != shape:
+      raise ValueError(f'z_init shape {z_init.shape} != shape {shape}.')
   return _sample_scan(
       _as_partial(denoise_fn), rng, z_init,
       timestep_logsnrs(logsnr_fn, num_steps), cond, guidance,
-      jnp.float32(gamma), jnp.float32(eta), jnp.float32(delta),
-      target=target, sampler=sampler, clip_x=clip_x, noise_fn=noise_fn)
+      gamma, eta, delta, shape=shape, target=target, sampler=sampler,
+      clip_x=clip_x, noise_fn=noise_fn)
 
 
 @functools.partial(jax.jit, static_argnames=('target', 'clip_x'))

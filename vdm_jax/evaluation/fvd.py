@@ -18,7 +18,6 @@ resize, folds. `PROTOCOLS` names each one; `evaluate_videos` reports the
 protocol name with the score. docs/fvd.md has the provenance.
 """
 
-import dataclasses
 import functools
 import hashlib
 import io
@@ -33,121 +32,13 @@ import numpy as np
 import tqdm
 
 from vdm_jax.evaluation import i3d
+from vdm_jax.evaluation.protocols import FEATURES
+from vdm_jax.evaluation.protocols import PROTOCOLS
+from vdm_jax.evaluation.protocols import Protocol
+from vdm_jax.evaluation.protocols import RESIZE_MODES
 
-RESIZE_MODES = ('reference', 'magvit')
 # MAGVIT `normalize_videos` resizes to this size before 224x224.
 MAGVIT_INTER_SIZE = 64
-FEATURES = ('logits_mean', 'pool')
-
-
-@dataclasses.dataclass(frozen=True)
-class Protocol:
-  """How an FVD number was computed; all fields change the score.
-
-  Attributes:
-    name: the key in `PROTOCOLS`, reported with every score.
-    resolution: frame size (H = W) at scoring, or None for "the dataset's".
-    num_frames: frames per scored clip (conditioning frames included).
-    resize: 'reference' (one bilinear resize to 224) or 'magvit' (to 64x64,
-      then to 224).
-    num_generated: generated videos in total (over all folds).
-    num_real: real clips in total (over all folds).
-    real_split: where the real clips come from.
-    conditioning_frames: ground-truth frames given to the model; they stay
-      inside the `num_frames` scored frames.
-    folds: the features are split into this many contiguous groups; the
-      score is the mean (and std) over groups.
-    feature: I3D output used ('logits_mean' everywhere in the literature).
-    source: where the protocol is defined.
-  """
-
-  name: str
-  resolution: Optional[int]
-  num_frames: int
-  resize: str
-  num_generated: int
-  num_real: int
-  real_split: str
-  conditioning_frames: int
-  folds: int
-  feature: str
-  source: str
-
-
-PROTOCOLS: dict[str, Protocol] = {
-    # VDM Table 2 (BAIR, 1 -> 15 at 64x64, FVD 66.92): the FitVid protocol,
-    # 100 samples for each of the 256 test videos against the first 16-frame
-    # clip of each test video. REFERENCE.md 1.7.
-    'bair_vdm': Protocol(
-        name='bair_vdm',
-        resolution=64,
-        num_frames=16,
-        resize='reference',
-        num_generated=25_600,
-        num_real=256,
-        real_split='test (first 16 frames of each of the 256 videos)',
-        conditioning_frames=1,
-        folds=1,
-        feature='logits_mean',
-        source=(
-            'VDM (Ho et al. 2022) Table 2 / FitVid; REFERENCE.md 1.7. MAGVIT'
-            ' App. C: VDM scored another camera view; name the view.'
-        ),
-    ),
-    # MAGVIT Table 10 (UCF-101 class-conditional 16x128x128): 10,000 samples
-    # x 4 folds against random train clips, `videogvt/tools/compute_fvd.py`
-    # with its 64x64 intermediate resize. REFERENCE.md 1.8, 3.
-    'ucf101_magvit': Protocol(
-        name='ucf101_magvit',
-        resolution=128,
-        num_frames=16,
-        resize='magvit',
-        num_generated=40_000,
-        num_real=40_000,
-        real_split='train (random 16-frame clips)',
-        conditioning_frames=0,
-        folds=4,
-        feature='logits_mean',
-        source='MAGVIT (Yu et al. 2023) Table 10; REFERENCE.md 1.8.',
-    ),
-    # StyleGAN-V `fvd2048_16f` (also DIGAN, Latte): 2048 generated videos vs
-    # 2048 random real 16-frame clips at the dataset resolution. StyleGAN-V
-    # runs a TorchScript port of the same TF-Hub I3D that upsamples with
-    # half-pixel centers and uses 1/n covariances; the counts are what this
-    # preset reproduces. REFERENCE.md 1.8.
-    'stylegan_v_2048': Protocol(
-        name='stylegan_v_2048',
-        resolution=None,
-        num_frames=16,
-        resize='reference',
-        num_generated=2048,
-        num_real=2048,
-        real_split='train (random 16-frame clips)',
-        conditioning_frames=0,
-        folds=1,
-        feature='logits_mean',
-        source=(
-            'StyleGAN-V (Skorokhodov et al. 2022) src/metrics/'
-            'frechet_video_distance.py; REFERENCE.md 1.8.'
-        ),
-    ),
-    # VDM Kinetics-600 (5 -> 11 at 64x64, FVD 16.2 +- 0.34): 50k test
-    # videos, random 16-frame subsequences sampled without replacement, the
-    # same subsequences for samples and ground truth. REFERENCE.md 1.7.
-    'kinetics600_vdm': Protocol(
-        name='kinetics600_vdm',
-        resolution=64,
-        num_frames=16,
-        resize='reference',
-        num_generated=50_000,
-        num_real=50_000,
-        real_split='test (same random 16-frame subsequences as the samples)',
-        conditioning_frames=5,
-        folds=1,
-        feature='logits_mean',
-        source='VDM (Ho et al. 2022) Section 4.3; REFERENCE.md 1.7.',
-    ),
-}
 
 
 def _interp_matrix(in_size: int, out_size: int, half_pixel_centers: bool):
@@ -345,6 +236,8 @@ def extract_features(
   """
   _check_resize(resize)
   videos = to_uint8_range(videos, input_range)
+  if not len(videos):
+    raise ValueError('No videos to extract features from.')
   mesh = default_mesh() if mesh is None else mesh
   n_dev = mesh.shape['data']
   batch_size = -(-batch_size // n_dev) * n_dev
@@ -363,7 +256,10 @@ def extract_features(
         batch.shape, sharding, lambda idx, b=batch: b[idx]
     )
     out = fn(variables, batch)
-    outputs.append({k: np.asarray(v)[:n] for k, v in out.items()})
+    # Replicated outputs: the local copy is the whole array on every host.
+    outputs.append(
+        {k: np.asarray(v.addressable_data(0))[:n] for k, v in out.items()}
+    )
   return {k: np.concatenate([o[k] for o in outputs]) for k in FEATURES}
 
 
@@ -552,6 +448,24 @@ def real_features(
   return feats
 
 
+def _check_protocol_shape(
+    protocol: Protocol, shape: Sequence[int], what: str
+) -> None:
+  """Frames and resolution are part of the protocol: mismatches raise."""
+  if len(shape) != 5 or shape[1] != protocol.num_frames:
+    raise ValueError(
+        f'Protocol {protocol.name} scores [N, {protocol.num_frames}, H, W, 3]'
+        f' videos, got {what} videos of shape {tuple(shape)}.'
+    )
+  size = protocol.resolution
+  if size and tuple(shape[2:4]) != (size, size):
+    raise ValueError(
+        f'Protocol {protocol.name} scores at {size}x{size}, got {what} frames'
+        f' of {tuple(shape[2:4])}; resize the videos first (the resolution at'
+        ' scoring changes FVD).'
+    )
+
+
 def _protocol_mismatches(
     protocol: Protocol, gen_shape: Sequence[int], num_real: int
 ) -> list[str]:
@@ -598,17 +512,10 @@ def evaluate_videos(
     )
   proto = PROTOCOLS[protocol]
   gen_videos = np.asarray(gen_videos)
-  if gen_videos.ndim != 5 or gen_videos.shape[1] != proto.num_frames:
-    raise ValueError(
-        f'Protocol {protocol} scores [N, {proto.num_frames}, H, W, 3] videos,'
-        f' got {gen_videos.shape}.'
-    )
-  if proto.resolution and gen_videos.shape[2:4] != (proto.resolution,) * 2:
-    raise ValueError(
-        f'Protocol {protocol} scores at {proto.resolution}x'
-        f'{proto.resolution}, got frames of {gen_videos.shape[2:4]}; resize'
-        ' the videos first (the resolution at scoring changes FVD).'
-    )
+  _check_protocol_shape(proto, gen_videos.shape, 'generated')
+  if real_videos is not None:
+    real_videos = np.asarray(real_videos)
+    _check_protocol_shape(proto, real_videos.shape, 'real')
   kwargs = dict(batch_size=batch_size, mesh=mesh)
   real = real_features(real_videos, proto, cache_dir=cache_dir,
                        fingerprint=fingerprint, **kwargs)

@@ -1,0 +1,170 @@
+"""The sampling tasks end to end on an analytic (Gaussian) denoiser."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from vdm_jax import conditioning
+from vdm_jax import sampling
+from test_sampling import GaussianOracle, key, make_cov
+
+T, S = 4, 4  # frames, image size; 1 channel: 64 dimensions.
+VIDEO = (T, S, S, 1)
+NUM_CLASSES = 3
+ORACLE = GaussianOracle(
+    np.zeros(VIDEO), make_cov(t=T, h=S, w=S, rho_t=0.9, rho_s=0.7),
+    'x', shifts=np.linspace(-0.3, 0.3, NUM_CLASSES).reshape(-1, 1, 1, 1, 1)
+    * np.ones((1,) + VIDEO))
+
+
+def make_config(**sample):
+  config = default.get_config()
+  config.data.num_frames = T
+  config.data.image_size = S
+  config.data.channels = 1
+  config.model.num_classes = NUM_CLASSES
+  config.sample.num_steps = 16
+  for k, v in sample.items():
+    config.sample[k] = v
+  return config
+
+
+def gaussian_video(seed, n=2, frames=T):
+  cov = make_cov(t=frames, h=S, w=S, rho_t=0.9, rho_s=0.7)
+  x = jax.random.normal(jax.random.key(seed), (n, cov.shape[0]))
+  x = x @ np.linalg.cholesky(cov).T.astype(np.float32)
+  return np.asarray(x).reshape((n, frames, S, S, 1))
+
+
+def run(config, video=None, **kw):
+  return np.asarray(conditioning.run_task(
+      config, ORACLE, key(0), video=video, **kw))
+
+
+def test_unconditional_and_class():
+  x = run(make_config(task='unconditional'), num_videos=2)
+  assert x.shape == (2,) + VIDEO and np.all(np.abs(x) <= 1)
+  labels = jnp.array([0, 2])
+  x = run(make_config(task='class', guidance_weight=1.0), num_videos=2,
+          labels=labels)
+  assert x.shape == (2,) + VIDEO
+
+
+@pytest.mark.parametrize('recon_weight', [0.0, 2.0])
+def test_predict_keeps_given_frames(recon_weight):
+  video = gaussian_video(1)
+  x = run(make_config(task='predict', num_cond_frames=2,
+                      recon_weight=recon_weight), video)
+  assert x.shape == (2,) + VIDEO
+  np.testing.assert_allclose(x[:, :2], video[:, :2], atol=1e-6)
+  assert not np.allclose(x[:, 2:], video[:, 2:], atol=1e-2)
+
+
+@pytest.mark.parametrize('direction', ['forward', 'backward'])
+def test_extend(direction):
+  video = gaussian_video(2)
+  chex.clear_trace_counter()
+  counted = chex.assert_max_traces(ORACLE.__call__, n=1)
+  config = make_config(task='extend', num_cond_frames=2, num_frames_out=9,
+                       direction=direction)
+  # 4 -> 6 -> 8 -> 10 frames, cut to 9: three blocks, one compilation.
+  x = np.asarray(conditioning.run_task(config, counted, key(0),
+                                       video=video))
+  assert x.shape == (2, 9) + VIDEO[1:]
+  if direction == 'forward':
+    np.testing.assert_allclose(x[:, :T], video, atol=1e-6)
+  else:
+    np.testing.assert_allclose(x[:, -T:], video, atol=1e-6)
+  assert np.all(np.isfinite(x))
+
+
+def test_extend_from_nothing():
+  x = run(make_config(task='extend', num_cond_frames=1, num_frames_out=7),
+          num_videos=2)
+  assert x.shape == (2, 7) + VIDEO[1:]
+
+
+@pytest.mark.parametrize('factor,num_in', [(3, 3), (2, 4)])
+def test_interpolate(factor, num_in):
+  video = gaussian_video(3, frames=num_in)
+  x = run(make_config(task='interpolate', interp_factor=factor), video)
+  assert x.shape == (2, (num_in - 1) * factor + 1) + VIDEO[1:]
+  np.testing.assert_allclose(x[:, ::factor], video, atol=1e-6)
+
+
+def test_keyframes():
+  video = gaussian_video(4)
+  x = run(make_config(task='keyframes', recon_weight=1.0), video)
+  assert x.shape == (2,) + VIDEO
+  np.testing.assert_allclose(x[:, 0], video[:, 0], atol=1e-6)
+  np.testing.assert_allclose(x[:, -1], video[:, -1], atol=1e-6)
+
+
+def test_upsample_matches_low_resolution():
+  video = gaussian_video(5)
+  low = np.asarray(sampling.downsample(jnp.asarray(video), (2, 2)))
+  x = run(make_config(task='upsample', recon_weight=4.0), low)
+  assert x.shape == (2,) + VIDEO
+  prior = run(make_config(task='unconditional'), num_videos=2)
+  err = np.abs(np.asarray(sampling.downsample(jnp.asarray(x), (2, 2))) - low)
+  err_prior = np.abs(
+      np.asarray(sampling.downsample(jnp.asarray(prior), (2, 2))) - low)
+  assert err.mean() < 0.3 * err_prior.mean(), (err.mean(), err_prior.mean())
+
+
+@pytest.mark.parametrize('sample,frames,match', [
+    (dict(task='predict', num_cond_frames=T), T, 'num_cond_frames'),
+    (dict(task='predict', num_cond_frames=0), T, 'num_cond_frames'),
+    (dict(task='predict', num_cond_frames=3), 2, 'at least 3'),
+    (dict(task='extend', num_cond_frames=3), 2, 'at least 3'),
+    (dict(task='extend', num_frames_out=4), T, 'num_frames_out'),
+    (dict(task='extend', direction='sideways'), T, 'direction'),
+    (dict(task='interpolate', interp_factor=T), 2, 'interp_factor'),
+    (dict(task='interpolate', interp_factor=1), 2, 'interp_factor'),
+    (dict(task='interpolate', interp_factor=2), 1, 'at least 2'),
+    (dict(task='keyframes'), 1, 'at least 2'),
+    (dict(task='predict'), None, 'needs an input video'),
+    (dict(task='upsample', recon_weight=1.0), None, 'low-resolution'),
+    (dict(task='upsample'), T, 'recon_weight'),
+    (dict(task='outpaint'), T, 'unconditional'),
+])
+def test_impossible_requests_raise(sample, frames, match):
+  video = None if frames is None else np.zeros((1, frames, S, S, 1))
+  with pytest.raises(ValueError, match=match):
+    run(make_config(**sample), video, num_videos=1)
+
+
+def test_keyframes_needs_two_frame_model():
+  config = make_config(task='keyframes')
+  config.data.num_frames = 1
+  with pytest.raises(ValueError, match='at least 2 frames'):
+    conditioning.validate(config, (1, 2, S, S, 1))
+
+
+def test_upsample_sizes_must_divide():
+  config = make_config(task='upsample', recon_weight=1.0)
+  with pytest.raises(ValueError, match='Cannot upsample'):
+    conditioning.validate(config, (1, T, 3, 3, 1))
+  with pytest.raises(ValueError, match='Cannot upsample'):
+    conditioning.validate(config, (1, T + 1, 2, 2, 1))
+
+
+def test_build_masks():
+  video = jnp.ones((2, 3) + VIDEO[1:])
+  x_a, mask = conditioning.build('predict', video, num_frames=T,
+                                 num_cond_frames=2)
+  np.testing.assert_array_equal(mask[0], [True, True, False, False])
+  np.testing.assert_array_equal(x_a[:, 2:], 0)
+  _, mask = conditioning.build('extend', video, num_frames=T,
+                               num_cond_frames=1, direction='backward')
+  np.testing.assert_array_equal(mask[0], [False, False, False, True])
+  _, mask = conditioning.build('keyframes', video, num_frames=T)
+  np.testing.assert_array_equal(mask[0], [True, False, False, True])
+  plan = conditioning.interpolation_plan(5, 8, 3)
+  assert [(list(i), list(p), f) for i, p, f in plan] == [
+      ([0, 1, 2], [0, 3, 6], 0), ([2, 3, 4], [0, 3, 6], 6)]
+  assert conditioning.build('unconditional', None, num_frames=T) == (
+      None, None)
