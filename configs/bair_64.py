@@ -17,6 +17,11 @@ def get_config(arg=None):
   config.data.image_size = 64
   config.data.num_classes = 0
   config.data.image_frames = 8
+  config.data.split = 'train'
+  # Camera view: VDM's FVD used the main view (MAGVIT App. C); FitVid-style
+  # numbers use 'image_aux1'. FVDs on different views are not comparable.
+  config.data.view = 'image_main'
+  config.data.random_flip = True  # Left-right flips (VDM App. A).
   config.model.base_channels = 128
   config.model.channel_mults = (1, 2, 3, 4)
   config.model.num_res_blocks = 3

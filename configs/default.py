@@ -19,7 +19,8 @@ def get_config(arg=None):
   num_classes = ml_collections.FieldReference(0)
 
   config.data = ml_collections.ConfigDict()
-  # Dataset name: 'synthetic' (built in) or, see vdm_jax/data, a real source.
+  # Dataset: 'synthetic' (built in), 'ucf101', 'bair_robot_pushing_small',
+  # 'moving_mnist', 'tfds' or 'video_files' (vdm_jax/data, docs/data.md).
   config.data.name = 'synthetic'
   # Frames per video clip (T).
   config.data.num_frames = 16
@@ -38,6 +39,28 @@ def get_config(arg=None):
   config.data.num_examples = 100_000
   # Synthetic dataset: shapes per clip.
   config.data.num_objects = 1
+  # TFDS split: 'train', 'test', 'train+test' (VDM's UCF101), 'train[:90%]'.
+  config.data.split = 'train'
+  # TFDS data directory; '': the TFDS default (~/tensorflow_datasets).
+  config.data.data_dir = ''
+  # data.name='tfds': the TFDS name ('name/config:version'); for the presets
+  # (ucf101, ...) a non-empty value replaces their default TFDS name.
+  config.data.tfds_name = ''
+  # data.name='tfds': feature holding the video frames (encoded images).
+  config.data.video_key = 'video'
+  # data.name='tfds': integer class feature; '' = unlabelled.
+  config.data.label_key = ''
+  # BAIR camera view: 'image_main' or 'image_aux1' (FVDs not comparable).
+  config.data.view = 'image_main'
+  # Left-right flip of each example with probability 1/2 (seeded by the data
+  # position, so resuming stays exact).
+  config.data.random_flip = False
+  # Crop after the short-side resize: 'center' or 'random' (real sources).
+  config.data.crop = 'center'
+  # data.name='video_files': a video file or a folder (searched recursively).
+  config.data.path = ''
+  # data.name='video_files': decoded videos cached per process.
+  config.data.cache_size = 32
 
   config.model = ml_collections.ConfigDict()
   # Width of the first UNet level.
@@ -140,4 +163,7 @@ def get_config(arg=None):
   # Mesh axes sizes; -1 takes all remaining devices.
   config.mesh.data = -1
   config.mesh.fsdp = 1
+  # 'replicated' parameters and optimizer state, or 'fsdp': each split along
+  # its largest dimension divisible by mesh.fsdp.
+  config.mesh.param_sharding = 'replicated'
   return config

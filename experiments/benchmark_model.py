@@ -7,7 +7,7 @@ Jits grad(mean(unet(z)**2)) w.r.t. the parameters for the reference shape
 8x32x32x3), reads its FLOP count from XLA's cost analysis, and compares the
 achieved FLOP/s with a float32 2048^3 matmul timed in the same process.
 Prints one JSON line: step_time_s, flops, achieved_flops_per_s,
-matmul_flops_per_s, mfu.
+matmul_flops_per_s, mfu (see `benchmark` for how a shared CPU is handled).
 """
 
 import argparse
@@ -29,15 +29,10 @@ MODEL = dict(base_channels=64, channel_mults=(1, 2, 4), num_res_blocks=2,
 SHAPE = (2, 8, 32, 32, 3)  # B, T, H, W, C
 
 
-def _time(fn, *args, steps: int) -> float:
-  """Median wall time of fn(*args) over `steps` runs, after a warm-up run."""
+def _time(fn, *args) -> float:
+  start = time.perf_counter()
   jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  return time.perf_counter() - start
 
 
 def _random_params(model, z, logsnr, seed=0):
@@ -53,16 +48,24 @@ def _random_params(model, z, logsnr, seed=0):
   return jax.tree.map(fill, shapes)
 
 
-def matmul_flops_per_s(n: int = 2048, steps: int = 5) -> float:
-  """FLOP/s of a float32 n^3 matmul."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)),
-                  jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  return 2 * n**3 / _time(f, a, a, steps=steps)
+def benchmark(model_kwargs: dict, shape=SHAPE, steps: int = 5,
+              matmul_size: int = 2048) -> dict:
+  """Times the jitted forward+backward pass and a matmul, interleaved.
 
+  The CPU may be shared, so each round times the matmul (best of 2) right
+  before one model step; mfu is the median over rounds of the ratio of the
+  two FLOP rates, which cancels slow drifts in the load. The best step and
+  best matmul are reported too (closest to an idle machine).
 
-def benchmark(model_kwargs: dict, shape=SHAPE, steps: int = 5) -> dict:
-  """Step time, FLOPs and FLOP/s of the jitted forward+backward pass."""
+  Args:
+    model_kwargs: UNet3D fields.
+    shape: [B, T, H, W, C] of the input.
+    steps: timed rounds (after one warm-up).
+    matmul_size: n of the float32 n x n x n matmul.
+
+  Returns:
+    A dict of the measurements.
+  """
   model = unet3d.UNet3D(**model_kwargs)
   rng = np.random.default_rng(1)
   z = jnp.asarray(rng.standard_normal(shape), jnp.float32)
@@ -78,9 +81,31 @@ def benchmark(model_kwargs: dict, shape=SHAPE, steps: int = 5) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost['flops'])
-  step = _time(compiled, params, steps=steps)
-  return dict(step_time_s=step, flops=flops, achieved_flops_per_s=flops / step,
-              compile_s=compile_s, params=unet3d.count_params(params))
+
+  a = jnp.asarray(rng.standard_normal((matmul_size,) * 2), jnp.float32)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul_flops = 2 * matmul_size**3
+  _time(matmul, a, a)
+  _time(compiled, params)
+  step_times, matmul_times = [], []
+  for _ in range(steps):
+    matmul_times.append(min(_time(matmul, a, a) for _ in range(2)))
+    step_times.append(_time(compiled, params))
+  step_times, matmul_times = np.array(step_times), np.array(matmul_times)
+  ratios = (flops / step_times) / (matmul_flops / matmul_times)
+  step = float(np.median(step_times))
+  return dict(
+      step_time_s=step,
+      flops=flops,
+      achieved_flops_per_s=flops / step,
+      matmul_flops_per_s=float(matmul_flops / np.median(matmul_times)),
+      mfu=float(np.median(ratios)),
+      best_step_time_s=float(step_times.min()),
+      mfu_best=float((flops / step_times.min())
+                     / (matmul_flops / matmul_times.min())),
+      compile_s=compile_s,
+      params=unet3d.count_params(params),
+  )
 
 
 def main():
@@ -97,9 +122,7 @@ def main():
     except (ValueError, SyntaxError):
       model_kwargs[key] = value
   result = benchmark(model_kwargs, steps=args.steps)
-  result['matmul_flops_per_s'] = matmul_flops_per_s(steps=args.steps)
-  result['mfu'] = result['achieved_flops_per_s'] / result['matmul_flops_per_s']
-  result['model'] = {k: v for k, v in model_kwargs.items()}
+  result['model'] = model_kwargs
   result['shape'] = SHAPE
   result['backend'] = jax.default_backend()
   print(json.dumps(result))

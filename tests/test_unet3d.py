@@ -59,7 +59,7 @@ def _apply(model, params, *args, **kwargs):
 
 @pytest.mark.parametrize('per_frame', [False, True])
 def test_output_shape(per_frame):
-  model = _model(out_channels=5)
+  model = _model(out_channels=5, remat='full' if per_frame else 'none')
   params, _ = _random_params(model, 2, 4)
   logsnr = jnp.linspace(-20.0, 20.0, 8).reshape(2, 4)
   logsnr = logsnr if per_frame else logsnr[:, 0]

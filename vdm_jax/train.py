@@ -233,8 +233,8 @@ def train_step(
   metrics = {
       'loss': loss,
       'mse_x': mse_x,
-      'grad_norm': optax.global_norm(grads),
-      'param_norm': optax.global_norm(params),
+      'grad_norm': optax.tree.norm(grads),
+      'param_norm': optax.tree.norm(params),
       'lr': lr_fn(state.step),
   }
   new_state = state.replace(

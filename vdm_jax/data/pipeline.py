@@ -7,7 +7,11 @@ A source is any random-access collection: `len(source)` examples and
 'label': int[B]}`, frames `frames[b]` (int [B, K]) of example `indices[b]`,
 when all its videos have the same length T' (the synthetic source does);
 the pipeline then renders only the frames it needs, in two calls per batch.
-Both paths give the same batches.
+Otherwise a source may provide `read_frames(index, select, crop=None) ->
+{'video': uint8[K, H, W, C], 'label': int}`: it calls `select(length)` (int
+[K] frame indices of a video of `length` frames) and decodes only those
+frames; `crop` is None (centre crop) or a pair (u_y, u_x) in [0, 1) placing
+a crop window. All paths give the same batches.
 
 Batch `step` is a pure function of (seed, step, process_index):
   - global position g = step * global_batch_size + j; epoch g // len(source);
@@ -15,7 +19,9 @@ Batch `step` is a pure function of (seed, step, process_index):
     (seed, epoch), so every example appears exactly once per epoch;
   - process p takes the contiguous slice [p * b, (p + 1) * b) of each global
     batch, b = global_batch_size // process_count;
-  - the clip start and the image frames of position g are seeded by (seed, g).
+  - the clip start and the image frames of position g are seeded by (seed, g),
+    and so are the optional left-right flip and crop window of position g
+    (drawn after the others, so switching them on changes nothing else).
 Resuming from a checkpoint at step k therefore only needs k.
 
 Joint image-video training (Ho et al. 2022, Sec. 3; REFERENCE 1.6): with
@@ -28,7 +34,7 @@ frames.
 import collections
 import queue
 import threading
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -42,7 +48,8 @@ class Pipeline:
   def __init__(self, source: Any, *, global_batch_size: int, num_frames: int,
                seed: int, frame_stride: int = 1, image_frames: int = 0,
                process_index: int = 0, process_count: int = 1,
-               random_start: bool = True):
+               random_start: bool = True, random_flip: bool = False,
+               random_crop: bool = False):
     """Checks the arguments against the source.
 
     Args:
@@ -55,6 +62,9 @@ class Pipeline:
       process_index: this process, in [0, process_count).
       process_count: processes sharing the global batch.
       random_start: random clip start if True, else the first frame.
+      random_flip: flip each example left-right with probability 1/2.
+      random_crop: pass a random crop window to `source.read_frames` (which
+        the source must have); else the source crops its centre.
 
     Raises:
       ValueError: on inconsistent arguments or a source too small for them.
@@ -76,6 +86,10 @@ class Pipeline:
     size = len(source)
     if size == 0:
       raise ValueError('The source is empty: it has no examples.')
+    if random_crop and not hasattr(source, 'read_frames'):
+      raise ValueError(
+          'random_crop needs a source with read_frames (a resizing source '
+          f'such as the TFDS or video-file ones); got {type(source).__name__}.')
     if image_frames > size - 1:
       raise ValueError(
           f'image_frames={image_frames} needs as many other examples, but '
@@ -91,6 +105,8 @@ class Pipeline:
     self.process_index = process_index
     self.process_count = process_count
     self.random_start = random_start
+    self.random_flip = random_flip
+    self.random_crop = random_crop
     self._permutations = collections.OrderedDict()
     self._lock = threading.Lock()
     first = np.asarray(source[0]['video'])
@@ -129,18 +145,22 @@ class Pipeline:
       return perm
 
   def _draw(self, positions: np.ndarray, examples: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            ) -> tuple[np.ndarray, ...]:
     """Random choices of each global position, seeded by (seed, position).
 
     Returns:
       others: int [b, N] distinct examples other than the clip's;
       u_start: float [b] in [0, 1), picks the clip start;
-      u_images: float [b, N] in [0, 1), picks the frame of each image.
+      u_images: float [b, N] in [0, 1), picks the frame of each image;
+      flips: bool [b], True where the example is flipped left-right;
+      u_crop: float [b, 2] in [0, 1), places the crop window (y, x).
     """
     n, b, num_images = len(self.source), len(positions), self.image_frames
     others = np.zeros((b, num_images), dtype=np.int64)
     u_start = np.zeros(b)
     u_images = np.zeros((b, num_images))
+    flips = np.zeros(b, dtype=bool)
+    u_crop = np.full((b, 2), 0.5)
     for j, g in enumerate(positions):
       rng = np.random.default_rng([self._seed_key, _POSITION, g])
       if num_images:
@@ -148,7 +168,11 @@ class Pipeline:
         others[j] = pick + (pick >= examples[j])
       u_start[j] = rng.random()
       u_images[j] = rng.random(num_images)
-    return others, u_start, u_images
+      if self.random_flip:
+        flips[j] = rng.random() < 0.5
+      if self.random_crop:
+        u_crop[j] = rng.random(2)
+    return others, u_start, u_images, flips, u_crop
 
   def _clip_frames(self, length: np.ndarray, u_start: np.ndarray
                    ) -> np.ndarray:
@@ -158,9 +182,30 @@ class Pipeline:
       starts = (u_start * (length - self.clip_span + 1)).astype(np.int64)
     return starts[:, None] + self.frame_stride * np.arange(self.num_frames)
 
+  def _read(self, example: int, u_start: float, u_images: np.ndarray,
+            others: np.ndarray, u_crop: Optional[np.ndarray]
+            ) -> tuple[np.ndarray, int]:
+    """One example through `source.read_frames`: uint8 [T + N, H, W, C]."""
+
+    def clip_frames(length: int) -> np.ndarray:
+      if length < self.clip_span:
+        raise ValueError(
+            f'Source example {example} has {length} frames; need at least '
+            f'(num_frames - 1) * frame_stride + 1 = {self.clip_span}.')
+      return self._clip_frames(np.array([length]), np.array([u_start]))[0]
+
+    crop = None if u_crop is None else tuple(u_crop)
+    item = self.source.read_frames(example, clip_frames, crop=crop)
+    parts = [np.asarray(item['video'])]
+    for other, u in zip(others, u_images):
+      parts.append(np.asarray(self.source.read_frames(
+          int(other), lambda length, u=u: np.array([int(u * length)]),
+          crop=crop)['video']))
+    return np.concatenate(parts), int(item['label'])
+
   def _gather(self, examples: np.ndarray, others: np.ndarray,
-              u_start: np.ndarray, u_images: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray]:
+              u_start: np.ndarray, u_images: np.ndarray,
+              u_crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Clip and image frames uint8 [b, T + N, H, W, C] and labels [b]."""
     b, num_images = others.shape
     if hasattr(self.source, 'render_batch'):
@@ -177,6 +222,13 @@ class Pipeline:
             [video, images.reshape((b, num_images) + images.shape[2:])],
             axis=1)
       return video, labels
+    if hasattr(self.source, 'read_frames'):
+      items = [
+          self._read(int(examples[j]), u_start[j], u_images[j], others[j],
+                     u_crop[j] if self.random_crop else None)
+          for j in range(b)]
+      return (np.stack([v for v, _ in items]),
+              np.asarray([l for _, l in items]))
     examples_out, labels = [], []
     for j in range(b):
       item = self.source[int(examples[j])]
@@ -211,7 +263,10 @@ class Pipeline:
     for epoch in np.unique(positions // n):
       here = positions // n == epoch
       examples[here] = self._permutation(int(epoch))[positions[here] % n]
-    video, labels = self._gather(examples, *self._draw(positions, examples))
+    others, u_start, u_images, flips, u_crop = self._draw(positions, examples)
+    video, labels = self._gather(examples, others, u_start, u_images, u_crop)
+    if flips.any():
+      video[flips] = video[flips][:, :, :, ::-1]
     frame_mask = np.zeros((b, self.num_frames_total), dtype=bool)
     frame_mask[:, :self.num_frames] = True
     return {

@@ -2,20 +2,50 @@
 
 A source has `__len__` and `__getitem__(i) -> {'video': uint8[T, H, W, C],
 'label': int}`; `data.pipeline.Pipeline` turns it into sharded batches.
+
+`config.data.name`:
+  - 'synthetic': built-in bouncing shapes (data/synthetic.py), no download;
+  - 'ucf101', 'bair_robot_pushing_small', 'moving_mnist': TFDS presets, and
+    'tfds': any TFDS video dataset (`config.data.tfds_name`, `video_key`,
+    `label_key`); see data/tfds_sources.py and docs/data.md;
+  - 'video_files': a video file or a folder of them (`config.data.path`),
+    labels from sub-folder names; see data/video_files.py.
 """
 
-from typing import Any
+import json
+import os
+from typing import Any, Optional
 
+from etils import epath
 import ml_collections
 
 from vdm_jax.data import synthetic
 
-SOURCES = ('synthetic',)
+TFDS_PRESETS = ('ucf101', 'bair_robot_pushing_small', 'moving_mnist')
+SOURCES = ('synthetic', *TFDS_PRESETS, 'tfds', 'video_files')
+CROPS = ('center', 'random')
+LABELS_FILE = 'labels.json'
 
 
 def num_source_frames(data_config: ml_collections.ConfigDict) -> int:
   """Frames a source must provide per video for one clip."""
   return (data_config.num_frames - 1) * data_config.get('frame_stride', 1) + 1
+
+
+def pipeline_options(data_config: ml_collections.ConfigDict
+                     ) -> dict[str, bool]:
+  """Pipeline keyword arguments set by `config.data` (flips, random crop).
+
+  Returns:
+    {'random_flip': bool, 'random_crop': bool} for `pipeline.Pipeline`.
+  """
+  crop = data_config.get('crop', 'center')
+  if crop not in CROPS:
+    raise ValueError(f'config.data.crop={crop!r}; choose one of {CROPS}.')
+  return {
+      'random_flip': bool(data_config.get('random_flip', False)),
+      'random_crop': crop == 'random' and data_config.name != 'synthetic',
+  }
 
 
 def get_source(data_config: ml_collections.ConfigDict, seed: int) -> Any:
@@ -27,6 +57,10 @@ def get_source(data_config: ml_collections.ConfigDict, seed: int) -> Any:
 
   Returns:
     A random-access source.
+
+  Raises:
+    ValueError: unknown name, or a source that cannot be built (the message
+      says what to do).
   """
   name = data_config.name
   if name == 'synthetic':
@@ -40,6 +74,76 @@ def get_source(data_config: ml_collections.ConfigDict, seed: int) -> Any:
         num_classes=num_classes if num_classes > 0 else 3,
         seed=seed,
     )
-  raise ValueError(
-      f'Unknown data.name {name!r}; available sources: {SOURCES}.'
-  )
+  pipeline_options(data_config)  # Checks data.crop early.
+  if name in TFDS_PRESETS or name == 'tfds':
+    # TFDS (and TF) load only when a TFDS source is asked for.
+    from vdm_jax.data import tfds_sources  # pylint: disable=g-import-not-at-top
+    source = tfds_sources.from_config(data_config)
+  elif name == 'video_files':
+    from vdm_jax.data import video_files  # pylint: disable=g-import-not-at-top
+    if not data_config.get('path'):
+      raise ValueError(
+          "data.name='video_files' needs config.data.path (a video file or "
+          'a folder of videos).')
+    source = video_files.VideoFiles(
+        data_config.path, image_size=data_config.image_size,
+        channels=data_config.channels,
+        min_frames=num_source_frames(data_config),
+        cache_size=data_config.get('cache_size', 32))
+  else:
+    raise ValueError(
+        f'Unknown data.name {name!r}; available sources: {SOURCES}.'
+    )
+  _check_num_classes(data_config, source)
+  return source
+
+
+def _check_num_classes(data_config: ml_collections.ConfigDict,
+                       source: Any) -> None:
+  names = getattr(source, 'label_names', None)
+  wanted = data_config.get('num_classes', 0)
+  if wanted > 0 and names is None:
+    raise ValueError(
+        f'config.data.num_classes={wanted} but data.name='
+        f'{data_config.name!r} gives no labels; set num_classes=0.')
+  if wanted > 0 and wanted != len(names):
+    raise ValueError(
+        f'config.data.num_classes={wanted} but the source has {len(names)} '
+        f'classes ({", ".join(names[:5])}, ...); set num_classes='
+        f'{len(names)} (and model.num_classes) or 0 for unconditional.')
+
+
+def save_label_names(source: Any, workdir: str) -> Optional[str]:
+  """Writes the source's class names to `workdir/labels.json`.
+
+  Call on process 0 after building the source; sampling maps class indices
+  back to names with it. `labels.json` holds a JSON list, index = label.
+
+  Args:
+    source: a source; sources without `label_names` write nothing.
+    workdir: the run's directory (local or gs://).
+
+  Returns:
+    The path written, or None.
+  """
+  names = getattr(source, 'label_names', None)
+  if not names:
+    return None
+  path = epath.Path(workdir) / LABELS_FILE
+  path.parent.mkdir(parents=True, exist_ok=True)
+  text = json.dumps(list(names), indent=1)
+  if str(path).startswith('gs://'):
+    path.write_text(text)
+  else:
+    tmp = path.parent / (LABELS_FILE + '.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+  return str(path)
+
+
+def load_label_names(workdir: str) -> Optional[list[str]]:
+  """The class names saved by `save_label_names`, or None."""
+  path = epath.Path(workdir) / LABELS_FILE
+  if not path.exists():
+    return None
+  return json.loads(path.read_text())

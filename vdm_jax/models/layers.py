@@ -6,7 +6,6 @@ GroupNorm and every spatial attention then treats frames independently, and
 only `TemporalAttention` looks across frames (it reshapes to `[B, T, H*W, C]`).
 """
 
-import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -57,64 +56,11 @@ def logsnr_embedding(logsnr: Array, dim: int) -> Array:
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
-def _conv_nhwc(x: Array, kernel: Array, strides: int) -> Array:
-  return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(strides, strides), padding=((1, 1), (1, 1)),
-      dimension_numbers=_DIMS)
-
-
-def _patches(x: Array, strides: int, out_hw: tuple[int, int]) -> Array:
-  """[N, H, W, C] -> [N, H', W', 9 * C]: the 3x3 (padded) input patches."""
-  ho, wo = out_hw
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return jnp.concatenate(
-      [xp[:, i:i + strides * (ho - 1) + 1:strides,
-          j:j + strides * (wo - 1) + 1:strides]
-       for i in range(3) for j in range(3)], axis=-1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv3x3(x: Array, kernel: Array, strides: int = 1) -> Array:
-  """3x3 NHWC convolution with padding 1.
-
-  Same values and gradients as `lax.conv_general_dilated`; the kernel
-  gradient is computed as one matmul of the input patches with the output
-  gradient, which XLA:CPU runs several times faster than the
-  backward-filter convolution it emits otherwise.
-
-  Args:
-    x: [N, H, W, Cin] input.
-    kernel: [3, 3, Cin, Cout] kernel.
-    strides: spatial stride.
-
-  Returns:
-    [N, H', W', Cout] output, H' = ceil(H / strides).
-  """
-  return _conv_nhwc(x, kernel, strides)
-
-
-def _conv3x3_fwd(x, kernel, strides):
-  return _conv_nhwc(x, kernel, strides), (x, kernel)
-
-
-def _conv3x3_bwd(strides, res, dy):
-  x, kernel = res
-  _, vjp_x = jax.vjp(lambda x_: _conv_nhwc(x_, kernel, strides), x)
-  (dx,) = vjp_x(dy)
-  cols = _patches(x, strides, dy.shape[1:3])
-  dk = jnp.einsum('nhwk,nhwd->kd', cols, dy,
-                  preferred_element_type=jnp.float32)
-  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
-
-
 class Conv3x3(nn.Module):
   """Space-only (1x3x3) convolution of frames-as-batch images.
 
   A 1x3x3 convolution of a `[B, T, H, W, C]` video is a 2D 3x3 convolution of
-  its `B * T` frames; it runs as one NHWC convolution (`conv3x3`).
+  its `B * T` frames; it runs as one NHWC `lax.conv_general_dilated`.
 
   Attributes:
     features: output channels.
@@ -135,7 +81,10 @@ class Conv3x3(nn.Module):
             else nn.initializers.lecun_normal())
     kernel = self.param('kernel', init, (3, 3, x.shape[-1], self.features))
     bias = self.param('bias', nn.initializers.zeros, (self.features,))
-    y = conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        window_strides=(self.strides, self.strides),
+        padding=((1, 1), (1, 1)), dimension_numbers=_DIMS)
     return y + bias.astype(self.dtype)
 
 

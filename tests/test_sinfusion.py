@@ -1,0 +1,274 @@
+"""SinFusion (vdm_jax.sinfusion, models/nextnet.py) on a tiny moving square.
+
+Checks the receptive-field bound, the frame offsets of the training
+examples, backward generation and upsampling with analytic (oracle)
+denoisers through the real sampler, that training lowers each model's
+loss, the train -> sample -> eval programs end to end, and the errors on
+bad inputs.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import single_video
+from vdm_jax import schedules
+from vdm_jax import sinfusion
+from vdm_jax import video_io
+from vdm_jax.models import nextnet
+from vdm_jax.sinfusion import data
+from vdm_jax.sinfusion import generate
+from vdm_jax.sinfusion import metrics
+from vdm_jax.sinfusion import train as sf_train
+
+NUM_FRAMES = 12
+SIZE = 16
+
+
+def moving_square(num_frames=NUM_FRAMES, size=SIZE, side=4, step=1):
+  """uint8 [T, size, size, 3]: a red square moving right over a gradient."""
+  y, x = np.mgrid[0:size, 0:size] / (size - 1)
+  frames = np.repeat(
+      (np.stack([x, y, 0.5 * np.ones_like(x)], -1) * 200 + 20)[None],
+      num_frames, axis=0)
+  top = size // 2 - side // 2
+  for i in range(num_frames):
+    left = (1 + i * step) % (size - side)
+    frames[i, top:top + side, left:left + side] = (250, 30, 30)
+  return frames.astype(np.uint8)
+
+
+@pytest.fixture(name='video_path')
+def fixture_video_path(tmp_path):
+  path = str(tmp_path / 'clip.mp4')
+  video_io.write_mp4(path, moving_square())
+  return path
+
+
+def _config(path, **overrides):
+  config = single_video.get_config('tiny')
+  config.data.path = path
+  for key, value in overrides.items():
+    group, field = key.split('.')
+    config[group][field] = value
+  return config
+
+
+def test_receptive_field_is_bounded():
+  model = nextnet.NextNet(out_channels=3, width=8, depth=2, kernel_size=3,
+                          emb_dim=16, num_cond_frames=1, max_offset=3)
+  r = nextnet.receptive_field_radius(2, 3)
+  assert r == 7
+  rng = np.random.default_rng(0)
+  z, frames = (jnp.asarray(rng.normal(size=(1, 20, 20, 3)), jnp.float32)
+               for _ in range(2))
+  logsnr, k = jnp.zeros((1,)), jnp.full((1,), -2, jnp.int32)
+  params = model.init(jax.random.key(0), z, logsnr, frames, k)
+  out = model.apply(params, z, logsnr, frames, k)
+  yy, xx = np.mgrid[0:20, 0:20]
+  for which in ('z', 'frames'):
+    z2 = z.at[0, 2, 2].add(5.0) if which == 'z' else z
+    f2 = frames.at[0, 2, 2].add(5.0) if which == 'frames' else frames
+    changed = np.any(
+        np.asarray(model.apply(params, z2, logsnr, f2, k) != out), axis=-1)[0]
+    distance = np.maximum(abs(yy - 2), abs(xx - 2))
+    assert not changed[distance > r].any(), which
+    assert changed[distance == r].any(), which  # The bound is tight.
+
+
+def test_examples_have_the_right_offsets():
+  # Frame i is the constant i / 20 - 0.5, so (x - frames) * 20 recovers k.
+  t, k_max = 10, 3
+  video = jnp.broadcast_to(
+      (jnp.arange(t) / 20 - 0.5)[:, None, None, None], (t, 8, 8, 3))
+  ex = data.make_examples('predictor', video, jax.random.key(1), 256,
+                          (6, 7), k_max)
+  assert ex['x'].shape == (256, 6, 7, 3)
+  k = np.asarray(ex['k'])
+  np.testing.assert_allclose((ex['x'] - ex['frames'])[:, 0, 0, 0] * 20, k,
+                             atol=1e-4)
+  assert set(k.tolist()) == {-3, -2, -1, 1, 2, 3}
+  ex = data.make_examples('interpolator', video, jax.random.key(2), 256,
+                          (6, 7), k_max)
+  before, after = ex['frames'][..., :3], ex['frames'][..., 3:]
+  np.testing.assert_allclose((after - before)[:, 0, 0, 0] * 20,
+                             2 * np.asarray(ex['k']), atol=1e-4)
+  np.testing.assert_allclose(ex['x'], (before + after) / 2, atol=1e-5)
+
+
+def _oracle_sampler(fine_video, config):
+  """A FrameSampler whose denoisers know the video exactly.
+
+  predictor: the frame k after the input frame nearest to the condition;
+  projector: the input frame nearest to z / alpha; interpolator: the frame
+  midway between the two condition frames. All return clean frames
+  (target 'x'), so a correct rollout reproduces the video exactly.
+  """
+  vid = jnp.asarray(fine_video)
+  t = len(vid)
+
+  def nearest(frames):  # [B, H, W, C] -> [B] indices into vid
+    d = jnp.sum((frames[:, None] - vid[None]) ** 2, axis=(2, 3, 4))
+    return jnp.argmin(d, axis=1)
+
+  def predictor(z, logsnr, cond):
+    del z, logsnr
+    return vid[jnp.clip(nearest(cond['frames']) + cond['k'], 0, t - 1)]
+
+  def projector(z, logsnr, cond):
+    del cond
+    alpha, _ = schedules.alpha_sigma(logsnr)
+    return vid[nearest(z / alpha[:, None, None, None])]
+
+  def interpolator(z, logsnr, cond):
+    del z, logsnr
+    a, b = nearest(cond['frames'][..., :3]), nearest(cond['frames'][..., 3:])
+    return vid[(a + b) // 2]
+
+  fns = {'predictor': predictor, 'projector': projector,
+         'interpolator': interpolator}
+  return generate.FrameSampler(
+      fns, schedules.get_logsnr_fn(config.diffusion), 'x', config.sample)
+
+
+def test_backward_generation_and_upsampling_with_oracles():
+  config = _config('unused.mp4')
+  fine = moving_square(num_frames=17, size=24).astype(np.float32) / 127.5 - 1.0
+  video = jnp.asarray(fine[:12])
+  sampler = _oracle_sampler(fine, config)
+  rng = jax.random.key(0)
+  # Backward extrapolation of the last 6 frames rebuilds the first 6 in
+  # order: only right if k < 0 reaches the Predictor and the generated
+  # frames are reversed into natural time order.
+  out = generate.extrapolate(sampler, rng, video[6:], num_videos=2,
+                             num_new=6, direction='backward', offset=1,
+                             projector_t=0.3)
+  np.testing.assert_array_equal(out, np.broadcast_to(video, out.shape))
+  out = generate.extrapolate(sampler, rng, video[:5], num_videos=1,
+                             num_new=7, direction='forward', offset=1,
+                             projector_t=0.3)
+  np.testing.assert_array_equal(out[0], video)
+  # Offset 2 backward from the last frame: frames 11, 9, ... in time order.
+  out = generate.diverse(sampler, rng, video, num_videos=1, num_frames=4,
+                         start='input', start_frame=-1, direction='backward',
+                         offset=2, projector_t=0.0)
+  np.testing.assert_array_equal(out[0], video[5::2])
+  for factor in (2, 4):
+    out = generate.upsample(sampler, rng, jnp.asarray(fine[::factor]),
+                            factor=factor, offset=1)
+    np.testing.assert_array_equal(out[0], fine)
+
+
+def test_each_model_learns(video_path):
+  config = _config(video_path, **{'training.batch_size': 8})
+  video, hw = sf_train.prepare(config, '/nonexistent_workdir')
+  video = jnp.asarray(video)
+  models = sf_train.create_models(config)
+  tx, lr_fn = sf_train.vdm_train.create_optimizer(config)
+  state = sf_train.init_state(models, tx, jax.random.key(0))
+
+  eval_config = _config(video_path, **{'training.batch_size': 64})
+  eval_losses = jax.jit(lambda p: sf_train.model_losses(
+      p, video, jax.random.key(7), models=models, config=eval_config, hw=hw))
+  before = jax.device_get(eval_losses(state.params))
+  step = sf_train.make_train_step(config, models, tx, lr_fn, hw)
+  for _ in range(30):
+    state, train_metrics = step(state, video, jax.random.key(1))
+  after = jax.device_get(eval_losses(state.params))
+  assert np.isfinite(float(train_metrics['loss']))
+  for name in data.MODEL_NAMES:
+    assert after[name] < 0.8 * before[name], (name, before, after)
+
+
+def test_train_sample_eval_end_to_end(video_path, tmp_path):
+  workdir = str(tmp_path / 'work')
+  config = _config(video_path)
+  state = sinfusion.train_and_evaluate(config, workdir)
+  assert int(state.step) == 6
+  # Resumes from step 6 rather than starting over.
+  config.training.num_train_steps = 9
+  assert int(sinfusion.train_and_evaluate(config, workdir).step) == 9
+  t, n = NUM_FRAMES, config.sample.num_frames_out
+  results = sinfusion.sample_and_save(config, workdir)
+  expected = {'diverse_forward': (2, n), 'extrapolate_forward': (2, t + n),
+              'upsample_x2': (1, 2 * t - 1), 'upsample_x4': (1, 4 * t - 3)}
+  assert {k: v.shape[:2] for k, v in results.items()} == expected
+  for tag, (num, _) in expected.items():
+    assert results[tag].shape[2:] == (SIZE, SIZE, 3)
+    assert os.path.isfile(os.path.join(workdir, 'samples', f'{tag}_0.mp4'))
+    assert os.path.isfile(os.path.join(workdir, 'samples',
+                                       f'{tag}_{num - 1}.gif'))
+    beside = video_path[:-4] + f'_sinfusion_{tag}.mp4'
+    assert video_io.read_video(beside).shape[0] == expected[tag][1]
+  # The given frames stay untouched in the extrapolation.
+  given = video_io.to_uint8(data.load_video(config))
+  np.testing.assert_array_equal(results['extrapolate_forward'][0, :t], given)
+
+  config.sample.direction = 'backward'
+  config.sample.modes = ('extrapolate', 'diverse')
+  config.sample.write_next_to_input = False
+  results = sinfusion.sample_and_save(config, workdir)
+  backward = results['extrapolate_backward']
+  assert backward.shape[:2] == (2, t + n)
+  np.testing.assert_array_equal(backward[0, n:], given)
+  assert results['diverse_backward'].shape[:2] == (2, n)
+
+  scores = sinfusion.sample_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'sinfusion_eval.json')) as f:
+    assert json.load(f) == scores
+  assert scores['step'] == 9 and scores['num_frames'] == 6
+  for key in ('nn_patch_dist', 'nnfdiv_like', 'nnf_compression',
+              'sample_diversity'):
+    assert np.isfinite(scores[key]), key
+
+
+def test_patch_metrics_reference_points():
+  video = moving_square()
+  copy = metrics.patch_metrics(video[None], video, patch=3)
+  assert copy['nn_patch_dist'] == pytest.approx(0.0, abs=1e-3)
+  assert copy['nnfdiv_like'] == pytest.approx(0.0, abs=0.05)
+  noise = np.random.default_rng(0).integers(0, 256, (2, *video.shape),
+                                            dtype=np.uint8)
+  scores = metrics.patch_metrics(noise, video, patch=3)
+  assert scores['nnfdiv_like'] > 10
+  assert scores['nnf_compression'] > copy['nnf_compression']
+
+
+@pytest.mark.parametrize('case', ['missing', 'corrupt', 'no_path',
+                                  'too_few_frames', 'crop_too_large',
+                                  'bad_offset'])
+def test_bad_inputs_raise_before_training(case, tmp_path, video_path):
+  workdir = str(tmp_path / 'work')
+  overrides = {}
+  path = video_path
+  error, match = ValueError, None
+  if case == 'missing':
+    path, error, match = str(tmp_path / 'nope.mp4'), FileNotFoundError, (
+        'config.data.path')
+  elif case == 'corrupt':
+    path = str(tmp_path / 'corrupt.mp4')
+    with open(path, 'wb') as f:
+      f.write(b'not a video' * 100)
+    match = 'Cannot use config.data.path'
+  elif case == 'no_path':
+    path, match = '', 'set --config.data.path'
+  elif case == 'too_few_frames':
+    overrides = {'data.max_frames': 3}
+    match = 'needs at least 4'
+  elif case == 'crop_too_large':
+    overrides = {'data.crop_size': (SIZE + 1, SIZE)}
+    match = 'does not fit'
+  else:
+    overrides = {'sample.predict_offset': 4}
+    match = 'predict_offset'
+  config = _config(path, **overrides)
+  with pytest.raises(error, match=match):
+    if case == 'bad_offset':
+      sinfusion.sample_and_save(config, workdir)
+    else:
+      sinfusion.train_and_evaluate(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
