@@ -159,3 +159,6 @@ def test_one_train_step_on_a_video_folder(folder, tmp_path):
   config.training.num_train_steps = 1
   state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 1
+  # Training saved the class names beside the checkpoint.
+  assert sources.load_label_names(str(tmp_path)) == [
+      'apple', 'banana', 'cherry']

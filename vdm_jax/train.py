@@ -72,6 +72,7 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   diffusion.check_target(config.diffusion.target)
   schedules.get_logsnr_fn(config.diffusion, config.data.image_size)
   diffusion.sample_time(jax.random.key(0), 1, config.diffusion.time_sampling)
+  diffusion.noise_lambda_from_config(config.diffusion, config.data.num_frames)
   unet3d.validate_model_config(
       config.data.image_size, config.data.num_frames, **config.model
   )
@@ -206,6 +207,8 @@ def train_step(
         mb['loss_rng'] if per_example else mb['loss_rng'][0],
         logsnr_fn=logsnr_fn, target=config.diffusion.target, cond=cond,
         time_sampling=config.diffusion.time_sampling,
+        noise_lambda=diffusion.batch_noise_lambda(
+            config.diffusion, config.data.num_frames, mb['frame_mask']),
     )
     return jnp.mean(out.loss), jnp.mean(out.mse_x)
 
@@ -260,8 +263,21 @@ def make_train_step(config, model, tx, lr_fn, mesh, state_shardings):
   )
 
 
-def create_pipeline(config: ml_collections.ConfigDict) -> pipeline.Pipeline:
+def create_pipeline(config: ml_collections.ConfigDict,
+                    workdir: str | None = None) -> pipeline.Pipeline:
+  """This process's share of the training batches of `config.data`.
+
+  Args:
+    config: the full config.
+    workdir: if given, process 0 saves the source's class names there
+      (`labels.json`, see `sources.save_label_names`).
+
+  Returns:
+    The Pipeline (augmentation from config.data: flips, random crops).
+  """
   source = sources.get_source(config.data, seed=config.seed)
+  if workdir is not None and jax.process_index() == 0:
+    sources.save_label_names(source, workdir)
   return pipeline.Pipeline(
       source,
       global_batch_size=config.training.batch_size,
@@ -271,6 +287,7 @@ def create_pipeline(config: ml_collections.ConfigDict) -> pipeline.Pipeline:
       image_frames=config.data.image_frames,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      **sources.pipeline_options(config.data),
   )
 
 
@@ -356,7 +373,7 @@ def train_and_evaluate(
         'Model has %d parameters.', unet3d.count_params(state.params)
     )
   preemption = _Preemption()
-  batches = create_pipeline(config).iterate(start)
+  batches = create_pipeline(config, workdir).iterate(start)
   pending = None  # (step, device metrics) checked one step late
   t0, s0 = time.time(), start
   try:

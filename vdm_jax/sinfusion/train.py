@@ -78,8 +78,11 @@ def init_params(models: dict[str, nextnet.NextNet], rng: jax.Array,
 
 def init_state(models, tx, rng) -> TrainState:
   params = init_params(models, rng)
+  # A copy: the train step donates the state, and one buffer cannot be
+  # donated twice (called outside jit, `params` would be both leaves).
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=params, opt_state=tx.init(params))
+                    ema_params=jax.tree.map(jnp.copy, params),
+                    opt_state=tx.init(params))
 
 
 def model_losses(
