@@ -101,6 +101,14 @@ def get_config(arg=None):
   config.diffusion.target = 'eps'
   # t sampling across the batch: 'uniform' or 'low_discrepancy'.
   config.diffusion.time_sampling = 'uniform'
+  # Noise of training and of every sampler: 'iid' or 'decomposed'
+  # (VideoFusion: eps_i = sqrt(lambda_i) b + sqrt(1 - lambda_i) r_i, one base
+  # noise b per clip, a residual r_i per frame; image frames stay i.i.d.).
+  config.diffusion.noise = 'iid'
+  # 'decomposed': lambda in [0, 1], a scalar or one value per frame
+  # (VideoFusion: about 0.5 works best); frames correlate by sqrt(l_i l_j).
+  config.diffusion.noise_lambda = ml_collections.FieldReference(
+      0.5, field_type=object)  # Takes a float or a tuple.
 
   config.optimizer = ml_collections.ConfigDict()
   # 'adam' or 'adamw'.
@@ -150,14 +158,59 @@ def get_config(arg=None):
   config.sample.guidance_weight = 0.0
   # Reconstruction guidance weight w_r.
   config.sample.recon_weight = 0.0
-  # 'unconditional' | 'class' | 'predict' | 'extend' | ...
+  # 'unconditional' | 'class' | 'predict' | 'extend' | 'interpolate' |
+  # 'keyframes' | 'upsample' (vdm_jax/conditioning.py, docs/sampling.md).
   config.sample.task = 'unconditional'
+  # Input videos of the video tasks: '' takes clips from config.data; else a
+  # .mp4/.gif/.webm/.avi file (one video) or an .npz of videos [N, T, H, W, C]
+  # (e.g. another run's samples.npz: the input of a cascade 'upsample').
+  config.sample.input = ''
+  # Frames taken from the start of each input video; 0: the model's T
+  # ('upsample': all frames of a file, cut to a multiple of T).
+  config.sample.input_frames = 0
+  # 'predict' / 'extend': k, the given frames of each block.
+  config.sample.num_cond_frames = 1
+  # 'extend': frames of the result (more than the input's).
+  config.sample.num_frames_out = 32
+  # 'extend': 'forward' appends blocks after the input, 'backward' before it.
+  config.sample.direction = 'forward'
+  # 'extend' with diffusion.noise='decomposed': every block shares the base
+  # noise of each video and draws fresh residuals (VideoFusion's long videos).
+  config.sample.fixed_base_noise = False
+  # 'interpolate': temporal upsampling factor m (given frames every m-th).
+  config.sample.interp_factor = 2
+  # 'upsample': low resolution the input is resized to; 0: the input's own
+  # size (must divide data.image_size; dataset clips: image_size // 2).
+  config.sample.lowres_size = 0
+  # jax.checkpoint the denoiser inside guidance gradients (less memory).
+  config.sample.remat_guidance = False
+  # Clip x_hat to [-1, 1] at every sampler step.
+  config.sample.clip_x = True
   # Class to generate for task='class'; -1 cycles through the classes.
   config.sample.label = -1
   # Videos per sampling batch.
   config.sample.batch_size = 8
   # Frames per second of written videos.
   config.sample.fps = 8
+
+  config.eval = ml_collections.ConfigDict()
+  # FVD protocol preset (vdm_jax/evaluation/protocols.py) of --mode=eval.
+  config.eval.protocol = 'stylegan_v_2048'
+  # Generated videos; 0: the protocol's count (fewer = a smoke run, marked
+  # as deviating in the result JSON).
+  config.eval.num_videos = 0
+  # Real clips; 0: the protocol's count.
+  config.eval.num_real = 0
+  # Split of the real (and conditioning) clips; '': data.split.
+  config.eval.split = ''
+  # Seed of the choice of real clips (positions in the dataset).
+  config.eval.seed = 0
+  # Videos per I3D step (rounded up to a multiple of the devices).
+  config.eval.batch_size = 16
+  # Directory caching the real clips' I3D features; '': no cache.
+  config.eval.cache_dir = ''
+  # Also write the generated videos (npz) next to the result JSON.
+  config.eval.save_samples = False
 
   config.mesh = ml_collections.ConfigDict()
   # Mesh axes sizes; -1 takes all remaining devices.

@@ -1,15 +1,34 @@
-"""Times the jitted train step and reports its FLOP rate against a matmul.
+"""Times the jitted train step and reports its FLOP rate and peak memory.
 
   python experiments/benchmark_train.py --config=configs/quickstart.py \
       [--config.training.batch_size=2 ...] [--steps=10] [--warmup=2]
+  python experiments/benchmark_train.py --config=configs/ucf101_64.py \
+      --per_device_batch=2 --num_devices=1 --compile_only \
+      --config.model.remat=block --config.model.dtype=bfloat16 \
+      --config.mesh.data=1 --config.mesh.fsdp=1
 
-The last line printed is one JSON object: step_time_s (median after
-warm-up), videos_per_s, flops_per_step (XLA cost analysis of the compiled
-step), achieved_flops_per_s, matmul_flops_per_s (a large float32 matmul timed
-in the same process on the same device), mfu (their ratio), and the compiled
-step's memory analysis (bytes) per device.
+Any config field can be overridden, in particular the mesh
+(--config.mesh.data, --config.mesh.fsdp, --config.mesh.param_sharding),
+rematerialisation (--config.model.remat=none|block|full), the activation
+dtype (--config.model.dtype=float32|bfloat16) and gradient accumulation
+(--config.training.grad_accum_steps). --per_device_batch sets the global
+batch to that many examples per device of the mesh; --num_devices takes the
+mesh from the first N devices. --compile_only builds the state and batch as
+abstract sharded shapes (nothing is allocated, so models larger than the
+host's memory can be measured) and skips the timing. --residuals adds the
+bytes that the UNet's backward pass keeps from its forward pass, per example
+(traced, not compiled: what the remat policy asks for on any backend).
+
+The last line printed is one JSON object: compile_s, the compiled step's
+memory analysis per device (argument, output, alias, temp and peak bytes,
+and peak and temp bytes per example on a device; see `memory_report`),
+flops_per_step (XLA cost analysis), and unless --compile_only: step_time_s
+(median after warm-up), videos_per_s, achieved_flops_per_s,
+matmul_flops_per_s (a large float32 matmul timed in the same process on the
+same device) and mfu (their ratio).
 """
 
+import functools
 import json
 import os
 import statistics
@@ -31,6 +50,17 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
 _MATMUL_N = flags.DEFINE_integer('matmul_n', 2048, 'Size of the matmul.')
+_PER_DEVICE_BATCH = flags.DEFINE_integer(
+    'per_device_batch', None,
+    'Examples per device; overrides training.batch_size.')
+_NUM_DEVICES = flags.DEFINE_integer(
+    'num_devices', None, 'Use the first N devices (default: all).')
+_COMPILE_ONLY = flags.DEFINE_bool(
+    'compile_only', False,
+    'Compile from abstract shapes and report memory and FLOPs; no steps.')
+_RESIDUALS = flags.DEFINE_bool(
+    'residuals', False,
+    'Also report the bytes the UNet\'s backward pass keeps per example.')
 
 
 def _median_time(fn, repeats):
@@ -51,6 +81,94 @@ def matmul_flops_per_s(n: int) -> float:
   return 2 * n**3 / _median_time(lambda: mm(a, b), 5)
 
 
+def batch_shapes(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Global shapes and dtypes of a training batch."""
+  d = config.data
+  b = config.training.batch_size
+  t = d.num_frames + d.image_frames
+  return {
+      'video': ((b, t, d.image_size, d.image_size, d.channels), np.uint8),
+      'label': ((b,), np.int32),
+      'frame_mask': ((b, t), np.bool_),
+  }
+
+
+def abstract_inputs(config, model, tx, mesh):
+  """(state, batch) as sharded ShapeDtypeStructs, with the state shardings."""
+  init_fn = functools.partial(train.init_state, config, model, tx)
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  shardings = sharding.state_shardings(
+      abstract, mesh, config.mesh.get('param_sharding', 'replicated'))
+  state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract, shardings)
+  batch_sharding = sharding.batch_sharding(mesh)
+  batch = {
+      k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+      for k, (shape, dtype) in batch_shapes(config).items()
+  }
+  return state, batch, shardings
+
+
+def memory_report(mem, per_device_batch: int) -> dict | None:
+  """Bytes per device from `Compiled.memory_analysis()`.
+
+  `peak` is argument + output - alias + temp: the inputs, the outputs that
+  do not reuse a donated input, and XLA's temporary buffer (its buffer
+  assignment already packs temporaries by liveness). `xla_peak` is XLA's own
+  peak_memory_in_bytes, which the CPU backend leaves at about the argument
+  size; it is kept for accelerators.
+  """
+  if mem is None:
+    return None
+  get = lambda name: int(getattr(mem, name, 0) or 0)
+  argument, output = get('argument_size_in_bytes'), get('output_size_in_bytes')
+  alias, temp = get('alias_size_in_bytes'), get('temp_size_in_bytes')
+  peak = argument + output - alias + temp
+  return {
+      'argument': argument,
+      'output': output,
+      'alias': alias,
+      'temp': temp,
+      'generated_code': get('generated_code_size_in_bytes'),
+      'peak': peak,
+      'xla_peak': get('peak_memory_in_bytes'),
+      'peak_per_example': peak / per_device_batch,
+      'temp_per_example': temp / per_device_batch,
+  }
+
+
+def saved_residual_bytes(config, model, batch_size: int) -> int:
+  """Bytes of what the UNet's VJP keeps from its forward pass (abstract).
+
+  Traced only (jax.eval_shape of jax.vjp), so it is exact for what JAX asks
+  to keep under config.model.remat and independent of the backend; XLA may
+  still fuse or schedule buffers differently. The closure also holds the
+  parameters and other batch-independent arrays, so differences between
+  batch sizes give the per-example part.
+  """
+  d = config.data
+  t = d.num_frames + d.image_frames
+  z = jax.ShapeDtypeStruct(
+      (batch_size, t, d.image_size, d.image_size, d.channels), jnp.float32)
+  logsnr = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+  label = (jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+           if config.model.num_classes else None)
+  params = jax.eval_shape(
+      lambda z, logsnr, label: model.init(
+          jax.random.key(0), z, logsnr, label=label)['params'],
+      z, logsnr, label)
+
+  def vjp_fn(params, z, logsnr, label):
+    apply = lambda p: model.apply(
+        {'params': p}, z, logsnr, label=label, train=True,
+        rngs={'dropout': jax.random.key(0)})
+    return jax.vjp(apply, params)[1]
+
+  residuals = jax.eval_shape(vjp_fn, params, z, logsnr, label)
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(residuals))
+
+
 def random_batch(config, mesh):
   d = config.data
   b = config.training.batch_size // jax.process_count()
@@ -69,22 +187,62 @@ def random_batch(config, mesh):
 def main(argv):
   del argv
   config = _CONFIG.value
-  mesh = sharding.make_mesh(config.mesh)
+  devices = jax.devices()[:_NUM_DEVICES.value] if _NUM_DEVICES.value else None
+  mesh = sharding.make_mesh(config.mesh, devices)
+  if _PER_DEVICE_BATCH.value:
+    config.training.batch_size = _PER_DEVICE_BATCH.value * mesh.devices.size
   sharding.check_batch_size(config.training.batch_size, mesh)
+  per_device_batch = config.training.batch_size // mesh.devices.size
   model = train.create_model(config)
   tx, lr_fn = train.create_optimizer(config)
-  state, shardings = train.create_train_state(
-      config, model, tx, jax.random.key(0), mesh)
-  step_fn = train.make_train_step(config, model, tx, lr_fn, mesh, shardings)
-  batch = random_batch(config, mesh)
   rng = jax.random.key(1)
+  if _COMPILE_ONLY.value:
+    state, batch, shardings = abstract_inputs(config, model, tx, mesh)
+  else:
+    state, shardings = train.create_train_state(
+        config, model, tx, jax.random.key(0), mesh)
+    batch = random_batch(config, mesh)
+  step_fn = train.make_train_step(config, model, tx, lr_fn, mesh, shardings)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get('flops', float('nan'))) * mesh.devices.size
-  mem = compiled.memory_analysis()
+  result = {
+      'config': {
+          'batch_size': config.training.batch_size,
+          'per_device_batch': per_device_batch,
+          'num_frames': config.data.num_frames,
+          'image_frames': config.data.image_frames,
+          'image_size': config.data.image_size,
+          'base_channels': config.model.base_channels,
+          'channel_mults': list(config.model.channel_mults),
+          'dtype': config.model.dtype,
+          'remat': config.model.remat,
+          'grad_accum_steps': config.training.grad_accum_steps,
+          'mesh': dict(mesh.shape),
+          'param_sharding': config.mesh.get('param_sharding', 'replicated'),
+      },
+      'device': str(mesh.devices.flat[0].device_kind),
+      'num_devices': mesh.devices.size,
+      'params': int(sum(x.size for x in jax.tree.leaves(state.params))),
+      'compile_s': round(compile_s, 2),
+      'flops_per_step': flops,
+      'memory_bytes_per_device': memory_report(
+          compiled.memory_analysis(), per_device_batch),
+  }
+  if _RESIDUALS.value:
+    one, two = (saved_residual_bytes(config, model, b) for b in (1, 2))
+    result['saved_residual_bytes'] = {'batch_1': one, 'per_example': two - one}
+  if not _COMPILE_ONLY.value:
+    result.update(time_steps(compiled, state, batch, rng, flops, mesh))
+    result['videos_per_s'] = config.training.batch_size / result['step_time_s']
+  print(json.dumps(result))
+
+
+def time_steps(compiled, state, batch, rng, flops, mesh) -> dict:
+  """Median step time after warm-up, and the FLOP rate against a matmul."""
   for _ in range(_WARMUP.value):
     state, metrics = compiled(state, batch, rng)
   jax.block_until_ready(metrics)
@@ -97,34 +255,12 @@ def main(argv):
   step_time = statistics.median(times)
   mm = matmul_flops_per_s(_MATMUL_N.value) * mesh.devices.size
   achieved = flops / step_time
-  result = {
-      'config': {
-          'batch_size': config.training.batch_size,
-          'num_frames': config.data.num_frames,
-          'image_size': config.data.image_size,
-          'base_channels': config.model.base_channels,
-          'channel_mults': list(config.model.channel_mults),
-          'dtype': config.model.dtype,
-          'remat': config.model.remat,
-      },
-      'device': str(jax.devices()[0].device_kind),
-      'num_devices': mesh.devices.size,
-      'params': int(sum(x.size for x in jax.tree.leaves(state.params))),
-      'compile_s': round(compile_s, 2),
+  return {
       'step_time_s': step_time,
-      'videos_per_s': config.training.batch_size / step_time,
-      'flops_per_step': flops,
       'achieved_flops_per_s': achieved,
       'matmul_flops_per_s': mm,
       'mfu': achieved / mm,
-      'memory_bytes_per_device': {
-          'argument': getattr(mem, 'argument_size_in_bytes', None),
-          'output': getattr(mem, 'output_size_in_bytes', None),
-          'temp': getattr(mem, 'temp_size_in_bytes', None),
-          'generated_code': getattr(mem, 'generated_code_size_in_bytes', None),
-      } if mem is not None else None,
   }
-  print(json.dumps(result))
 
 
 if __name__ == '__main__':

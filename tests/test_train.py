@@ -143,7 +143,7 @@ def test_main_train_then_sample(tmp_path):
   workdir = str(tmp_path)
   _run_main(workdir, '--mode=train', '--config.training.num_train_steps=2')
   _run_main(workdir, '--mode=sample')
-  out = os.path.join(workdir, 'samples', 'step_2')
+  out = os.path.join(workdir, 'samples', 'step_2', 'unconditional')
   names = sorted(os.listdir(out))
   assert 'grid.png' in names and 'samples.npz' in names
   assert sum(n.endswith('.mp4') for n in names) == 2

@@ -265,6 +265,14 @@ def validate(config: ml_collections.ConfigDict, video_shape=None) -> None:
   if task == 'interpolate':
     interpolation_plan(max(video_shape[1], 2) if video_shape else 2, t,
                        s.get('interp_factor', 2))
+  if s.get('fixed_base_noise', False):
+    if task != 'extend':
+      raise ValueError("sample.fixed_base_noise applies to task 'extend'.")
+    if config.diffusion.get('noise', 'iid') != 'decomposed':
+      raise ValueError(
+          "sample.fixed_base_noise needs diffusion.noise='decomposed' (the"
+          ' base noise it holds fixed).'
+      )
   if task == 'extend':
     direction = s.get('direction', 'forward')
     if direction not in DIRECTIONS:
@@ -354,14 +362,26 @@ def run_task(
   logsnr_fn = logsnr_fn or schedules.get_logsnr_fn(config.diffusion,
                                                    d.image_size)
   remat = s.get('remat_guidance', False)
+  fixed_base = s.get('fixed_base_noise', False)
+  if fixed_base and 'noise_fn' in sample_kwargs:
+    raise ValueError('sample.fixed_base_noise builds its own noise_fn.')
+  noise_fn = diffusion.noise_fn_from_config(config.diffusion, t)
 
   def sample_block(i, x_a=None, mask=None, x_lowres=None):
     guidance = sampling.make_guidance(
         x_a=x_a, mask=mask, x_lowres=x_lowres, recon_weight=s.recon_weight,
         remat=remat, **cfg)
+    block_rng, kwargs = jax.random.fold_in(rng, i), sample_kwargs
+    if fixed_base:
+      # VideoFusion's long videos: every block samples with the same key, so
+      # each draw (z_1, step i's noise) has the same base noise per video;
+      # the block index salts the residuals, which are fresh per block.
+      block_rng = jax.random.fold_in(rng, 0)
+      kwargs = dict(sample_kwargs,
+                    noise_fn=noise_fn.replace(residual_salt=jnp.int32(i)))
     return sampling.sample_from_config(
-        denoise_fn, jax.random.fold_in(rng, i), shape, config, cond=cond,
-        guidance=guidance, logsnr_fn=logsnr_fn, **sample_kwargs)
+        denoise_fn, block_rng, shape, config, cond=cond,
+        guidance=guidance, logsnr_fn=logsnr_fn, **kwargs)
 
   if task in ('unconditional', 'class'):
     return sample_block(0)

@@ -16,6 +16,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from vdm_jax import sharding
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file (configs/*.py[:arg]).',
     lock_config=True,
@@ -33,23 +35,10 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None,
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _maybe_initialize_distributed() -> None:
-  if _COORDINATOR.value is not None:
-    jax.distributed.initialize(
-        coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
-    )
-  else:
-    try:  # Auto-detects TPU pods and SLURM; a no-op elsewhere raises.
-      jax.distributed.initialize()
-    except (ValueError, RuntimeError):
-      pass
-
-
 def main(argv):
   del argv
-  _maybe_initialize_distributed()
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                  _PROCESS_ID.value)
   logging.info('JAX process %d/%d, devices: %s', jax.process_index(),
                jax.process_count(), jax.devices())
   config, workdir = _CONFIG.value, _WORKDIR.value
@@ -63,8 +52,12 @@ def main(argv):
     program.train_and_evaluate(config, workdir)
   elif _MODE.value == 'sample':
     program.sample_and_save(config, workdir)
-  else:
+  elif config.get('method', 'vdm') == 'sinfusion':
     program.sample_and_evaluate(config, workdir)
+  else:
+    program.sample_and_evaluate(
+        config, workdir,
+        config_path=config_flags.get_config_filename(flags.FLAGS['config']))
 
 
 if __name__ == '__main__':

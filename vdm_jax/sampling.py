@@ -16,6 +16,20 @@ Samplers (VDM 2, REFERENCE 1.4):
       z_s <- z_s - 1/2 delta sigma_s eps_hat(z_s) + sqrt(delta) sigma_s eps'.
 The last step returns x_hat (clipped), with no noise.
 
+Noise: every random draw (z_1, the step noise, Langevin's eps', the forward
+samples of replacement) comes from `noise_fn(rng, shape)` with `shape` the
+sample shape; i.i.d. by default, VideoFusion's decomposed noise
+(diffusion.DecomposedNoise) with config.diffusion.noise = 'decomposed'.
+With decomposed noise the forward process is q(z_t | x) = N(alpha_t x,
+sigma_t^2 S), S the frame covariance of the noise (diffusion.py). The
+samplers stay exact for a denoiser that is exact for *that* process: with
+W = S^{-1/2} (acting across frames), W z_t is the standard process of the
+data W x, the posterior q(z_s | z_t, x) = N(mu~, sigma~^2 S) has the same
+mean formula, and W maps each update above (ancestral, DDIM with any eta,
+the Langevin corrector, which becomes Langevin preconditioned by S) onto the
+standard update with i.i.d. noise. A denoiser trained with i.i.d. noise and
+sampled with correlated noise (or the reverse) is a mismatch, not exact.
+
 Guidance turns `denoise_fn` into the (x_hat, eps_hat) the sampler consumes:
 classifier-free guidance (VDM 2), replacement (imputation) of the known part
 x^a, reconstruction guidance (VDM 3.1, eq. 7) and its spatial super-resolution
@@ -370,10 +384,9 @@ def default_noise(rng: jax.Array, shape: tuple[int, ...]) -> jnp.ndarray:
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=('shape', 'target', 'sampler', 'clip_x', 'noise_fn'))
-def _sample_scan(denoise_fn, rng, z, logsnrs, cond, guidance, gamma, eta,
-                 delta, *, shape, target, sampler, clip_x, noise_fn):
+    jax.jit, static_argnames=('shape', 'target', 'sampler', 'clip_x'))
+def _sample_scan(denoise_fn, noise_fn, rng, z, logsnrs, cond, guidance, gamma,
+                 eta, delta, *, shape, target, sampler, clip_x):
   """The compiled sampler: one lax.scan over the len(logsnrs) - 1 steps."""
   num_steps = logsnrs.shape[0] - 1
   batch = shape[0]
@@ -381,18 +394,18 @@ def _sample_scan(denoise_fn, rng, z, logsnrs, cond, guidance, gamma, eta,
   if z is None:
     z = noise_fn(rng_init, shape)
   predict = guided_predictor(denoise_fn, target, cond, guidance)
-  # All of a step's noise in one draw (one RNG program to compile): the step
-  # noise, the forward-process noise of replacement at t, and for 'pc' the
-  # Langevin noise and the replacement noise at s.
+  # All of a step's noise in one vmapped draw (one RNG program to compile),
+  # each of `shape`: the step noise, the forward-process noise of replacement
+  # at t, and for 'pc' the Langevin noise and the replacement noise at s.
   replace = guidance.method in ('replacement', 'reconstruction')
   names = ['step'] + ['replace_t'] * replace
   if sampler == 'pc':
     names += ['langevin'] + ['replace_s'] * replace
 
   def step(z, i):
-    noises = noise_fn(jax.random.fold_in(rng, i),
-                      (len(names) * batch,) + shape[1:])
-    noises = dict(zip(names, jnp.split(noises, len(names))))
+    keys = jax.random.split(jax.random.fold_in(rng, i), len(names))
+    noises = jax.vmap(lambda k: noise_fn(k, shape))(keys)
+    noises = dict(zip(names, noises))
     lt, ls = logsnrs[i], logsnrs[i + 1]
     last = i == num_steps - 1
     z, x_hat, eps_hat = predict(z, jnp.full((batch,), lt),
@@ -432,8 +445,15 @@ def timestep_logsnrs(
 
 
 def _as_partial(fn):
-  """A jit-able pytree for fn: params of a tree_util.Partial stay traced."""
-  if isinstance(fn, jax.tree_util.Partial):
+  """A jit-able pytree for fn: params of a tree_util.Partial stay traced.
+
+  Callables that are pytrees themselves (a tree_util.Partial, a
+  flax.struct.dataclass such as diffusion.DecomposedNoise) pass through with
+  their leaves traced; any other callable becomes a leafless Partial, keyed
+  by its identity.
+  """
+  leaves = jax.tree_util.tree_leaves(fn)
+  if len(leaves) != 1 or leaves[0] is not fn:  # A registered pytree.
     return fn
   return jax.tree_util.Partial(fn)
 
@@ -468,8 +488,9 @@ def sample(
   """Draws x ~ p(x | cond) with `sampler` in `num_steps` steps.
 
   Compiled once per (shapes, sampler, target, clip_x, noise_fn, denoise_fn,
-  guidance method); gamma/eta/delta and guidance weights are traced, so new
-  values do not recompile. Pass `denoise_fn` as a
+  guidance method); gamma/eta/delta, guidance weights and the leaves of a
+  pytree noise_fn (e.g. diffusion.DecomposedNoise's lambdas) are traced, so
+  new values do not recompile. Pass `denoise_fn` as a
   `jax.tree_util.Partial(apply, params)` to keep the parameters traced
   arguments rather than compile-time constants; a plain function is keyed by
   its identity.
@@ -490,8 +511,11 @@ def sample(
     guidance: a `Guidance` (replacement / reconstruction / super-resolution
       and classifier-free guidance).
     clip_x: clip x_hat to [-1, 1] at every step.
-    noise_fn: (rng, shape) -> standard noise; default i.i.d. normal. Used for
-      z_1, per-step noise and the forward samples of replacement.
+    noise_fn: (rng, shape) -> noise of `shape` (the sample shape) with unit
+      variance per element; default i.i.d. normal; a
+      `diffusion.DecomposedNoise` for VideoFusion's noise. Used for z_1,
+      per-step noise, Langevin noise and the forward samples of
+      replacement.
     z_init: [B, T, H, W, C] starting z_1 (e.g. from `ddim_invert`).
     guidance_weight: shorthand for classifier-free guidance with
       `null_label` when `guidance` is None.
@@ -516,10 +540,10 @@ def sample(
     if z_init.shape != shape:
       raise ValueError(f'z_init shape {z_init.shape} != shape {shape}.')
   return _sample_scan(
-      _as_partial(denoise_fn), rng, z_init,
+      _as_partial(denoise_fn), _as_partial(noise_fn), rng, z_init,
       timestep_logsnrs(logsnr_fn, num_steps), cond, guidance,
       gamma, eta, delta, shape=shape, target=target, sampler=sampler,
-      clip_x=clip_x, noise_fn=noise_fn)
+      clip_x=clip_x)
 
 
 @functools.partial(jax.jit, static_argnames=('target', 'clip_x'))
@@ -593,7 +617,9 @@ def sample_from_config(
       sample.guidance_weight when the model has classes and cond['label'].
     logsnr_fn: schedule; default from config.diffusion (pass one built once to
       avoid rebuilding it per call).
-    **overrides: any other `sample` keyword (num_steps=..., noise_fn=...).
+    **overrides: any other `sample` keyword (num_steps=..., noise_fn=...);
+      without noise_fn, the noise of config.diffusion.noise (image frames,
+      cond['frame_mask'] False, get i.i.d. noise).
 
   Returns:
     x: [B, T, H, W, C] float32.
@@ -618,5 +644,15 @@ def sample_from_config(
       cond=cond,
       guidance=guidance,
   )
+  if 'noise_fn' not in overrides:
+    noise_fn = diffusion.noise_fn_from_config(
+        config.diffusion, config.data.num_frames, cond.get('frame_mask'))
+    lam = getattr(noise_fn, 'noise_lambda', None)
+    if lam is not None and lam.ndim == 1 and lam.shape[0] != shape[1]:
+      raise ValueError(
+          f'diffusion.noise_lambda has {lam.shape[0]} per-frame values but'
+          f' the samples have {shape[1]} frames.'
+      )
+    kwargs['noise_fn'] = noise_fn
   kwargs.update(overrides)
   return sample(denoise_fn, rng, shape, **kwargs)

@@ -4,18 +4,51 @@ One code path for 1 CPU, 8 fake CPU devices, one GPU and a multi-host pod:
 `jax.jit` with `NamedSharding` over a `Mesh(('data', 'fsdp'))`. Batches are
 split over both axes; parameters are replicated or, with
 `config.mesh.param_sharding = 'fsdp'`, split along one divisible dimension
-over the 'fsdp' axis.
+over the 'fsdp' axis. `initialize_distributed` joins the processes of a
+multi-host run (TPU pod, SLURM, or explicit coordinator) before any of this.
 """
 
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ('data', 'fsdp')
 PARAM_SHARDINGS = ('replicated', 'fsdp')
+
+# What jax.distributed.initialize() (JAX 0.10.2) raises when no cluster
+# (TPU pod, SLURM, Open MPI, ...) is detected and nothing was given.
+_NO_CLUSTER = 'coordinator_address should be defined'
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+  """Joins the multi-process runtime, or runs as a single process.
+
+  With a coordinator address, the three values are passed on as given.
+  Without one, JAX auto-detects TPU pods and SLURM; where it finds no cluster
+  this is one process. Every other error (a coordinator that cannot be
+  reached, a half-set JAX_COORDINATOR_ADDRESS, a second call) is raised:
+  swallowing it would let each host of a pod train alone on its own devices.
+  """
+  if coordinator_address is not None:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes,
+                               process_id=process_id)
+    return
+  try:
+    jax.distributed.initialize()
+  except ValueError as e:
+    if _NO_CLUSTER not in str(e):
+      raise
+    logging.info('No cluster detected: running as a single process.')
 
 
 def mesh_shape(
@@ -42,10 +75,22 @@ def mesh_shape(
 def make_mesh(
     mesh_config: ml_collections.ConfigDict, devices=None
 ) -> Mesh:
-  """A ('data', 'fsdp') mesh over `devices` (default: all devices)."""
+  """A ('data', 'fsdp') mesh over `devices` (default: all devices).
+
+  On TPU the devices are laid out along the chips' physical torus
+  (`mesh_utils.create_device_mesh`), so that the 'fsdp' all-gathers run
+  between neighbouring chips; elsewhere this is `devices` in order.
+  """
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), BATCH_AXES)
+  try:
+    grid = mesh_utils.create_device_mesh(
+        shape, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError) as e:
+    logging.warning('No topology-aware %s mesh (%s); using device order.',
+                    shape, e)
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

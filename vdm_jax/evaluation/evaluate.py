@@ -1,0 +1,169 @@
+"""--mode=eval helpers: the plan of an FVD run, its real clips, its result.
+
+`plan(config)` resolves config.eval against the protocol preset and checks,
+before anything is sampled or compiled, that the task's videos can be scored
+(frames = the protocol's, at least I3D's 9, the protocol's resolution).
+`score` runs `fvd.evaluate_videos` and adds what the preset does not say:
+where the run deviates from the protocol (counts, task, split).
+"""
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from vdm_jax import conditioning
+from vdm_jax import sample_inputs
+from vdm_jax.evaluation import fvd
+from vdm_jax.evaluation import i3d
+from vdm_jax.evaluation import protocols
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A resolved FVD run.
+
+  Attributes:
+    protocol: the preset.
+    num_generated: videos to sample.
+    num_real: real clips.
+    split: the real clips' split.
+    num_frames: frames of the scored videos (the task's output).
+    deviations: differences from the protocol known before sampling.
+  """
+
+  protocol: protocols.Protocol
+  num_generated: int
+  num_real: int
+  split: str
+  num_frames: int
+  deviations: tuple[str, ...]
+
+
+def plan(config: ml_collections.ConfigDict) -> Plan:
+  """Checks config.eval against its protocol; raises ValueError early.
+
+  Args:
+    config: the full config, sample.num_frames_out resolved
+      (sample.task_config).
+
+  Returns:
+    The Plan.
+  """
+  e, s, d = config.eval, config.sample, config.data
+  if e.protocol not in protocols.PROTOCOLS:
+    raise ValueError(f'Unknown eval.protocol {e.protocol!r}; choose one of'
+                     f' {list(protocols.PROTOCOLS)}.')
+  proto = protocols.PROTOCOLS[e.protocol]
+  conditioning.check_task(s.task)
+  if s.task == 'upsample' and s.input:
+    raise ValueError("--mode=eval of task 'upsample' takes its low-resolution"
+                     " inputs from the dataset; set sample.input=''.")
+  num_frames = sample_inputs.num_output_frames(config)
+  if num_frames < i3d.MIN_FRAMES:
+    raise ValueError(
+        f'FVD needs videos of at least {i3d.MIN_FRAMES} frames (I3D), but'
+        f' task {s.task!r} of this {d.num_frames}-frame model makes'
+        f' {num_frames}; use a model with more frames or a task that makes'
+        ' longer videos (extend, interpolate).')
+  if num_frames != proto.num_frames:
+    raise ValueError(
+        f'Protocol {proto.name} scores {proto.num_frames}-frame videos; task'
+        f' {s.task!r} makes {num_frames} frames.')
+  if proto.resolution and proto.resolution != d.image_size:
+    raise ValueError(
+        f'Protocol {proto.name} scores at {proto.resolution}x'
+        f'{proto.resolution}; the model makes {d.image_size}x'
+        f'{d.image_size}.')
+  num_generated = e.num_videos or proto.num_generated
+  num_real = e.num_real or proto.num_real
+  if min(num_generated, num_real) < 2 * proto.folds:
+    raise ValueError(
+        f'eval.num_videos={num_generated} and eval.num_real={num_real} must'
+        f' be at least 2 per fold ({proto.folds} folds).')
+  split = e.split or d.split
+  deviations = []
+  k = s.num_cond_frames if s.task == 'predict' else 0
+  if s.task in conditioning.VIDEO_TASKS and s.task != 'predict':
+    deviations.append(f'task {s.task!r} is not the protocol\'s')
+  elif k != proto.conditioning_frames:
+    deviations.append(f'{k} conditioning frames (task {s.task!r}) !='
+                      f' {proto.conditioning_frames}')
+  if split.split('[')[0] not in proto.real_split.split(' (')[0]:
+    deviations.append(f'real split {split!r} != {proto.real_split!r}')
+  return Plan(proto, num_generated, num_real, split, num_frames,
+              tuple(deviations))
+
+
+def real_clips(config: ml_collections.ConfigDict, run: Plan,
+               inputs: sample_inputs.TaskInputs) -> np.ndarray:
+  """uint8 [num_real, T, H, W, C] real clips of the run.
+
+  The ground truth of dataset inputs when there is one, else clips of
+  config.data (split run.split, seed eval.seed).
+  """
+  if inputs.reference is not None:
+    return inputs.reference
+  clips, _ = sample_inputs.dataset_clips(
+      config, run.num_real, run.num_frames, seed=config.eval.seed,
+      split=run.split)
+  return clips
+
+
+def fingerprint(config: ml_collections.ConfigDict, run: Plan) -> str:
+  """Identifies the real clips (dataset, split, seed, count, frames)."""
+  d = config.data
+  key = dict(name=d.name, tfds_name=d.get('tfds_name', ''),
+             path=d.get('path', ''), view=d.get('view', ''),
+             split=run.split, seed=config.seed, eval_seed=config.eval.seed,
+             num_real=run.num_real, num_frames=run.num_frames,
+             frame_stride=d.frame_stride, image_size=d.image_size,
+             num_examples=d.get('num_examples', 0))
+  return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _rgb(videos: np.ndarray) -> np.ndarray:
+  return np.repeat(videos, 3, axis=-1) if videos.shape[-1] == 1 else videos
+
+
+def score(config: ml_collections.ConfigDict, run: Plan, videos: np.ndarray,
+          real: np.ndarray, mesh: Optional[Any] = None) -> dict[str, Any]:
+  """FVD/KVD of generated vs real uint8 videos, with the run's settings.
+
+  Returns:
+    fvd.evaluate_videos' result plus 'protocol_settings', 'task',
+    'sampler', 'num_steps', 'dataset', 'split'; 'deviations' and
+    'protocol_compliant' also cover the task and split.
+  """
+  e, s = config.eval, config.sample
+  n_dev = jax.device_count()
+  if mesh is None and jax.process_count() == 1 and min(
+      len(videos), len(real)) < n_dev:
+    # A smoke run with fewer videos than devices: fewer devices rather
+    # than I3D passes over padding.
+    k = max(d for d in range(1, n_dev + 1)
+            if n_dev % d == 0 and d <= min(len(videos), len(real)))
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:k]), ('data',))
+  result = fvd.evaluate_videos(
+      _rgb(videos), _rgb(real), run.protocol.name,
+      cache_dir=e.cache_dir or None,
+      fingerprint=fingerprint(config, run) if e.cache_dir else None,
+      batch_size=e.batch_size, mesh=mesh)
+  result['deviations'] = list(result['deviations']) + list(run.deviations)
+  result['protocol_compliant'] = not result['deviations']
+  sample_settings = {k: s[k] for k in (
+      'task', 'sampler', 'num_steps', 'gamma', 'eta', 'delta',
+      'guidance_weight', 'recon_weight', 'num_cond_frames')}
+  result.update(
+      protocol_settings=dataclasses.asdict(run.protocol),
+      sample=sample_settings,
+      num_frames=run.num_frames,
+      dataset=config.data.name,
+      split=run.split,
+      eval_seed=config.eval.seed,
+  )
+  return result

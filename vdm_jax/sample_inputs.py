@@ -1,0 +1,282 @@
+"""Inputs of the sampling tasks: videos from a file or from the dataset.
+
+A video task (conditioning.VIDEO_TASKS) needs input videos
+[N, T_in, h, w, C] in [-1, 1] at the model's size ('upsample': at the low
+resolution). They come from `config.sample.input`:
+  ''          ground-truth clips of `config.data` (the same source as
+              training, built here without the train program), cut to the
+              task's output timeline; the task input is derived from them
+              (`task_input`), so the clip is also the reference shown beside
+              the result and, in --mode=eval, the real video;
+  a file      .mp4/.gif/.webm/.avi (one video) or .npz (videos
+              [N, T, H, W, C] under 'videos', 'video' or the first array,
+              uint8 or float in [-1, 1] / [0, 1]: another run's samples.npz).
+Frames are resized (short side, antialiased bilinear) and centre-cropped to
+the target size. All checks raise ValueError / FileNotFoundError before any
+compilation.
+"""
+
+import dataclasses
+import os
+from typing import Optional
+
+import ml_collections
+import numpy as np
+
+from vdm_jax import conditioning
+from vdm_jax import video_io
+from vdm_jax.data import pipeline
+from vdm_jax.data import sources
+from vdm_jax.data import video_files
+
+# Clips read from a source per pipeline call.
+_CHUNK = 64
+
+
+@dataclasses.dataclass
+class TaskInputs:
+  """What one task run conditions on.
+
+  Attributes:
+    video: uint8 [N, T_in, h, w, C] task input (None: no input).
+    labels: int32 [N] dataset labels of the clips (None: not from a
+      labelled dataset).
+    reference: uint8 [N, T_out, H, W, C] ground truth on the output timeline
+      (dataset inputs only; None for files).
+  """
+
+  video: Optional[np.ndarray]
+  labels: Optional[np.ndarray] = None
+  reference: Optional[np.ndarray] = None
+
+
+def num_input_frames(config: ml_collections.ConfigDict) -> int:
+  """T_in of dataset inputs: sample.input_frames, or the model's T."""
+  return config.sample.input_frames or config.data.num_frames
+
+
+def num_output_frames(config: ml_collections.ConfigDict,
+                      num_in: Optional[int] = None) -> int:
+  """T_out of config.sample.task for an input of num_in frames."""
+  s, t = config.sample, config.data.num_frames
+  num_in = num_in or num_input_frames(config)
+  if s.task == 'extend':
+    return s.num_frames_out or 2 * t
+  if s.task == 'interpolate':
+    return (num_in - 1) * s.interp_factor + 1
+  if s.task == 'upsample':
+    return num_in
+  return t
+
+
+def known_positions(config: ml_collections.ConfigDict, num_in: int,
+                    num_out: int) -> np.ndarray:
+  """bool [T_out]: output frames that are given input frames (kept exact)."""
+  s, t = config.sample, config.data.num_frames
+  known = np.zeros(num_out, bool)
+  if s.task == 'predict':
+    known[:s.num_cond_frames] = True
+  elif s.task == 'keyframes':
+    known[[0, t - 1]] = True
+  elif s.task == 'extend':
+    if s.direction == 'backward':
+      known[num_out - num_in:] = True
+    else:
+      known[:num_in] = True
+  elif s.task == 'interpolate':
+    known[::s.interp_factor] = True
+  return known
+
+
+def lowres_size(config: ml_collections.ConfigDict,
+                input_size: Optional[int] = None) -> int:
+  """Resolution of the low-resolution input of 'upsample'."""
+  size = config.data.image_size
+  low = config.sample.lowres_size
+  if not low:  # The input's own size if square, else half the model's.
+    low = input_size if input_size else size // 2
+  if low < 1 or size % low:
+    raise ValueError(
+        f'The low resolution {low} of task upsample must divide'
+        f' data.image_size={size}; set sample.lowres_size to a divisor.')
+  return low
+
+
+def fit(videos: np.ndarray, size: int, channels: int) -> np.ndarray:
+  """Short-side resize and centre crop.
+
+  Args:
+    videos: uint8 [N, T, H, W, C'], C' in (1, 3).
+    size: S, the output height and width.
+    channels: output channels (1: luminance, 3: RGB).
+
+  Returns:
+    uint8 [N, T, S, S, channels].
+  """
+  out = []
+  for v in videos:
+    if v.shape[1:] != (size, size, channels):
+      v = video_files.crop(
+          video_files.resize_short_side(v, size, channels), size)
+    out.append(v)
+  return np.stack(out)
+
+
+def _npz_videos(path: str) -> np.ndarray:
+  """uint8 [N, T, H, W, C] of an npz file (see the module docstring)."""
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      keys = [k for k in ('videos', 'video') if k in data.files]
+      key = keys[0] if keys else (data.files[0] if data.files else None)
+      if key is None:
+        raise ValueError('the npz holds no arrays')
+      videos = data[key]
+  except (OSError, ValueError) as e:
+    raise ValueError(f'sample.input={path} is not a readable npz of videos:'
+                     f' {e}') from e
+  videos = videos[None] if videos.ndim == 4 else videos
+  if videos.ndim != 5 or videos.shape[-1] not in (1, 3):
+    raise ValueError(
+        f'sample.input={path}: array {key!r} has shape {videos.shape};'
+        ' expected videos [N, T, H, W, C] or one video [T, H, W, C], C in'
+        ' (1, 3).')
+  if np.issubdtype(videos.dtype, np.floating):
+    lo, hi = float(videos.min()), float(videos.max())
+    if not np.isfinite([lo, hi]).all() or lo < -1 or hi > 1:
+      raise ValueError(f'sample.input={path}: float values must lie in'
+                       f' [-1, 1] or [0, 1], got [{lo}, {hi}].')
+    videos = (video_io.to_uint8(videos) if lo < 0
+              else np.rint(videos * 255.0).astype(np.uint8))
+  elif videos.dtype != np.uint8:
+    raise ValueError(f'sample.input={path}: dtype {videos.dtype} is neither'
+                     ' uint8 nor float.')
+  return videos
+
+
+def read_input(path: str) -> np.ndarray:
+  """The videos of sample.input as uint8 [N, T, H, W, C].
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: unsupported or undecodable file.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'sample.input={path}: no such file.')
+  if path.lower().endswith('.npz'):
+    return _npz_videos(path)
+  try:
+    return video_io.read_video(path)[None]
+  except ValueError as e:
+    raise ValueError(f'sample.input={path}: {e}') from e
+
+
+def dataset_clips(
+    config: ml_collections.ConfigDict,
+    num: int,
+    num_frames: int,
+    *,
+    seed: int,
+    frame_stride: Optional[int] = None,
+    split: str = '',
+) -> tuple[np.ndarray, np.ndarray]:
+  """`num` clips of config.data, the same on every process.
+
+  Clip j is the pipeline's position j: distinct examples while num does not
+  exceed the dataset size (an epoch is a permutation seeded by `seed`).
+
+  Args:
+    config: the full config (data, seed).
+    num: N, clips wanted.
+    num_frames: frames per clip.
+    seed: pipeline seed (choice of examples, clip starts).
+    frame_stride: source frames between clip frames; None: data's.
+    split: TFDS split; '': data.split.
+
+  Returns:
+    uint8 [N, num_frames, S, S, C] clips and int32 [N] labels.
+  """
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  data.num_frames = num_frames
+  data.frame_stride = frame_stride or config.data.frame_stride
+  data.image_frames = 0
+  if split:
+    data.split = split
+  source = sources.get_source(data, seed=config.seed)
+  chunk = min(num, _CHUNK)
+  pipe = pipeline.Pipeline(
+      source, global_batch_size=chunk, num_frames=num_frames, seed=seed,
+      frame_stride=data.frame_stride, random_flip=False, random_crop=False)
+  batches = [pipe.batch_for_step(i) for i in range(-(-num // chunk))]
+  videos = np.concatenate([b['video'] for b in batches])[:num]
+  labels = np.concatenate([b['label'] for b in batches])[:num]
+  return videos, labels
+
+
+def task_input(config: ml_collections.ConfigDict,
+               clips: np.ndarray) -> Optional[np.ndarray]:
+  """The task's input derived from ground-truth clips on its timeline.
+
+  Args:
+    config: the full config.
+    clips: uint8 [N, T_out, H, W, C] at the model's resolution.
+
+  Returns:
+    uint8 [N, T_in, h, w, C] (None for tasks without an input).
+  """
+  s = config.sample
+  if s.task not in conditioning.VIDEO_TASKS:
+    return None
+  if s.task == 'extend':
+    num_in = num_input_frames(config)
+    return clips[:, -num_in:] if s.direction == 'backward' else (
+        clips[:, :num_in])
+  if s.task == 'interpolate':
+    return clips[:, ::s.interp_factor]
+  if s.task == 'upsample':
+    return fit(clips, lowres_size(config), config.data.channels)
+  return clips
+
+
+def from_dataset(config: ml_collections.ConfigDict, num: int, *, seed: int,
+                 split: str = '') -> TaskInputs:
+  """Ground-truth clips on the task's output timeline, and their input."""
+  clips, labels = dataset_clips(config, num, num_output_frames(config),
+                                seed=seed, split=split)
+  return TaskInputs(task_input(config, clips), labels, clips)
+
+
+def from_file(config: ml_collections.ConfigDict) -> TaskInputs:
+  """The videos of config.sample.input, cut and fitted to the task."""
+  s, d = config.sample, config.data
+  videos = read_input(s.input)
+  if s.task == 'upsample':
+    num_in = s.input_frames or (videos.shape[1] // d.num_frames
+                                * d.num_frames)
+    _, _, h, w, _ = videos.shape
+    size = lowres_size(config, h if h == w else None)
+  else:
+    num_in, size = s.input_frames or d.num_frames, d.image_size
+  videos = videos[:, :max(num_in, 1)]
+  return TaskInputs(fit(videos, size, d.channels))
+
+
+def load(config: ml_collections.ConfigDict, num: int, *, seed: int,
+         split: str = '') -> TaskInputs:
+  """Inputs of config.sample.task for `num` videos (cycled to num).
+
+  Args:
+    config: the full config.
+    num: videos to generate.
+    seed: pipeline seed of dataset inputs.
+    split: TFDS split of dataset inputs ('': data.split).
+
+  Returns:
+    TaskInputs with N = num (inputs cycled when a file holds fewer).
+  """
+  if config.sample.task not in conditioning.VIDEO_TASKS:
+    return TaskInputs(None)
+  if not config.sample.input:
+    return from_dataset(config, num, seed=seed, split=split)
+  inputs = from_file(config)
+  idx = np.arange(num) % len(inputs.video)
+  return TaskInputs(inputs.video[idx])
