@@ -1,7 +1,7 @@
 """VideoFusion noise ablation: i.i.d. vs decomposed noise at equal steps.
 
   python experiments/ablation_noise.py --workdir=/tmp/ablation_noise \
-      [--steps=600] [--num_videos=48] [--lam=0.5]
+      [--steps=400] [--num_videos=40] [--lam=0.5]
 
 Trains the same small UNet twice on the built-in synthetic dataset (bouncing
 shapes, 10 frames of 16x16, the fewest frames I3D takes with room to spare),
@@ -10,10 +10,11 @@ with the same seed, data order and number of steps; samples --num_videos
 videos from each run's EMA parameters with that run's noise
 (sampling.sample_from_config); and scores both against --num_videos
 held-out synthetic clips (dataset seed + 1) with I3D FVD (reference resize
-to 224x224, Kinetics-400 logits; one fold). CPU-sized: the widths are tiny
-and N is far below the 400 feature dimensions, so the FVDs compare the two
-runs with each other, not with any published number. Prints one JSON line
-and writes workdir/results.json.
+to 224x224, Kinetics-400 logits; one fold); a second held-out set (seed +
+2) scored the same way gives the real-vs-real floor at this N. CPU-sized:
+the widths are tiny and N is far below the 400 feature dimensions, so the
+FVDs compare the two runs with each other, not with any published number.
+Prints one JSON line and writes workdir/results.json (docs/benchmarks.md).
 """
 
 import json
@@ -37,8 +38,8 @@ from vdm_jax.data import synthetic
 from vdm_jax.evaluation import fvd
 
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/ablation_noise', 'Output.')
-_STEPS = flags.DEFINE_integer('steps', 600, 'Training steps per run.')
-_NUM_VIDEOS = flags.DEFINE_integer('num_videos', 48,
+_STEPS = flags.DEFINE_integer('steps', 400, 'Training steps per run.')
+_NUM_VIDEOS = flags.DEFINE_integer('num_videos', 40,
                                    'Generated (and real) videos per FVD.')
 _LAM = flags.DEFINE_float('lam', 0.5, 'lambda of the decomposed run.')
 _SAMPLE_STEPS = flags.DEFINE_integer('sample_steps', 64, 'Sampler steps.')

@@ -15,9 +15,10 @@ dtype (--config.model.dtype=float32|bfloat16) and gradient accumulation
 batch to that many examples per device of the mesh; --num_devices takes the
 mesh from the first N devices. --compile_only builds the state and batch as
 abstract sharded shapes (nothing is allocated, so models larger than the
-host's memory can be measured) and skips the timing. --residuals adds the
-bytes that the UNet's backward pass keeps from its forward pass, per example
-(traced, not compiled: what the remat policy asks for on any backend).
+host's memory can be measured) and skips the timing. --residuals=also|only
+adds (or reports only) the bytes that the UNet's backward pass keeps from its
+forward pass, per example: traced, not compiled, so it shows what the remat
+policy asks for on any backend, in seconds.
 
 The last line printed is one JSON object: compile_s, the compiled step's
 memory analysis per device (argument, output, alias, temp and peak bytes,
@@ -58,9 +59,10 @@ _NUM_DEVICES = flags.DEFINE_integer(
 _COMPILE_ONLY = flags.DEFINE_bool(
     'compile_only', False,
     'Compile from abstract shapes and report memory and FLOPs; no steps.')
-_RESIDUALS = flags.DEFINE_bool(
-    'residuals', False,
-    'Also report the bytes the UNet\'s backward pass keeps per example.')
+_RESIDUALS = flags.DEFINE_enum(
+    'residuals', 'no', ['no', 'also', 'only'],
+    'Report the bytes the UNet\'s backward pass keeps per example: not,'
+    ' also, or only (traced in seconds; no compilation, no steps).')
 
 
 def _median_time(fn, repeats):
@@ -195,6 +197,14 @@ def main(argv):
   per_device_batch = config.training.batch_size // mesh.devices.size
   model = train.create_model(config)
   tx, lr_fn = train.create_optimizer(config)
+  residuals = None
+  if _RESIDUALS.value != 'no':
+    one, two = (saved_residual_bytes(config, model, b) for b in (1, 2))
+    residuals = {'batch_1': one, 'per_example': two - one}
+    if _RESIDUALS.value == 'only':
+      print(json.dumps({'config': config_summary(config, mesh),
+                        'saved_residual_bytes': residuals}))
+      return
   rng = jax.random.key(1)
   if _COMPILE_ONLY.value:
     state, batch, shardings = abstract_inputs(config, model, tx, mesh)
@@ -210,20 +220,7 @@ def main(argv):
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get('flops', float('nan'))) * mesh.devices.size
   result = {
-      'config': {
-          'batch_size': config.training.batch_size,
-          'per_device_batch': per_device_batch,
-          'num_frames': config.data.num_frames,
-          'image_frames': config.data.image_frames,
-          'image_size': config.data.image_size,
-          'base_channels': config.model.base_channels,
-          'channel_mults': list(config.model.channel_mults),
-          'dtype': config.model.dtype,
-          'remat': config.model.remat,
-          'grad_accum_steps': config.training.grad_accum_steps,
-          'mesh': dict(mesh.shape),
-          'param_sharding': config.mesh.get('param_sharding', 'replicated'),
-      },
+      'config': config_summary(config, mesh),
       'device': str(mesh.devices.flat[0].device_kind),
       'num_devices': mesh.devices.size,
       'params': int(sum(x.size for x in jax.tree.leaves(state.params))),
@@ -232,13 +229,30 @@ def main(argv):
       'memory_bytes_per_device': memory_report(
           compiled.memory_analysis(), per_device_batch),
   }
-  if _RESIDUALS.value:
-    one, two = (saved_residual_bytes(config, model, b) for b in (1, 2))
-    result['saved_residual_bytes'] = {'batch_1': one, 'per_example': two - one}
+  if residuals is not None:
+    result['saved_residual_bytes'] = residuals
   if not _COMPILE_ONLY.value:
     result.update(time_steps(compiled, state, batch, rng, flops, mesh))
     result['videos_per_s'] = config.training.batch_size / result['step_time_s']
   print(json.dumps(result))
+
+
+def config_summary(config, mesh) -> dict:
+  return {
+      'batch_size': config.training.batch_size,
+      'per_device_batch': config.training.batch_size // mesh.devices.size,
+      'num_frames': config.data.num_frames,
+      'image_frames': config.data.image_frames,
+      'image_size': config.data.image_size,
+      'base_channels': config.model.base_channels,
+      'channel_mults': list(config.model.channel_mults),
+      'attn_resolutions': list(config.model.attn_resolutions),
+      'dtype': config.model.dtype,
+      'remat': config.model.remat,
+      'grad_accum_steps': config.training.grad_accum_steps,
+      'mesh': dict(mesh.shape),
+      'param_sharding': config.mesh.get('param_sharding', 'replicated'),
+  }
 
 
 def time_steps(compiled, state, batch, rng, flops, mesh) -> dict:

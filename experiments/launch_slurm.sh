@@ -11,7 +11,8 @@
 # SLURM_LOCALID) and needs no coordinator flags: task 0's node is the
 # coordinator and each task drives the GPU whose index is its SLURM_LOCALID.
 # All tasks therefore see all of their node's GPUs: do not bind GPUs to tasks
-# (no --gpus-per-task or --gpu-bind), or every task would look for GPU 0.
+# (no --gpus-per-task or --gpu-bind), or each task would see one GPU, numbered
+# 0, and all but the first task of a node would ask for one it cannot see.
 #
 # One process per node driving all of its GPUs also works: submit with
 # --ntasks-per-node=1; the script then sets JAX_LOCAL_DEVICE_IDS to every GPU
