@@ -169,6 +169,8 @@ def generate(
       cond=cond,
       guidance_weight=guidance_weight,
       null_label=config.model.num_classes,
+      noise_fn=diffusion.noise_fn_from_config(config.diffusion,
+                                              d.num_frames),
   )
   return np.asarray(video_io.to_uint8(np.asarray(x)))
 
