@@ -151,3 +151,23 @@ def test_main_train_then_sample(tmp_path):
   videos = np.load(os.path.join(out, 'samples.npz'))
   videos = videos[videos.files[0]]
   assert videos.shape == (2, 4, 16, 16, 3) and videos.dtype == np.uint8
+
+
+def test_checkpoints_in_a_relative_workdir(tmp_path, monkeypatch):
+  # The quickstart passes --workdir=runs/quickstart; orbax needs absolute
+  # paths, so the Checkpointer resolves local ones.
+  monkeypatch.chdir(tmp_path)
+  state = train.TrainState(
+      step=jax.numpy.asarray(3, jax.numpy.int32),
+      params={'w': jax.numpy.arange(4.0)},
+      ema_params={'w': jax.numpy.ones(4)},
+      opt_state={'m': jax.numpy.zeros(4)},
+  )
+  ckpt = checkpoint.Checkpointer('runs/rel')
+  ckpt.save(3, state, force=True)
+  ckpt.wait()
+  assert (tmp_path / 'runs' / 'rel' / 'checkpoints' / '3').is_dir()
+  restored = checkpoint.Checkpointer('runs/rel').restore(state)
+  np.testing.assert_array_equal(restored.params['w'], np.arange(4.0))
+  np.testing.assert_array_equal(restored.ema_params['w'], np.ones(4))
+  assert int(restored.step) == 3

@@ -58,6 +58,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
     _use_single_replica_writes_on_cpu()
+    if '://' not in workdir:  # orbax needs absolute local paths.
+      workdir = os.path.abspath(workdir)
     self.directory = epath.Path(workdir) / 'checkpoints'
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
