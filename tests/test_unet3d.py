@@ -215,3 +215,22 @@ def test_validate_model_config_accepts_default_config():
   unet3d.validate_model_config(config.data.image_size, config.data.num_frames,
                                **config.model)
   assert layers.num_heads(8, 64) == 1
+
+
+@pytest.mark.parametrize('strides', [1, 2])
+def test_conv3x3_matches_lax_values_and_gradients(strides):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((3, 8, 6, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 5, 7)), jnp.float32)
+
+  def ref(x, k):
+    return jax.lax.conv_general_dilated(
+        x, k, (strides, strides), ((1, 1), (1, 1)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  y, vjp = jax.vjp(lambda a, b: layers.conv3x3(a, b, strides), x, kernel)
+  y_ref, vjp_ref = jax.vjp(ref, x, kernel)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  for got, want in zip(vjp(dy), vjp_ref(dy)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
