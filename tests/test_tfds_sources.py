@@ -250,3 +250,20 @@ def test_a_prepared_array_record_dataset(tmp_path):
                                 p2.batch_for_step(1)['video'])
   sources.save_label_names(source, str(tmp_path))
   assert sources.load_label_names(str(tmp_path)) == ['run', 'jump']
+
+
+@pytest.mark.parametrize('name,overrides,channels', PRESETS)
+def test_one_train_step_of_the_tiny_config(name, overrides, channels,
+                                           tmp_path):
+  from vdm_jax import train  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.data.name = name
+  config.data.num_classes = 0
+  config.training.label_dropout = 0.0
+  config.training.num_train_steps = 1
+  for key, value in overrides.items():
+    config.data[key] = value
+  state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 1
+  assert state.params['conv_in']['kernel'].shape[2] == channels
+  assert (tmp_path / 'checkpoints' / '1').is_dir()
