@@ -91,6 +91,8 @@ def main() -> None:
              'frames_per_video': args.frames, 'videos': args.videos,
              'cpu_count': os.cpu_count(),
              'load_avg_1min': round(os.getloadavg()[0], 2)}
+  results['synthetic_videos_per_s'] = round(
+      _rate(synthetic.SyntheticVideos(NUM_FRAMES, SIZE), args.steps), 1)
   with tempfile.TemporaryDirectory() as tmp:
     BenchUcfShaped.num_videos, BenchUcfShaped.frames = args.videos, args.frames
     t = time.perf_counter()

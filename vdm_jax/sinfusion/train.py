@@ -156,8 +156,8 @@ def train_step(state: TrainState, video: jnp.ndarray, rng: jax.Array, *,
   metrics = {
       'loss': loss,
       **{f'loss_{k}': v for k, v in losses.items()},
-      'grad_norm': optax.global_norm(grads),
-      'param_norm': optax.global_norm(params),
+      'grad_norm': optax.tree.norm(grads),
+      'param_norm': optax.tree.norm(params),
       'lr': lr_fn(state.step),
   }
   return state.replace(step=state.step + 1, params=params, ema_params=ema,
