@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from vdm_jax.evaluation import fvd
 from vdm_jax.evaluation import i3d
+from vdm_jax.evaluation import protocols
 
 _CLIP = pathlib.Path(__file__).parent / 'data' / 'v_CricketShot_g04_c01_rgb.gif'
 _CRICKET = 'playing cricket'
@@ -215,6 +216,10 @@ class InputErrorsTest(parameterized.TestCase):
       self.assertIn(proto.resize, fvd.RESIZE_MODES)
       self.assertIn(proto.feature, fvd.FEATURES)
       self.assertGreaterEqual(proto.num_frames, i3d.MIN_FRAMES)
+      self.assertIn(proto.clip_start, protocols.CLIP_STARTS)
+    # FitVid/VDM BAIR: the first 16 frames of each of the 256 test videos.
+    self.assertEqual(fvd.PROTOCOLS['bair_vdm'].clip_start, 'first')
+    self.assertEqual(fvd.PROTOCOLS['stylegan_v_2048'].clip_start, 'random')
 
 
 class I3DTest(absltest.TestCase):

@@ -257,3 +257,36 @@ def test_sample_program_does_not_import_optax():
           ' sys.exit("optax" in sys.modules)')
   subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True,
                  timeout=120)
+
+
+def test_first_frame_clips_for_protocols_that_want_them(tmp_path, monkeypatch):
+  # Two 20-frame videos whose frame i has brightness 10 * i.
+  folder = tmp_path / 'videos'
+  folder.mkdir()
+  for v in range(2):
+    frames = np.arange(20, dtype=np.uint8)[:, None, None, None] * 10
+    video_io.write_mp4(str(folder / f'v{v}.mp4'),
+                       np.broadcast_to(frames, (20, 16, 16, 3)), fps=8)
+  config = tiny.get_config()
+  config.data.name, config.data.path = 'video_files', str(folder)
+  config.data.num_classes = 0
+  clips, _ = sample_inputs.dataset_clips(config, 2, 4, seed=0,
+                                         random_start=False)
+  brightness = clips.reshape(2, 4, -1).mean(-1)
+  np.testing.assert_allclose(brightness, [[0, 10, 20, 30]] * 2, atol=3)
+
+  # eval takes the start from the protocol: BAIR's is the first frames.
+  from vdm_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  seen = []
+
+  def fake_clips(*args, random_start=True, **kwargs):
+    del args, kwargs
+    seen.append(random_start)
+    return np.zeros((1, 16, 8, 8, 3), np.uint8), np.zeros((1,), np.int32)
+
+  monkeypatch.setattr(sample_inputs, 'dataset_clips', fake_clips)
+  for name in ('bair_vdm', 'stylegan_v_2048'):
+    run = evaluate.Plan(evaluate.protocols.PROTOCOLS[name], 1, 1, 'test', 16,
+                        ())
+    evaluate.real_clips(config, run, sample_inputs.TaskInputs(None))
+  assert seen == [False, True]

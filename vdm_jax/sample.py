@@ -421,8 +421,9 @@ def sample_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   config = task_config(config)
   plan = evaluate.plan(config)
-  inputs = sample_inputs.load(config, plan.num_real, seed=config.eval.seed,
-                              split=plan.split)
+  inputs = sample_inputs.load(
+      config, plan.num_real, seed=config.eval.seed, split=plan.split,
+      random_start=plan.protocol.clip_start == 'random')
   validate(config, inputs)
   real = evaluate.real_clips(config, plan, inputs)
   idx = np.arange(plan.num_generated) % plan.num_real

@@ -178,6 +178,7 @@ def dataset_clips(
     seed: int,
     frame_stride: Optional[int] = None,
     split: str = '',
+    random_start: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
   """`num` clips of config.data, the same on every process.
 
@@ -191,6 +192,8 @@ def dataset_clips(
     seed: pipeline seed (choice of examples, clip starts).
     frame_stride: source frames between clip frames; None: data's.
     split: TFDS split; '': data.split.
+    random_start: random clip starts; False: each clip is the first
+      num_frames frames of its video (e.g. the BAIR FVD protocol).
 
   Returns:
     uint8 [N, num_frames, S, S, C] clips and int32 [N] labels.
@@ -205,7 +208,8 @@ def dataset_clips(
   chunk = min(num, _CHUNK)
   pipe = pipeline.Pipeline(
       source, global_batch_size=chunk, num_frames=num_frames, seed=seed,
-      frame_stride=data.frame_stride, random_flip=False, random_crop=False)
+      frame_stride=data.frame_stride, random_start=random_start,
+      random_flip=False, random_crop=False)
   batches = [pipe.batch_for_step(i) for i in range(-(-num // chunk))]
   videos = np.concatenate([b['video'] for b in batches])[:num]
   labels = np.concatenate([b['label'] for b in batches])[:num]
@@ -238,10 +242,11 @@ def task_input(config: ml_collections.ConfigDict,
 
 
 def from_dataset(config: ml_collections.ConfigDict, num: int, *, seed: int,
-                 split: str = '') -> TaskInputs:
+                 split: str = '', random_start: bool = True) -> TaskInputs:
   """Ground-truth clips on the task's output timeline, and their input."""
   clips, labels = dataset_clips(config, num, num_output_frames(config),
-                                seed=seed, split=split)
+                                seed=seed, split=split,
+                                random_start=random_start)
   return TaskInputs(task_input(config, clips), labels, clips)
 
 
@@ -261,7 +266,7 @@ def from_file(config: ml_collections.ConfigDict) -> TaskInputs:
 
 
 def load(config: ml_collections.ConfigDict, num: int, *, seed: int,
-         split: str = '') -> TaskInputs:
+         split: str = '', random_start: bool = True) -> TaskInputs:
   """Inputs of config.sample.task for `num` videos (cycled to num).
 
   Args:
@@ -269,6 +274,8 @@ def load(config: ml_collections.ConfigDict, num: int, *, seed: int,
     num: videos to generate.
     seed: pipeline seed of dataset inputs.
     split: TFDS split of dataset inputs ('': data.split).
+    random_start: random clip starts in dataset videos (False: first
+      frames).
 
   Returns:
     TaskInputs with N = num (inputs cycled when a file holds fewer).
@@ -276,7 +283,8 @@ def load(config: ml_collections.ConfigDict, num: int, *, seed: int,
   if config.sample.task not in conditioning.VIDEO_TASKS:
     return TaskInputs(None)
   if not config.sample.input:
-    return from_dataset(config, num, seed=seed, split=split)
+    return from_dataset(config, num, seed=seed, split=split,
+                        random_start=random_start)
   inputs = from_file(config)
   idx = np.arange(num) % len(inputs.video)
   return TaskInputs(inputs.video[idx])

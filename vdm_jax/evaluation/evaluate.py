@@ -110,7 +110,7 @@ def real_clips(config: ml_collections.ConfigDict, run: Plan,
     return inputs.reference
   clips, _ = sample_inputs.dataset_clips(
       config, run.num_real, run.num_frames, seed=config.eval.seed,
-      split=run.split)
+      split=run.split, random_start=run.protocol.clip_start == 'random')
   return clips
 
 
@@ -122,6 +122,7 @@ def fingerprint(config: ml_collections.ConfigDict, run: Plan) -> str:
              split=run.split, seed=config.seed, eval_seed=config.eval.seed,
              num_real=run.num_real, num_frames=run.num_frames,
              frame_stride=d.frame_stride, image_size=d.image_size,
+             clip_start=run.protocol.clip_start,
              num_examples=d.get('num_examples', 0))
   return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 

@@ -8,6 +8,7 @@ import dataclasses
 from typing import Optional
 
 RESIZE_MODES = ('reference', 'magvit')
+CLIP_STARTS = ('random', 'first')
 FEATURES = ('logits_mean', 'pool')
 
 
@@ -30,6 +31,8 @@ class Protocol:
       score is the mean (and std) over groups.
     feature: I3D output used ('logits_mean' everywhere in the literature).
     source: where the protocol is defined.
+    clip_start: where real (and conditioning) clips start in their videos:
+      'random' or 'first' (frames 0..num_frames-1 of each video).
   """
 
   name: str
@@ -43,6 +46,7 @@ class Protocol:
   folds: int
   feature: str
   source: str
+  clip_start: str = 'random'
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -64,6 +68,7 @@ PROTOCOLS: dict[str, Protocol] = {
             'VDM (Ho et al. 2022) Table 2 / FitVid; REFERENCE.md 1.7. MAGVIT'
             ' App. C: VDM scored another camera view; name the view.'
         ),
+        clip_start='first',
     ),
     # MAGVIT Table 10 (UCF-101 class-conditional 16x128x128): 10,000 samples
     # x 4 folds against random train clips, `videogvt/tools/compute_fvd.py`
