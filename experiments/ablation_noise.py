@@ -83,9 +83,7 @@ def run(noise: str, workdir: str) -> dict:
   out['train_s'] = time.time() - t0
   t0 = time.time()
   model, params, _ = sample_lib.restore_ema_params(config, workdir)
-  denoise_fn = jax.tree_util.Partial(
-      lambda p, z, logsnr, cond: model.apply(
-          {'params': p}, z, logsnr, train=False, **cond), params)
+  denoise_fn = sample_lib.make_denoise_fn(model, params)
   d, n = config.data, _NUM_VIDEOS.value
   shape = (n, d.num_frames, d.image_size, d.image_size, d.channels)
   x = sampling.sample_from_config(
