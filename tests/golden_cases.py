@@ -25,34 +25,33 @@ class _Api:
   @staticmethod
   def train(config, workdir):
     from vdm_jax import train
-    return train.train_and_evaluate(config, workdir)
+    return train.train(config, workdir)
 
   @staticmethod
   def sf_train(config, workdir):
     from vdm_jax.sinfusion import train as sf_train
-    return sf_train.train_and_evaluate(config, workdir)
+    return sf_train.train(config, workdir)
 
   @staticmethod
   def model_and_params(config, rng):
-    from vdm_jax import train
-    model = train.create_model(config)
-    d = config.data
-    z = jnp.zeros((1, d.num_frames, d.image_size, d.image_size, d.channels))
-    params = model.init(
-        {'params': rng}, z, jnp.zeros((1,)),
-        label=jnp.zeros((1,), jnp.int32) if config.model.num_classes
-        else None)['params']
+    from vdm_jax import denoiser
+    model = denoiser.create_model(config)
+    params = denoiser.init_params(config, model, rng)
     return model, params
 
   @staticmethod
   def denoise_fn(model, params):
-    from vdm_jax import sample
-    return sample.make_denoise_fn(model, params)
+    from vdm_jax import denoiser
+    return denoiser.make_denoise_fn(model, params)
 
   @staticmethod
   def sample(config, fn, rng, shape):
+    from vdm_jax import tasks
     from vdm_jax import sampling
-    return sampling.sample_from_config(fn, rng, shape, config)
+    setup = tasks.Setup.from_config(config)
+    return sampling.sample(fn, rng, shape, logsnr_fn=setup.logsnr_fn,
+                           target=setup.target, spec=setup.spec,
+                           noise=setup.noise)
 
   @staticmethod
   def invert(config, fn, x):
@@ -65,17 +64,16 @@ class _Api:
 
   @staticmethod
   def run_task(config, fn, rng, video, num_videos, labels):
-    from vdm_jax import conditioning
-    from vdm_jax import sample
-    config = sample.task_config(config)
-    return conditioning.run_task(config, fn, rng, video=video,
-                                 num_videos=num_videos, labels=labels)
+    from vdm_jax import tasks
+    return tasks.run(tasks.from_config(config.sample), fn, rng,
+                     tasks.Setup.from_config(config), video=video,
+                     num_videos=num_videos, labels=labels)
 
   @staticmethod
   def preview(config, model, params, rng, num_videos, num_steps):
-    from vdm_jax import sample
-    return sample.generate(config, model, params, rng,
-                           num_videos=num_videos, num_steps=num_steps)
+    from vdm_jax import train
+    return train.preview_videos(config, model, params, rng,
+                                num_videos=num_videos, num_steps=num_steps)
 
 
 api = _Api

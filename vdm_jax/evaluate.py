@@ -1,23 +1,40 @@
-"""--mode=eval helpers: the plan of an FVD run, its real clips, its result.
+"""Evaluation program (--mode=eval): sample, then score FVD under a protocol.
 
-`plan(config)` resolves config.eval against the protocol preset and checks,
-before anything is sampled or compiled, that the task's videos can be scored
-(frames = the protocol's, at least I3D's 9, the protocol's resolution).
+`sample_and_evaluate(config, workdir)` samples `config.eval.num_videos`
+videos the way --mode=sample does (sample.py), scores them against clips of
+the config's dataset with FVD under the preset `config.eval.protocol`
+(evaluation/, the metric), and writes
+`workdir/eval/fvd_<protocol>_<task>_step_<N>.json` atomically.
+
+`plan(config, task, model)` resolves config.eval against the protocol
+preset and checks, before anything is sampled or compiled, that the
+task's videos can be scored (frames = the protocol's, at least I3D's 9, the
+protocol's resolution).
 `score` runs `fvd.evaluate_videos` and adds what the preset does not say:
 where the run deviates from the protocol (counts, task, split).
 """
 
 import dataclasses
+import datetime
 import hashlib
 import json
+import os
+import subprocess
+import time
 from typing import Any, Optional
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
-from vdm_jax import conditioning
+from vdm_jax import denoiser
+from vdm_jax import fileio
+from vdm_jax import sample
 from vdm_jax import sample_inputs
+from vdm_jax import sharding
+from vdm_jax import tasks
+from vdm_jax import video_io
 from vdm_jax.evaluation import fvd
 from vdm_jax.evaluation import i3d
 from vdm_jax.evaluation import protocols
@@ -44,12 +61,14 @@ class Plan:
   deviations: tuple[str, ...]
 
 
-def plan(config: ml_collections.ConfigDict) -> Plan:
+def plan(config: ml_collections.ConfigDict, task: tasks.Task,
+         model: tasks.ModelShape) -> Plan:
   """Checks config.eval against its protocol; raises ValueError early.
 
   Args:
-    config: the full config, sample.num_frames_out resolved
-      (sample.task_config).
+    config: the full config.
+    task: the task of config.sample.
+    model: the model's block shape.
 
   Returns:
     The Plan.
@@ -59,11 +78,8 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
     raise ValueError(f'Unknown eval.protocol {e.protocol!r}; choose one of'
                      f' {list(protocols.PROTOCOLS)}.')
   proto = protocols.PROTOCOLS[e.protocol]
-  conditioning.check_task(s.task)
-  if s.task == 'upsample' and s.input:
-    raise ValueError("--mode=eval of task 'upsample' takes its low-resolution"
-                     " inputs from the dataset; set sample.input=''.")
-  num_frames = sample_inputs.num_output_frames(config)
+  task.validate_eval(bool(s.input))
+  num_frames = task.num_output_frames(model, task.num_input_frames(model))
   if num_frames < i3d.MIN_FRAMES:
     raise ValueError(
         f'FVD needs videos of at least {i3d.MIN_FRAMES} frames (I3D), but'
@@ -87,8 +103,8 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
         f' be at least 2 per fold ({proto.folds} folds).')
   split = e.split or d.split
   deviations = []
-  k = s.num_cond_frames if s.task == 'predict' else 0
-  if s.task in conditioning.VIDEO_TASKS and s.task != 'predict':
+  k = task.eval_conditioning_frames()
+  if k is None:
     deviations.append(f'task {s.task!r} is not the protocol\'s')
   elif k != proto.conditioning_frames:
     deviations.append(f'{k} conditioning frames (task {s.task!r}) !='
@@ -117,13 +133,12 @@ def real_clips(config: ml_collections.ConfigDict, run: Plan,
 def fingerprint(config: ml_collections.ConfigDict, run: Plan) -> str:
   """Identifies the real clips (dataset, split, seed, count, frames)."""
   d = config.data
-  key = dict(name=d.name, tfds_name=d.get('tfds_name', ''),
-             path=d.get('path', ''), view=d.get('view', ''),
+  key = dict(name=d.name, tfds_name=d.tfds_name, path=d.path, view=d.view,
              split=run.split, seed=config.seed, eval_seed=config.eval.seed,
              num_real=run.num_real, num_frames=run.num_frames,
              frame_stride=d.frame_stride, image_size=d.image_size,
              clip_start=run.protocol.clip_start,
-             num_examples=d.get('num_examples', 0))
+             num_examples=d.num_examples)
   return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -167,4 +182,76 @@ def score(config: ml_collections.ConfigDict, run: Plan, videos: np.ndarray,
       split=run.split,
       eval_seed=config.eval.seed,
   )
+  return result
+
+
+def _git_commit() -> Optional[str]:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    commit = subprocess.run(
+        ['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True,
+        text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(
+        ['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
+        capture_output=True, text=True, timeout=10, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return commit + ('-dirty' if dirty.strip() else '')
+
+
+def sample_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        config_path: Optional[str] = None) -> dict:
+  """Samples with config.sample and scores FVD under config.eval.protocol.
+
+  Real clips come from config.data (split eval.split); video tasks are
+  conditioned on them (generated video i on real clip i mod num_real), so
+  samples and ground truth share their given frames (VDM's Kinetics
+  protocol).
+
+  Args:
+    config: the full config.
+    workdir: the run's directory.
+    config_path: the config file, recorded in the result.
+
+  Returns:
+    The result written to workdir/eval/fvd_<protocol>_<task>_step_<N>.json.
+  """
+  task = tasks.from_config(config.sample)
+  run = plan(config, task, tasks.ModelShape.from_config(config))
+  request = sample.prepare(
+      config, run.num_real, seed=config.eval.seed, split=run.split,
+      random_start=run.protocol.clip_start == 'random')
+  real = real_clips(config, run, request.inputs)
+  idx = np.arange(run.num_generated) % run.num_real
+  inputs = request.inputs
+  request = dataclasses.replace(
+      request,
+      inputs=sample_inputs.TaskInputs(
+          None if inputs.video is None else inputs.video[idx]),
+      labels=task.labels(request.setup.model.num_classes,
+                         None if inputs.labels is None else inputs.labels[idx],
+                         run.num_generated))
+  mesh = sharding.make_mesh(config.mesh)
+  model, params, step = sample.restore_ema_params(config, workdir, mesh)
+  start = time.time()
+  rng = jax.random.fold_in(jax.random.key(config.seed), 5)
+  videos = sample.sample_videos(
+      request, denoiser.make_denoise_fn(model, params, mesh), rng, mesh,
+      run.num_generated)
+  result = score(config, run, videos, real)
+  result.update(
+      checkpoint_step=int(step), workdir=workdir, config_path=config_path,
+      git_commit=_git_commit(), sampling_seconds=round(time.time() - start, 1),
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec='seconds'),
+      devices=f'{jax.device_count()} x {jax.devices()[0].device_kind}')
+  path = os.path.join(
+      workdir, 'eval', f'fvd_{run.protocol.name}_{task.name}_step_{step}.json')
+  if jax.process_index() == 0:
+    fileio.write_json(path, result)
+    if config.eval.save_samples:
+      video_io.save_npz(path[:-len('.json')] + '.npz', videos)
+    logging.info('FVD %.2f (%s, %d videos) written to %s', result['fvd'],
+                 run.protocol.name, len(videos), path)
+  result['path'] = path
   return result

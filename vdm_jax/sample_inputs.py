@@ -1,13 +1,14 @@
 """Inputs of the sampling tasks: videos from a file or from the dataset.
 
-A video task (conditioning.VIDEO_TASKS) needs input videos
+A video task (tasks.Task.needs_video) needs input videos
 [N, T_in, h, w, C] in [-1, 1] at the model's size ('upsample': at the low
 resolution). They come from `config.sample.input`:
   ''          ground-truth clips of `config.data` (the same source as
               training, built here without the train program), cut to the
               task's output timeline; the task input is derived from them
-              (`task_input`), so the clip is also the reference shown beside
-              the result and, in --mode=eval, the real video;
+              (`Task.input_from_clips`), so the clip is also the
+              reference shown beside the result and, in --mode=eval, the
+              real video;
   a file      .mp4/.gif/.webm/.avi (one video) or .npz (videos
               [N, T, H, W, C] under 'videos', 'video' or the first array,
               uint8 or float in [-1, 1] / [0, 1]: another run's samples.npz).
@@ -23,11 +24,10 @@ from typing import Optional
 import ml_collections
 import numpy as np
 
-from vdm_jax import conditioning
+from vdm_jax import tasks
 from vdm_jax import video_io
 from vdm_jax.data import pipeline
 from vdm_jax.data import sources
-from vdm_jax.data import video_files
 
 # Clips read from a source per pipeline call.
 _CHUNK = 64
@@ -48,78 +48,6 @@ class TaskInputs:
   video: Optional[np.ndarray]
   labels: Optional[np.ndarray] = None
   reference: Optional[np.ndarray] = None
-
-
-def num_input_frames(config: ml_collections.ConfigDict) -> int:
-  """T_in of dataset inputs: sample.input_frames, or the model's T."""
-  return config.sample.input_frames or config.data.num_frames
-
-
-def num_output_frames(config: ml_collections.ConfigDict,
-                      num_in: Optional[int] = None) -> int:
-  """T_out of config.sample.task for an input of num_in frames."""
-  s, t = config.sample, config.data.num_frames
-  num_in = num_in or num_input_frames(config)
-  if s.task == 'extend':
-    return s.num_frames_out or 2 * t
-  if s.task == 'interpolate':
-    return (num_in - 1) * s.interp_factor + 1
-  if s.task == 'upsample':
-    return num_in
-  return t
-
-
-def known_positions(config: ml_collections.ConfigDict, num_in: int,
-                    num_out: int) -> np.ndarray:
-  """bool [T_out]: output frames that are given input frames (kept exact)."""
-  s, t = config.sample, config.data.num_frames
-  known = np.zeros(num_out, bool)
-  if s.task == 'predict':
-    known[:s.num_cond_frames] = True
-  elif s.task == 'keyframes':
-    known[[0, t - 1]] = True
-  elif s.task == 'extend':
-    if s.direction == 'backward':
-      known[num_out - num_in:] = True
-    else:
-      known[:num_in] = True
-  elif s.task == 'interpolate':
-    known[::s.interp_factor] = True
-  return known
-
-
-def lowres_size(config: ml_collections.ConfigDict,
-                input_size: Optional[int] = None) -> int:
-  """Resolution of the low-resolution input of 'upsample'."""
-  size = config.data.image_size
-  low = config.sample.lowres_size
-  if not low:  # The input's own size if square, else half the model's.
-    low = input_size if input_size else size // 2
-  if low < 1 or size % low:
-    raise ValueError(
-        f'The low resolution {low} of task upsample must divide'
-        f' data.image_size={size}; set sample.lowres_size to a divisor.')
-  return low
-
-
-def fit(videos: np.ndarray, size: int, channels: int) -> np.ndarray:
-  """Short-side resize and centre crop.
-
-  Args:
-    videos: uint8 [N, T, H, W, C'], C' in (1, 3).
-    size: S, the output height and width.
-    channels: output channels (1: luminance, 3: RGB).
-
-  Returns:
-    uint8 [N, T, S, S, channels].
-  """
-  out = []
-  for v in videos:
-    if v.shape[1:] != (size, size, channels):
-      v = video_files.crop(
-          video_files.resize_short_side(v, size, channels), size)
-    out.append(v)
-  return np.stack(out)
 
 
 def _npz_videos(path: str) -> np.ndarray:
@@ -216,61 +144,25 @@ def dataset_clips(
   return videos, labels
 
 
-def task_input(config: ml_collections.ConfigDict,
-               clips: np.ndarray) -> Optional[np.ndarray]:
-  """The task's input derived from ground-truth clips on its timeline.
-
-  Args:
-    config: the full config.
-    clips: uint8 [N, T_out, H, W, C] at the model's resolution.
-
-  Returns:
-    uint8 [N, T_in, h, w, C] (None for tasks without an input).
-  """
-  s = config.sample
-  if s.task not in conditioning.VIDEO_TASKS:
-    return None
-  if s.task == 'extend':
-    num_in = num_input_frames(config)
-    return clips[:, -num_in:] if s.direction == 'backward' else (
-        clips[:, :num_in])
-  if s.task == 'interpolate':
-    return clips[:, ::s.interp_factor]
-  if s.task == 'upsample':
-    return fit(clips, lowres_size(config), config.data.channels)
-  return clips
-
-
-def from_dataset(config: ml_collections.ConfigDict, num: int, *, seed: int,
+def from_dataset(config: ml_collections.ConfigDict, task: tasks.Task,
+                 model: tasks.ModelShape, num: int, *, seed: int,
                  split: str = '', random_start: bool = True) -> TaskInputs:
   """Ground-truth clips on the task's output timeline, and their input."""
-  clips, labels = dataset_clips(config, num, num_output_frames(config),
-                                seed=seed, split=split,
+  num_out = task.num_output_frames(model, task.num_input_frames(model))
+  clips, labels = dataset_clips(config, num, num_out, seed=seed, split=split,
                                 random_start=random_start)
-  return TaskInputs(task_input(config, clips), labels, clips)
+  return TaskInputs(task.input_from_clips(model, clips), labels, clips)
 
 
-def from_file(config: ml_collections.ConfigDict) -> TaskInputs:
-  """The videos of config.sample.input, cut and fitted to the task."""
-  s, d = config.sample, config.data
-  videos = read_input(s.input)
-  if s.task == 'upsample':
-    num_in = s.input_frames or (videos.shape[1] // d.num_frames
-                                * d.num_frames)
-    _, _, h, w, _ = videos.shape
-    size = lowres_size(config, h if h == w else None)
-  else:
-    num_in, size = s.input_frames or d.num_frames, d.image_size
-  videos = videos[:, :max(num_in, 1)]
-  return TaskInputs(fit(videos, size, d.channels))
-
-
-def load(config: ml_collections.ConfigDict, num: int, *, seed: int,
-         split: str = '', random_start: bool = True) -> TaskInputs:
-  """Inputs of config.sample.task for `num` videos (cycled to num).
+def load(config: ml_collections.ConfigDict, task: tasks.Task,
+         model: tasks.ModelShape, num: int, *, seed: int, split: str = '',
+         random_start: bool = True) -> TaskInputs:
+  """Inputs of `task` for `num` videos (cycled to num).
 
   Args:
-    config: the full config.
+    config: the full config (sample.input, data).
+    task: the task.
+    model: the model's block shape.
     num: videos to generate.
     seed: pipeline seed of dataset inputs.
     split: TFDS split of dataset inputs ('': data.split).
@@ -280,11 +172,10 @@ def load(config: ml_collections.ConfigDict, num: int, *, seed: int,
   Returns:
     TaskInputs with N = num (inputs cycled when a file holds fewer).
   """
-  if config.sample.task not in conditioning.VIDEO_TASKS:
+  if not task.needs_video:
     return TaskInputs(None)
   if not config.sample.input:
-    return from_dataset(config, num, seed=seed, split=split,
+    return from_dataset(config, task, model, num, seed=seed, split=split,
                         random_start=random_start)
-  inputs = from_file(config)
-  idx = np.arange(num) % len(inputs.video)
-  return TaskInputs(inputs.video[idx])
+  video = task.input_from_file(model, read_input(config.sample.input))
+  return TaskInputs(video[np.arange(num) % len(video)])

@@ -6,7 +6,8 @@ are taken; step i draws its noise from `fold_in(rng, i)`. The log-SNR of the
 N + 1 grid points is computed outside the compiled program and passed in as an
 array, so the program depends on N only through that array's length.
 
-Samplers (VDM 2, REFERENCE 1.4):
+Samplers (VDM 2; DDIM: Song et al. 2021, eq. 12; predictor-corrector: Song
+et al. 2021b, Alg. 2, as VDM 3.1 uses it):
   'ancestral': z_s = mu~_{s|t}(z_t, x_hat)
       + sqrt((sigma~^2_{s|t})^{1-gamma} (sigma^2_{t|s})^gamma) eps.
   'ddim': z_s = alpha_s x_hat + sqrt(sigma_s^2 - c^2) eps_hat + c eps,
@@ -17,9 +18,9 @@ Samplers (VDM 2, REFERENCE 1.4):
 The last step returns x_hat (clipped), with no noise.
 
 Noise: every random draw (z_1, the step noise, Langevin's eps', the forward
-samples of replacement) comes from `noise_fn(rng, shape)` with `shape` the
-sample shape; i.i.d. by default, VideoFusion's decomposed noise
-(diffusion.DecomposedNoise) with config.diffusion.noise = 'decomposed'.
+samples of replacement) comes from `noise.draw(rng, shape)` with `shape` the
+sample shape (noise.py): i.i.d. by default, VideoFusion's decomposed noise
+with config.diffusion.noise = 'decomposed'.
 With decomposed noise the forward process is q(z_t | x) = N(alpha_t x,
 sigma_t^2 S), S the frame covariance of the noise (diffusion.py). The
 samplers stay exact for a denoiser that is exact for *that* process: with
@@ -36,6 +37,7 @@ x^a, reconstruction guidance (VDM 3.1, eq. 7) and its spatial super-resolution
 variant; see `Guidance`.
 """
 
+import dataclasses
 import functools
 from typing import Any, Callable, Mapping
 
@@ -45,14 +47,70 @@ import jax.numpy as jnp
 import ml_collections
 
 from vdm_jax import diffusion
+from vdm_jax import noise as noise_lib
 from vdm_jax import schedules
 
 SAMPLERS = ('ancestral', 'ddim', 'pc')
 GUIDANCE_METHODS = ('none', 'replacement', 'reconstruction', 'super_resolution')
 
-NoiseFn = Callable[[jax.Array, tuple[int, ...]], jnp.ndarray]
 # (z, logsnr) -> (x_hat, eps_hat), all [B, T, H, W, C]; logsnr [B].
 XEpsFn = Callable[[jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
+
+
+def check_sampler(sampler: str) -> None:
+  if sampler not in SAMPLERS:
+    raise ValueError(
+        f'Unknown sample.sampler {sampler!r}; choose one of {SAMPLERS}.'
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+  """How to sample: built once from config.sample by the program.
+
+  Attributes:
+    sampler: 'ancestral', 'ddim' or 'pc'.
+    num_steps: N >= 1.
+    gamma: ancestral / pc log-variance interpolation (VDM 2).
+    eta: DDIM noise scale (0: deterministic).
+    delta: Langevin step size of the pc corrector (VDM: 0.1).
+    clip_x: clip x_hat to [-1, 1] at every step.
+    guidance_weight: classifier-free guidance weight w (VDM 2); applied by
+      `make_guidance` when the model is class-conditional.
+    recon_weight: reconstruction guidance weight w_r (VDM 3.1, eq. 7);
+      0 conditions frame tasks by replacement.
+    remat_guidance: `jax.checkpoint` the denoiser inside guidance gradients.
+  """
+
+  sampler: str = 'ancestral'
+  num_steps: int = 256
+  gamma: float = 0.1
+  eta: float = 0.0
+  delta: float = 0.1
+  clip_x: bool = True
+  guidance_weight: float = 0.0
+  recon_weight: float = 0.0
+  remat_guidance: bool = False
+
+  def __post_init__(self):
+    check_sampler(self.sampler)
+    if self.num_steps < 1:
+      raise ValueError(f'num_steps must be >= 1, got {self.num_steps}.')
+
+  @classmethod
+  def from_config(cls, sample_config: ml_collections.ConfigDict
+                  ) -> 'SamplerSpec':
+    """The spec of config.sample."""
+    s = sample_config
+    return cls(sampler=s.sampler, num_steps=int(s.num_steps),
+               gamma=float(s.gamma), eta=float(s.eta), delta=float(s.delta),
+               clip_x=bool(s.clip_x),
+               guidance_weight=float(s.guidance_weight),
+               recon_weight=float(s.recon_weight),
+               remat_guidance=bool(s.remat_guidance))
+
+  def replace(self, **changes) -> 'SamplerSpec':
+    return dataclasses.replace(self, **changes)
 
 
 @flax.struct.dataclass
@@ -98,11 +156,16 @@ def make_guidance(
     method: str | None = None,
     remat: bool = False,
 ) -> Guidance:
-  """Builds a checked `Guidance`.
+  """Builds a checked `Guidance`: the one place guidance is switched on.
+
+  Classifier-free guidance is on when cfg_weight != 0 and null_label is
+  given (a class-conditional model sampled with labels); otherwise the
+  conditional model is used as it is.
 
   Args:
-    cfg_weight: classifier-free guidance weight w; needs `null_label`.
-    null_label: the null (unconditional) label, = num_classes.
+    cfg_weight: classifier-free guidance weight w.
+    null_label: the null (unconditional) label, = num_classes; None: the
+      model has no labels (cfg_weight is then ignored).
     x_a: [B, T, H, W, C] known video values.
     mask: [B, T] or anything broadcastable to x_a, True where known.
     recon_weight: w_r; with x_a and method None, w_r > 0 selects
@@ -136,11 +199,12 @@ def make_guidance(
     if x_lowres is None:
       raise ValueError("Guidance 'super_resolution' needs x_lowres.")
     x_lowres = jnp.asarray(x_lowres, jnp.float32)
-  if cfg_weight and null_label is None:
-    raise ValueError('Classifier-free guidance needs null_label.')
+  if not cfg_weight:
+    null_label = None
   return Guidance(
       method=method,
-      cfg_weight=jnp.asarray(cfg_weight, jnp.float32),
+      cfg_weight=jnp.asarray(cfg_weight if null_label is not None else 0.0,
+                             jnp.float32),
       null_label=None if null_label is None else int(null_label),
       x_a=x_a if method in ('replacement', 'reconstruction') else None,
       mask=mask if method in ('replacement', 'reconstruction') else None,
@@ -378,21 +442,16 @@ def langevin_step(z, eps_hat, noise, logsnr, delta):
   return z - 0.5 * delta * sigma * eps_hat + jnp.sqrt(delta) * sigma * noise
 
 
-def default_noise(rng: jax.Array, shape: tuple[int, ...]) -> jnp.ndarray:
-  """I.i.d. standard normal noise (diffusion.sample_noise)."""
-  return diffusion.sample_noise(rng, shape)
-
-
 @functools.partial(
     jax.jit, static_argnames=('shape', 'target', 'sampler', 'clip_x'))
-def _sample_scan(denoise_fn, noise_fn, rng, z, logsnrs, cond, guidance, gamma,
+def _sample_scan(denoise_fn, noise, rng, z, logsnrs, cond, guidance, gamma,
                  eta, delta, *, shape, target, sampler, clip_x):
   """The compiled sampler: one lax.scan over the len(logsnrs) - 1 steps."""
   num_steps = logsnrs.shape[0] - 1
   batch = shape[0]
   rng_init, rng = jax.random.split(rng)
   if z is None:
-    z = noise_fn(rng_init, shape)
+    z = noise.draw(rng_init, shape)
   predict = guided_predictor(denoise_fn, target, cond, guidance)
   # All of a step's noise in one vmapped draw (one RNG program to compile),
   # each of `shape`: the step noise, the forward-process noise of replacement
@@ -404,7 +463,7 @@ def _sample_scan(denoise_fn, noise_fn, rng, z, logsnrs, cond, guidance, gamma,
 
   def step(z, i):
     keys = jax.random.split(jax.random.fold_in(rng, i), len(names))
-    noises = jax.vmap(lambda k: noise_fn(k, shape))(keys)
+    noises = jax.vmap(lambda k: noise.draw(k, shape))(keys)
     noises = dict(zip(names, noises))
     lt, ls = logsnrs[i], logsnrs[i + 1]
     last = i == num_steps - 1
@@ -448,7 +507,7 @@ def _as_partial(fn):
   """A jit-able pytree for fn: params of a tree_util.Partial stay traced.
 
   Callables that are pytrees themselves (a tree_util.Partial, a
-  flax.struct.dataclass such as diffusion.DecomposedNoise) pass through with
+  flax.struct.dataclass such as noise.Noise) pass through with
   their leaves traced; any other callable becomes a leafless Partial, keyed
   by its identity.
   """
@@ -458,13 +517,6 @@ def _as_partial(fn):
   return jax.tree_util.Partial(fn)
 
 
-def check_sampler(sampler: str) -> None:
-  if sampler not in SAMPLERS:
-    raise ValueError(
-        f'Unknown sample.sampler {sampler!r}; choose one of {SAMPLERS}.'
-    )
-
-
 def sample(
     denoise_fn: diffusion.DenoiseFn,
     rng: jax.Array,
@@ -472,28 +524,20 @@ def sample(
     *,
     logsnr_fn: schedules.LogSNRFn,
     target: str,
-    sampler: str = 'ancestral',
-    num_steps: int = 256,
-    gamma: float = 0.1,
-    eta: float = 0.0,
-    delta: float = 0.1,
+    spec: SamplerSpec = SamplerSpec(),
+    noise: noise_lib.Noise | None = None,
     cond: Mapping[str, Any] | None = None,
     guidance: Guidance | None = None,
-    clip_x: bool = True,
-    noise_fn: NoiseFn | None = None,
     z_init: jnp.ndarray | None = None,
-    guidance_weight: float = 0.0,
-    null_label: int | None = None,
 ) -> jnp.ndarray:
-  """Draws x ~ p(x | cond) with `sampler` in `num_steps` steps.
+  """Draws x ~ p(x | cond) with spec.sampler in spec.num_steps steps.
 
-  Compiled once per (shapes, sampler, target, clip_x, noise_fn, denoise_fn,
-  guidance method); gamma/eta/delta, guidance weights and the leaves of a
-  pytree noise_fn (e.g. diffusion.DecomposedNoise's lambdas) are traced, so
-  new values do not recompile. Pass `denoise_fn` as a
-  `jax.tree_util.Partial(apply, params)` to keep the parameters traced
-  arguments rather than compile-time constants; a plain function is keyed by
-  its identity.
+  Compiled once per (shapes, sampler, target, clip_x, denoise_fn, guidance
+  method, noise type); gamma/eta/delta, guidance weights and the leaves of
+  `noise` (VideoFusion's lambdas) are traced, so new values do not
+  recompile. Pass `denoise_fn` as a `jax.tree_util.Partial(apply, params)`
+  (denoiser.make_denoise_fn) to keep the parameters traced arguments rather
+  than compile-time constants; a plain function is keyed by its identity.
 
   Args:
     denoise_fn: (z [B, T, H, W, C], logsnr [B], cond) -> prediction.
@@ -501,49 +545,35 @@ def sample(
       its noise from fold_in(step key, i).
     shape: (B, T, H, W, C).
     logsnr_fn: schedule t -> logsnr.
-    target: 'eps', 'v' or 'x'.
-    sampler: 'ancestral', 'ddim' or 'pc'.
-    num_steps: N >= 1.
-    gamma: ancestral / pc log-variance interpolation (VDM 2).
-    eta: DDIM noise scale.
-    delta: Langevin step size of the pc corrector (VDM: 0.1).
+    target: the model's parameterization, 'eps', 'v' or 'x'.
+    spec: sampler, steps, gamma, eta, delta, clip_x (its guidance weights
+      are read by `make_guidance`, not here).
+    noise: a noise.Noise (default i.i.d.): z_1, per-step noise, Langevin
+      noise and the forward samples of replacement all come from
+      noise.draw(key, shape).
     cond: model inputs ('label' int32[B], 'frame_mask' bool[B, T]).
-    guidance: a `Guidance` (replacement / reconstruction / super-resolution
-      and classifier-free guidance).
-    clip_x: clip x_hat to [-1, 1] at every step.
-    noise_fn: (rng, shape) -> noise of `shape` (the sample shape) with unit
-      variance per element; default i.i.d. normal; a
-      `diffusion.DecomposedNoise` for VideoFusion's noise. Used for z_1,
-      per-step noise, Langevin noise and the forward samples of
-      replacement.
+    guidance: a `Guidance` from `make_guidance` (replacement /
+      reconstruction / super-resolution and classifier-free guidance);
+      None: the plain conditional model.
     z_init: [B, T, H, W, C] starting z_1 (e.g. from `ddim_invert`).
-    guidance_weight: shorthand for classifier-free guidance with
-      `null_label` when `guidance` is None.
-    null_label: see guidance_weight.
 
   Returns:
     x: [B, T, H, W, C] float32.
   """
-  check_sampler(sampler)
   diffusion.check_target(target)
-  if num_steps < 1:
-    raise ValueError(f'num_steps must be >= 1, got {num_steps}.')
   cond = dict(cond or {})
-  noise_fn = noise_fn or default_noise
-  if guidance is None:
-    guidance = make_guidance(
-        cfg_weight=guidance_weight,
-        null_label=null_label if guidance_weight else None)
+  noise = noise_lib.Noise() if noise is None else noise
+  guidance = make_guidance() if guidance is None else guidance
   shape = tuple(int(d) for d in shape)
   if z_init is not None:
     z_init = jnp.asarray(z_init, jnp.float32)
     if z_init.shape != shape:
       raise ValueError(f'z_init shape {z_init.shape} != shape {shape}.')
   return _sample_scan(
-      _as_partial(denoise_fn), _as_partial(noise_fn), rng, z_init,
-      timestep_logsnrs(logsnr_fn, num_steps), cond, guidance,
-      gamma, eta, delta, shape=shape, target=target, sampler=sampler,
-      clip_x=clip_x)
+      _as_partial(denoise_fn), _as_partial(noise), rng, z_init,
+      timestep_logsnrs(logsnr_fn, spec.num_steps), cond, guidance,
+      spec.gamma, spec.eta, spec.delta, shape=shape, target=target,
+      sampler=spec.sampler, clip_x=spec.clip_x)
 
 
 @functools.partial(jax.jit, static_argnames=('target', 'clip_x'))
@@ -592,67 +622,3 @@ def ddim_invert(
   logsnrs = timestep_logsnrs(logsnr_fn, num_steps)[::-1]
   return _invert_scan(_as_partial(denoise_fn), jnp.asarray(x, jnp.float32),
                       logsnrs, dict(cond or {}), target=target, clip_x=clip_x)
-
-
-def sample_from_config(
-    denoise_fn: diffusion.DenoiseFn,
-    rng: jax.Array,
-    shape: tuple[int, ...],
-    config: ml_collections.ConfigDict,
-    *,
-    cond: Mapping[str, Any] | None = None,
-    guidance: Guidance | None = None,
-    logsnr_fn: schedules.LogSNRFn | None = None,
-    **overrides,
-) -> jnp.ndarray:
-  """`sample` with settings from config.sample and config.diffusion.
-
-  Args:
-    denoise_fn: (z, logsnr, cond) -> prediction.
-    rng: PRNG key.
-    shape: (B, T, H, W, C).
-    config: the full config.
-    cond: model inputs.
-    guidance: a Guidance; None builds classifier-free guidance from
-      sample.guidance_weight when the model has classes and cond['label'].
-    logsnr_fn: schedule; default from config.diffusion (pass one built once to
-      avoid rebuilding it per call).
-    **overrides: any other `sample` keyword (num_steps=..., noise_fn=...);
-      without noise_fn, the noise of config.diffusion.noise (image frames,
-      cond['frame_mask'] False, get i.i.d. noise).
-
-  Returns:
-    x: [B, T, H, W, C] float32.
-  """
-  s = config.sample
-  cond = dict(cond or {})
-  if guidance is None:
-    w = float(s.get('guidance_weight', 0.0))
-    num_classes = int(config.model.get('num_classes', 0) or 0)
-    if w and num_classes and 'label' in cond:
-      guidance = make_guidance(cfg_weight=w, null_label=num_classes)
-  kwargs = dict(
-      logsnr_fn=logsnr_fn or schedules.get_logsnr_fn(
-          config.diffusion, config.data.image_size),
-      target=config.diffusion.target,
-      sampler=s.sampler,
-      num_steps=s.num_steps,
-      gamma=s.gamma,
-      eta=s.eta,
-      delta=s.delta,
-      clip_x=s.get('clip_x', True),
-      cond=cond,
-      guidance=guidance,
-  )
-  if 'noise_fn' not in overrides:
-    noise_fn = diffusion.noise_fn_from_config(
-        config.diffusion, config.data.num_frames, cond.get('frame_mask'))
-    lam = getattr(noise_fn, 'noise_lambda', None)
-    if lam is not None and lam.ndim == 1 and lam.shape[0] != shape[1]:
-      raise ValueError(
-          f'diffusion.noise_lambda has {lam.shape[0]} per-frame values but'
-          f' the samples have {shape[1]} frames.'
-      )
-    kwargs['noise_fn'] = noise_fn
-  kwargs.update(overrides)
-  return sample(denoise_fn, rng, shape, **kwargs)

@@ -104,6 +104,8 @@ class NextNet(nn.Module):
       logsnr: Array,
       frames: Optional[Array] = None,
       k: Optional[Array] = None,
+      *,
+      train: bool = False,
   ) -> Array:
     """Predicts from a noisy frame.
 
@@ -114,10 +116,13 @@ class NextNet(nn.Module):
         (required iff num_cond_frames > 0).
       k: int32 [B] frame offset in [-max_offset, max_offset] (required iff
         max_offset > 0).
+      train: unused (no dropout); taken so that every denoiser binds the
+        same way (denoiser.make_denoise_fn).
 
     Returns:
       [B, H, W, out_channels] prediction (float32).
     """
+    del train
     if self.kernel_size % 2 != 1:
       raise ValueError(f'kernel_size must be odd, got {self.kernel_size}.')
     if (frames is None) != (self.num_cond_frames == 0):

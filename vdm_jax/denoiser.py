@@ -1,0 +1,153 @@
+"""The denoiser: model creation, parameter shapes and binding.
+
+Every program that needs a network gets it here: training (fresh parameters
+under jit), sampling and evaluation (abstract parameters to restore into),
+SinFusion (its three NextNets) and the experiments. `make_denoise_fn` binds
+parameters into the `denoise_fn(z, logsnr, cond) -> prediction` that
+diffusion.loss and sampling.sample take; `cond` is a dict of the model's
+keyword inputs ('label', 'frame_mask' for the UNet; 'frames', 'k' for a
+NextNet).
+"""
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vdm_jax import sharding
+from vdm_jax.models import nextnet
+from vdm_jax.models import unet3d
+
+
+def create_model(config: ml_collections.ConfigDict) -> unet3d.UNet3D:
+  """The space-time UNet of config.model."""
+  return unet3d.UNet3D(**config.model)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError on a config.model the UNet cannot run (no compile)."""
+  unet3d.validate_model_config(
+      config.data.image_size, config.data.num_frames, **config.model)
+
+
+def example_inputs(config: ml_collections.ConfigDict, batch: int = 1
+                   ) -> tuple[jnp.ndarray, jnp.ndarray, dict[str, Any]]:
+  """Zero (z, logsnr, cond) of the UNet's shapes, for initialisation.
+
+  z is [batch, T + image_frames, H, W, C] (a training example of joint
+  image-video training; the parameters do not depend on T); cond holds
+  'label' int32 [batch] for class-conditional models.
+  """
+  d = config.data
+  z = jnp.zeros((batch, d.num_frames + d.image_frames, d.image_size,
+                 d.image_size, d.channels), jnp.float32)
+  cond = {}
+  if config.model.num_classes:
+    cond['label'] = jnp.zeros((batch,), jnp.int32)
+  return z, jnp.zeros((batch,), jnp.float32), cond
+
+
+def init_params(config: ml_collections.ConfigDict, model: nn.Module,
+                rng: jax.Array) -> Any:
+  """Fresh UNet parameters (call under jit with out_shardings for a mesh)."""
+  z, logsnr, cond = example_inputs(config)
+  return model.init({'params': rng}, z, logsnr,
+                    label=cond.get('label'))['params']
+
+
+def abstract_params(config: ml_collections.ConfigDict,
+                    model: nn.Module) -> Any:
+  """Parameter shapes and dtypes without computing anything (to restore)."""
+  return jax.eval_shape(lambda rng: init_params(config, model, rng),
+                        jax.random.key(0))
+
+
+def create_nextnets(model_config: ml_collections.ConfigDict,
+                    num_cond_frames: Mapping[str, int],
+                    channels: int = 3) -> dict[str, nextnet.NextNet]:
+  """SinFusion's NextNets, one per name of `num_cond_frames`.
+
+  Args:
+    model_config: config.model of configs/single_video.py.
+    num_cond_frames: {name: clean frames the model is conditioned on};
+      a model with none (the projector) takes no frame offset either.
+    channels: colour channels of the video.
+  """
+  m = model_config
+  return {
+      name: nextnet.NextNet(
+          out_channels=channels, width=m.width, depth=m.depth,
+          kernel_size=m.kernel_size, mult=m.mult, emb_dim=m.emb_dim,
+          num_cond_frames=n, max_offset=m.max_offset if n else 0)
+      for name, n in num_cond_frames.items()
+  }
+
+
+def nextnet_example_inputs(model: nextnet.NextNet, channels: int = 3,
+                           batch: int = 1, size: int = 8):
+  """Zero (z, logsnr, cond) of a NextNet (fully convolutional: any size)."""
+  n = model.num_cond_frames
+  cond = {}
+  if n:
+    cond['frames'] = jnp.zeros((batch, size, size, n * channels))
+  if model.max_offset:
+    cond['k'] = jnp.ones((batch,), jnp.int32)
+  return (jnp.zeros((batch, size, size, channels)), jnp.zeros((batch,)),
+          cond)
+
+
+def init_nextnet_params(models: Mapping[str, nextnet.NextNet],
+                        rng: jax.Array, channels: int = 3) -> dict[str, Any]:
+  """{name: params}; model i initialises from fold_in(rng, i)."""
+  params = {}
+  for i, (name, model) in enumerate(models.items()):
+    z, logsnr, cond = nextnet_example_inputs(model, channels)
+    params[name] = model.init(jax.random.fold_in(rng, i), z, logsnr,
+                              cond.get('frames'), cond.get('k'))['params']
+  return params
+
+
+@dataclasses.dataclass(frozen=True)
+class _Apply:
+  """(params, z, logsnr, cond) -> prediction; hashable, so jit caches it.
+
+  With a mesh, z is constrained to the batch sharding, so the denoiser runs
+  split over the batch whatever the sampler's inputs are.
+  """
+
+  model: nn.Module
+  mesh: Optional[jax.sharding.Mesh] = None
+
+  def __call__(self, params, z, logsnr, cond):
+    if self.mesh is not None and z.shape[0] % self.mesh.size == 0:
+      z = jax.lax.with_sharding_constraint(
+          z, sharding.batch_sharding(self.mesh))
+    return self.model.apply({'params': params}, z, logsnr, train=False,
+                            **cond)
+
+
+def make_denoise_fn(model: nn.Module, params: Any,
+                    mesh: Optional[jax.sharding.Mesh] = None):
+  """(z, logsnr, cond) -> prediction with `params` bound, for sampling.
+
+  A `jax.tree_util.Partial`, so the parameters stay traced arguments of
+  the sampler (not constants) and new batches reuse its compilation.
+  """
+  return jax.tree_util.Partial(_Apply(model, mesh), params)
+
+
+def training_denoise_fn(model: nn.Module, params: Any,
+                        dropout_rng: jax.Array):
+  """(z, logsnr, cond) -> prediction in training mode (dropout on)."""
+
+  def denoise_fn(z, logsnr, cond):
+    return model.apply({'params': params}, z, logsnr, train=True,
+                       rngs={'dropout': dropout_rng}, **cond)
+
+  return denoise_fn
+
+
+count_params = unet3d.count_params
