@@ -29,7 +29,6 @@ matmul_flops_per_s (a large float32 matmul timed in the same process on the
 same device) and mfu (their ratio).
 """
 
-import functools
 import json
 import os
 import statistics
@@ -44,8 +43,10 @@ from ml_collections import config_flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vdm_jax import denoiser  # pylint: disable=g-import-not-at-top
 from vdm_jax import sharding  # pylint: disable=g-import-not-at-top
 from vdm_jax import train  # pylint: disable=g-import-not-at-top
+from vdm_jax import training  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
@@ -97,10 +98,7 @@ def batch_shapes(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 
 def abstract_inputs(config, model, tx, mesh):
   """(state, batch) as sharded ShapeDtypeStructs, with the state shardings."""
-  init_fn = functools.partial(train.init_state, config, model, tx)
-  abstract = jax.eval_shape(init_fn, jax.random.key(0))
-  shardings = sharding.state_shardings(
-      abstract, mesh, config.mesh.get('param_sharding', 'replicated'))
+  abstract, shardings = train.abstract_state(config, model, tx, mesh)
   state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract, shardings)
@@ -156,10 +154,7 @@ def saved_residual_bytes(config, model, batch_size: int) -> int:
   logsnr = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
   label = (jax.ShapeDtypeStruct((batch_size,), jnp.int32)
            if config.model.num_classes else None)
-  params = jax.eval_shape(
-      lambda z, logsnr, label: model.init(
-          jax.random.key(0), z, logsnr, label=label)['params'],
-      z, logsnr, label)
+  params = denoiser.abstract_params(config, model)
 
   def vjp_fn(params, z, logsnr, label):
     apply = lambda p: model.apply(
@@ -195,8 +190,8 @@ def main(argv):
     config.training.batch_size = _PER_DEVICE_BATCH.value * mesh.devices.size
   sharding.check_batch_size(config.training.batch_size, mesh)
   per_device_batch = config.training.batch_size // mesh.devices.size
-  model = train.create_model(config)
-  tx, lr_fn = train.create_optimizer(config)
+  model = denoiser.create_model(config)
+  tx, lr_fn = training.create_optimizer(config)
   residuals = None
   if _RESIDUALS.value != 'no':
     one, two = (saved_residual_bytes(config, model, b) for b in (1, 2))
@@ -251,7 +246,7 @@ def config_summary(config, mesh) -> dict:
       'remat': config.model.remat,
       'grad_accum_steps': config.training.grad_accum_steps,
       'mesh': dict(mesh.shape),
-      'param_sharding': config.mesh.get('param_sharding', 'replicated'),
+      'param_sharding': config.mesh.param_sharding,
   }
 
 

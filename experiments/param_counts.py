@@ -7,11 +7,9 @@ import importlib.util
 import os
 import sys
 
-import jax
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from vdm_jax import sample  # pylint: disable=g-import-not-at-top
+from vdm_jax import denoiser  # pylint: disable=g-import-not-at-top
 
 DEFAULT = ('quickstart', 'tiny', 'ucf101_64', 'bair_64', 'kinetics600_64')
 
@@ -27,9 +25,8 @@ def main(paths):
   paths = paths or [os.path.join(ROOT, 'configs', f'{n}.py') for n in DEFAULT]
   for path in paths:
     config = load_config(path)
-    model = sample.create_model(config)
-    params = sample.abstract_params(config, model)
-    n = sum(x.size for x in jax.tree.leaves(params))
+    model = denoiser.create_model(config)
+    n = denoiser.count_params(denoiser.abstract_params(config, model))
     print(f'{os.path.basename(path):24s} {n:>14,d}')
 
 

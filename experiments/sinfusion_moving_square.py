@@ -25,6 +25,7 @@ from vdm_jax import sinfusion
 from vdm_jax import video_io
 from vdm_jax.sinfusion import data as sf_data
 from vdm_jax.sinfusion import metrics
+from vdm_jax.sinfusion import train as sf_train
 
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/sf_square', 'Output dir.')
 _STEPS = flags.DEFINE_integer('steps', 600, 'Training steps.')
@@ -78,7 +79,7 @@ def main(argv):
   config = make_config(path, _STEPS.value)
   timings = {}
   t0 = time.time()
-  sinfusion.train_and_evaluate(config, workdir)
+  sf_train.train(config, workdir)
   timings['train_s'] = time.time() - t0
   t0 = time.time()
   sinfusion.sample_and_save(config, workdir)

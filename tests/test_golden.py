@@ -6,6 +6,12 @@ sampler, task, preview and SinFusion output must match it. With
 GOLDEN_EXACT=1 the comparison is bitwise (it was, on the machine that made
 the refactor); by default a 1e-6 tolerance absorbs a different CPU's
 floating-point kernels.
+
+One output changed on purpose and was recorded again after the refactor:
+'preview'. Training previews used to call their own copy of the sampler
+call (sample.generate, which ignored sample.clip_x and drew with the step
+key itself); they now run the 'class' / 'unconditional' task through
+tasks.run like --mode=sample, whose block 0 draws with fold_in(key, 0).
 """
 
 import os

@@ -15,8 +15,10 @@ import pytest
 
 from configs import tiny
 from vdm_jax import checkpoint
+from vdm_jax import denoiser
 from vdm_jax import sharding
 from vdm_jax import train
+from vdm_jax import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,8 +35,8 @@ def _config(**overrides):
 def _train_params(config, steps=2, devices=None):
   """Runs `steps` train steps on fixed batches; returns host params, losses."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  model = train.create_model(config)
-  tx, lr_fn = train.create_optimizer(config)
+  model = denoiser.create_model(config)
+  tx, lr_fn = training.create_optimizer(config)
   state, shardings = train.create_train_state(
       config, model, tx, jax.random.key(0), mesh)
   step_fn = train.make_train_step(config, model, tx, lr_fn, mesh, shardings)
@@ -78,8 +80,8 @@ def test_fsdp_shards_parameters_along_a_divisible_axis():
   config = _config(**{'mesh.data': 4, 'mesh.fsdp': 2})
   config.mesh.param_sharding = 'fsdp'
   mesh = sharding.make_mesh(config.mesh)
-  model = train.create_model(config)
-  tx, _ = train.create_optimizer(config)
+  model = denoiser.create_model(config)
+  tx, _ = training.create_optimizer(config)
   state, _ = train.create_train_state(config, model, tx, jax.random.key(0),
                                       mesh)
   kernels = [x for x in jax.tree.leaves(state.params) if x.ndim >= 2]
@@ -143,8 +145,8 @@ def test_fsdp_checkpoint_restores_onto_a_smaller_mesh(tmp_path):
   """
   src = _fsdp_config(2, 4)
   mesh8 = sharding.make_mesh(src.mesh)
-  model = train.create_model(src)
-  tx, lr_fn = train.create_optimizer(src)
+  model = denoiser.create_model(src)
+  tx, lr_fn = training.create_optimizer(src)
   state, shardings8 = train.create_train_state(
       src, model, tx, jax.random.key(0), mesh8)
   step8 = train.make_train_step(src, model, tx, lr_fn, mesh8, shardings8)

@@ -3,12 +3,17 @@
 Checks the receptive-field bound, the frame offsets of the training
 examples, backward generation and upsampling with analytic (oracle)
 denoisers through the real sampler, that training lowers each model's
-loss, the train -> sample -> eval programs end to end, and the errors on
-bad inputs.
+loss, the train -> sample -> eval programs end to end, the save-and-stop
+on SIGTERM of the shared loop (vdm_jax.training) and exact resume, the
+workdir compatibility check, that sampling never imports the optimizer,
+and the errors on bad inputs.
 """
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +21,11 @@ import numpy as np
 import pytest
 
 from configs import single_video
+from configs import tiny
+from vdm_jax import checkpoint
 from vdm_jax import schedules
 from vdm_jax import sinfusion
+from vdm_jax import training
 from vdm_jax import video_io
 from vdm_jax.models import nextnet
 from vdm_jax.sinfusion import data
@@ -25,6 +33,7 @@ from vdm_jax.sinfusion import generate
 from vdm_jax.sinfusion import metrics
 from vdm_jax.sinfusion import train as sf_train
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_FRAMES = 12
 SIZE = 16
 
@@ -132,7 +141,8 @@ def _oracle_sampler(fine_video, config):
   fns = {'predictor': predictor, 'projector': projector,
          'interpolator': interpolator}
   return generate.FrameSampler(
-      fns, schedules.get_logsnr_fn(config.diffusion), 'x', config.sample)
+      fns, schedules.get_logsnr_fn(config.diffusion), 'x',
+      generate.sampler_spec(config.sample))
 
 
 def test_backward_generation_and_upsampling_with_oracles():
@@ -168,7 +178,7 @@ def test_each_model_learns(video_path):
   video, hw = sf_train.prepare(config, '/nonexistent_workdir')
   video = jnp.asarray(video)
   models = sf_train.create_models(config)
-  tx, lr_fn = sf_train.vdm_train.create_optimizer(config)
+  tx, lr_fn = training.create_optimizer(config)
   state = sf_train.init_state(models, tx, jax.random.key(0))
 
   eval_config = _config(video_path, **{'training.batch_size': 64})
@@ -187,11 +197,11 @@ def test_each_model_learns(video_path):
 def test_train_sample_eval_end_to_end(video_path, tmp_path):
   workdir = str(tmp_path / 'work')
   config = _config(video_path)
-  state = sinfusion.train_and_evaluate(config, workdir)
+  state = sf_train.train(config, workdir)
   assert int(state.step) == 6
   # Resumes from step 6 rather than starting over.
   config.training.num_train_steps = 9
-  assert int(sinfusion.train_and_evaluate(config, workdir).step) == 9
+  assert int(sf_train.train(config, workdir).step) == 9
   t, n = NUM_FRAMES, config.sample.num_frames_out
   results = sinfusion.sample_and_save(config, workdir)
   expected = {'diverse_forward': (2, n), 'extrapolate_forward': (2, t + n),
@@ -224,6 +234,65 @@ def test_train_sample_eval_end_to_end(video_path, tmp_path):
   for key in ('nn_patch_dist', 'nnfdiv_like', 'nnf_compression',
               'sample_diversity'):
     assert np.isfinite(scores[key]), key
+
+
+def test_sigterm_saves_and_stops_then_resume_is_exact(video_path, tmp_path,
+                                                     monkeypatch):
+  """SIGTERM during step 2 (training.run's handler): saved at 2, stopped.
+
+  tiny checkpoints every 3 steps, so step 2 is saved only for the signal;
+  the same call again resumes there and ends where an uninterrupted run
+  does, bit for bit (XLA on CPU is deterministic).
+  """
+  config = _config(video_path)  # 6 steps.
+  straight = sf_train.train(config, str(tmp_path / 'straight'))
+  make_step = sf_train.make_train_step
+
+  def make_step_that_gets_sigterm(*args):
+    step_fn = make_step(*args)
+
+    def stepped(state, video, rng):
+      state, metrics = step_fn(state, video, rng)
+      if int(state.step) == 2:  # The notice arrives during step 2.
+        os.kill(os.getpid(), signal.SIGTERM)
+      return state, metrics
+
+    return stepped
+
+  monkeypatch.setattr(sf_train, 'make_train_step', make_step_that_gets_sigterm)
+  workdir = str(tmp_path / 'stopped')
+  handler = signal.getsignal(signal.SIGTERM)
+  assert int(sf_train.train(config, workdir).step) == 2
+  assert signal.getsignal(signal.SIGTERM) == handler  # Restored.
+  ckpt = checkpoint.Checkpointer(workdir)
+  assert ckpt.all_steps() == [2]
+  ckpt.close()
+  monkeypatch.undo()
+  resumed = sf_train.train(config, workdir)
+  assert int(resumed.step) == 6
+  for a, b in zip(jax.tree.leaves((straight.params, straight.ema_params)),
+                  jax.tree.leaves((resumed.params, resumed.ema_params))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_workdir_of_other_models_or_method_is_refused(tmp_path):
+  workdir = str(tmp_path)
+  checkpoint.save_config(_config('a.mp4'), workdir)
+  fields = checkpoint.SINFUSION_COMPATIBILITY_FIELDS
+  checkpoint.check_compatible(_config('b.mp4'), workdir, fields)  # New video.
+  with pytest.raises(ValueError, match='model.width: saved 16, requested 32'):
+    checkpoint.check_compatible(_config('a.mp4', **{'model.width': 32}),
+                                workdir, fields)
+  with pytest.raises(ValueError, match="method: saved 'sinfusion', requested"
+                     " 'vdm'"):
+    checkpoint.check_compatible(tiny.get_config(), workdir)
+
+
+def test_sample_program_does_not_import_optax():
+  code = ('import sys, vdm_jax.sinfusion, vdm_jax.sinfusion.generate,'
+          ' vdm_jax.sinfusion.metrics; sys.exit("optax" in sys.modules)')
+  subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True,
+                 timeout=120)
 
 
 def test_patch_metrics_reference_points():
@@ -270,5 +339,5 @@ def test_bad_inputs_raise_before_training(case, tmp_path, video_path):
     if case == 'bad_offset':
       sinfusion.sample_and_save(config, workdir)
     else:
-      sinfusion.train_and_evaluate(config, workdir)
+      sf_train.train(config, workdir)
   assert not os.path.exists(os.path.join(workdir, 'checkpoints'))

@@ -13,6 +13,7 @@ import pytest
 from configs import tiny
 from vdm_jax import checkpoint
 from vdm_jax import train
+from vdm_jax import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,9 +53,9 @@ def _saved_params(workdir, step):
   return jax.tree.map(np.asarray, restored)
 
 
-def test_train_and_evaluate_tiny(tmp_path):
+def test_train_tiny(tmp_path):
   workdir = str(tmp_path)
-  state = train.train_and_evaluate(_tiny(), workdir)
+  state = train.train(_tiny(), workdir)
   assert int(state.step) == 4
   ckpt = checkpoint.Checkpointer(workdir)
   assert ckpt.all_steps() == [2, 4]
@@ -66,7 +67,7 @@ def test_train_and_evaluate_tiny(tmp_path):
                jax.tree.leaves(state.ema_params))
   assert any(not np.allclose(p, e) for p, e in leaves)
   # Running again on the finished workdir resumes at step 4 and does nothing.
-  again = train.train_and_evaluate(_tiny(), workdir)
+  again = train.train(_tiny(), workdir)
   assert int(again.step) == 4
 
 
@@ -109,12 +110,11 @@ def test_nonfinite_loss_stops_with_the_step_named(tmp_path):
                     'optimizer.grad_clip': 0.0,
                     'optimizer.warmup_steps': 0})
   with pytest.raises(FloatingPointError, match=r'at step \d'):
-    train.train_and_evaluate(config, str(tmp_path))
+    train.train(config, str(tmp_path))
 
 
 def test_incompatible_workdir_is_refused_before_compiling(tmp_path):
-  train.train_and_evaluate(_tiny(**{'training.num_train_steps': 2}),
-                           str(tmp_path))
+  train.train(_tiny(**{'training.num_train_steps': 2}), str(tmp_path))
   with pytest.raises(ValueError, match='model.base_channels'):
     train.validate_config(_tiny(**{'model.base_channels': 16}),
                           str(tmp_path))
@@ -135,8 +135,7 @@ def test_bad_config_errors(tmp_path, overrides, message):
 def test_batch_not_divisible_by_devices(tmp_path):
   assert jax.device_count() == 8
   with pytest.raises(ValueError, match='not divisible by the 8 devices'):
-    train.train_and_evaluate(_tiny(**{'training.batch_size': 6}),
-                             str(tmp_path))
+    train.train(_tiny(**{'training.batch_size': 6}), str(tmp_path))
 
 
 def test_main_train_then_sample(tmp_path):
@@ -157,7 +156,7 @@ def test_checkpoints_in_a_relative_workdir(tmp_path, monkeypatch):
   # The quickstart passes --workdir=runs/quickstart; orbax needs absolute
   # paths, so the Checkpointer resolves local ones.
   monkeypatch.chdir(tmp_path)
-  state = train.TrainState(
+  state = training.TrainState(
       step=jax.numpy.asarray(3, jax.numpy.int32),
       params={'w': jax.numpy.arange(4.0)},
       ema_params={'w': jax.numpy.ones(4)},

@@ -21,6 +21,7 @@ CONFIG_FILE = 'config.json'
 
 # Fields that must agree between a workdir's saved config and a new run that
 # restores from it: they fix the parameter shapes or what the network means.
+# A path naming a group, e.g. ('model',), stands for every field of it.
 COMPATIBILITY_FIELDS = (
     ('data', 'image_size'),
     ('data', 'channels'),
@@ -35,6 +36,8 @@ COMPATIBILITY_FIELDS = (
     ('model', 'max_temporal_distance'),
     ('diffusion', 'target'),
 )
+# SinFusion (configs/single_video.py): every NextNet field.
+SINFUSION_COMPATIBILITY_FIELDS = (('model',),)
 
 
 def _use_single_replica_writes_on_cpu() -> None:
@@ -174,18 +177,40 @@ def _normalize(v):
   return list(v) if isinstance(v, (list, tuple)) else v
 
 
-def check_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
+def _expand(fields, requested):
+  """Key paths, with a path naming a requested group split into its fields."""
+  for keys in fields:
+    group = _get(requested, keys)
+    if isinstance(group, dict):
+      yield from (tuple(keys) + (k,) for k in group)
+    else:
+      yield tuple(keys)
+
+
+def check_compatible(config: ml_collections.ConfigDict, workdir: str,
+                     fields=COMPATIBILITY_FIELDS) -> None:
   """Raises ValueError if the workdir's saved config cannot be restored into.
 
   Called before any compilation, so that a wrong --workdir or a changed model
   field fails at once with the differing fields named.
+
+  Args:
+    config: the requested config.
+    workdir: the workdir whose config.json (if any) is compared.
+    fields: key paths that must agree (COMPATIBILITY_FIELDS for VDM,
+      SINFUSION_COMPATIBILITY_FIELDS for SinFusion); a path naming a group
+      compares each of the requested group's fields. `config.method`
+      ('vdm' when absent) must always agree.
   """
   saved = load_config(workdir)
   if saved is None:
     return
   requested = json.loads(config.to_json_best_effort())
   diffs = []
-  for keys in COMPATIBILITY_FIELDS:
+  methods = saved.get('method', 'vdm'), requested.get('method', 'vdm')
+  if methods[0] != methods[1]:
+    diffs.append(f'method: saved {methods[0]!r}, requested {methods[1]!r}')
+  for keys in _expand(fields, requested):
     a, b = _get(saved, keys), _get(requested, keys)
     if _normalize(a) != _normalize(b):
       diffs.append(f'{".".join(keys)}: saved {a!r}, requested {b!r}')

@@ -6,7 +6,9 @@ SinFusion (its three NextNets) and the experiments. `make_denoise_fn` binds
 parameters into the `denoise_fn(z, logsnr, cond) -> prediction` that
 diffusion.loss and sampling.sample take; `cond` is a dict of the model's
 keyword inputs ('label', 'frame_mask' for the UNet; 'frames', 'k' for a
-NextNet).
+NextNet), built here for training (`training_cond`) and sampling
+(`sampling_cond`): a new conditioning signal is added in these two functions
+and consumed by the model.
 """
 
 import dataclasses
@@ -108,6 +110,36 @@ def init_nextnet_params(models: Mapping[str, nextnet.NextNet],
     params[name] = model.init(jax.random.fold_in(rng, i), z, logsnr,
                               cond.get('frames'), cond.get('k'))['params']
   return params
+
+
+def training_cond(batch: Mapping[str, jnp.ndarray], num_classes: int,
+                  label_dropout: float, drop_u: jnp.ndarray
+                  ) -> dict[str, jnp.ndarray]:
+  """The UNet's conditioning inputs of a training batch.
+
+  Args:
+    batch: {'frame_mask': bool [B, T], 'label': int32 [B] (class models)}.
+    num_classes: the model's classes; label num_classes is the null label.
+    label_dropout: probability of training on the null label instead
+      (classifier-free guidance, VDM 2).
+    drop_u: float [B] uniform draws deciding the dropout.
+
+  Returns:
+    {'frame_mask': ..., 'label': ...} for denoise_fn's cond.
+  """
+  cond = {'frame_mask': batch['frame_mask']}
+  if num_classes > 0:
+    drop = drop_u < label_dropout
+    cond['label'] = jnp.where(drop, num_classes, batch['label'])
+  return cond
+
+
+def sampling_cond(num_classes: int, labels: Optional[jnp.ndarray]
+                  ) -> dict[str, jnp.ndarray]:
+  """The UNet's conditioning inputs when sampling (labels: int32 [B])."""
+  if num_classes and labels is not None:
+    return {'label': jnp.asarray(labels, jnp.int32)}
+  return {}
 
 
 @dataclasses.dataclass(frozen=True)

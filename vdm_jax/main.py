@@ -43,13 +43,18 @@ def main(argv):
                jax.process_count(), jax.devices())
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config.get('method', 'vdm') == 'sinfusion':
-    from vdm_jax import sinfusion as program  # pylint: disable=g-import-not-at-top
+    if _MODE.value == 'train':  # The package never imports the optimizer.
+      from vdm_jax.sinfusion import train as program  # pylint: disable=g-import-not-at-top
+    else:
+      from vdm_jax import sinfusion as program  # pylint: disable=g-import-not-at-top
   elif _MODE.value == 'train':
     from vdm_jax import train as program  # pylint: disable=g-import-not-at-top
-  else:
+  elif _MODE.value == 'sample':
     from vdm_jax import sample as program  # pylint: disable=g-import-not-at-top
+  else:
+    from vdm_jax import evaluate as program  # pylint: disable=g-import-not-at-top
   if _MODE.value == 'train':
-    program.train_and_evaluate(config, workdir)
+    program.train(config, workdir)
   elif _MODE.value == 'sample':
     program.sample_and_save(config, workdir)
   elif config.get('method', 'vdm') == 'sinfusion':

@@ -44,6 +44,7 @@ import ml_collections
 import numpy as np
 
 from vdm_jax import conditioning
+from vdm_jax import denoiser
 from vdm_jax import diffusion
 from vdm_jax import noise as noise_lib
 from vdm_jax import sampling
@@ -592,10 +593,8 @@ def run(
     raise ValueError(f'Task {task.name!r} without an input video needs'
                      ' num_videos.')
   setup.noise.check_frames(model.num_frames)
-  cond = {}
-  if model.num_classes and labels is not None:
-    cond['label'] = jnp.asarray(labels, jnp.int32)
-  elif isinstance(task, Class):
+  cond = denoiser.sampling_cond(model.num_classes, labels)
+  if isinstance(task, Class) and 'label' not in cond:
     raise ValueError("Task 'class' needs labels.")
   block = BlockSampler(
       denoise_fn, rng, (b, model.num_frames) + model.frame_shape, setup.spec,

@@ -15,9 +15,8 @@ the diffusion steps); the loop over frames runs on the host. Videos are
 returned and written in natural time order, also when generated backward.
 """
 
-import functools
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from absl import logging
 import jax
@@ -26,12 +25,12 @@ import ml_collections
 import numpy as np
 
 from vdm_jax import checkpoint
+from vdm_jax import denoiser
 from vdm_jax import diffusion
 from vdm_jax import sampling
 from vdm_jax import schedules
 from vdm_jax import video_io
 from vdm_jax.sinfusion import data
-from vdm_jax.sinfusion import train as sf_train
 
 MODES = ('diverse', 'extrapolate', 'upsample_x2', 'upsample_x4')
 DIRECTIONS = ('forward', 'backward')
@@ -47,7 +46,8 @@ class FrameSampler:
       takes them. Pass `jax.tree_util.Partial`s to keep parameters traced.
     logsnr_fn: the diffusion schedule.
     target: 'x', 'eps' or 'v'.
-    sample_config: config.sample (sampler, num_steps, gamma, eta, delta).
+    spec: the sampler of every frame (`sampler_spec(config.sample)`); the
+      Projector's correction runs fewer steps of it.
   """
 
   def __init__(
@@ -55,22 +55,20 @@ class FrameSampler:
       denoise_fns: Mapping[str, diffusion.DenoiseFn],
       logsnr_fn: schedules.LogSNRFn,
       target: str,
-      sample_config: ml_collections.ConfigDict,
+      spec: sampling.SamplerSpec,
   ):
     self.denoise_fns = dict(denoise_fns)
     self.logsnr_fn = logsnr_fn
     self.target = target
-    self.cfg = sample_config
+    self.spec = spec
     self._partial_schedules = {}
 
-  def _sample(self, name, rng, shape, cond, *, logsnr_fn=None,
-              num_steps=None, z_init=None):
-    c = self.cfg
+  def _sample(self, name, rng, shape, cond, *, logsnr_fn=None, spec=None,
+              z_init=None):
     return sampling.sample(
         self.denoise_fns[name], rng, shape,
         logsnr_fn=logsnr_fn or self.logsnr_fn, target=self.target,
-        sampler=c.sampler, num_steps=num_steps or c.num_steps,
-        gamma=c.gamma, eta=c.eta, delta=c.delta, cond=cond, z_init=z_init,
+        spec=spec or self.spec, cond=cond, z_init=z_init,
     )
 
   def generate(self, rng: jax.Array, shape: tuple[int, ...]) -> jnp.ndarray:
@@ -109,7 +107,9 @@ class FrameSampler:
     return self._sample(
         'projector', rng_sample, frame.shape, {},
         logsnr_fn=self._partial_schedules[t],
-        num_steps=max(1, round(t * self.cfg.num_steps)), z_init=z,
+        spec=self.spec.replace(
+            num_steps=max(1, round(t * self.spec.num_steps))),
+        z_init=z,
     )
 
 
@@ -220,30 +220,39 @@ def validate_sample_config(config: ml_collections.ConfigDict) -> None:
                      ' be >= 1.')
 
 
+def sampler_spec(sample_config: ml_collections.ConfigDict
+                 ) -> sampling.SamplerSpec:
+  """The SamplerSpec of configs/single_video.py's config.sample.
+
+  SinFusion's config has no guidance fields (its models take no labels and
+  no guidance), so they keep SamplerSpec's defaults.
+  """
+  s = sample_config
+  return sampling.SamplerSpec(
+      sampler=s.sampler, num_steps=int(s.num_steps), gamma=float(s.gamma),
+      eta=float(s.eta), delta=float(s.delta))
+
+
 def restore_sampler(config: ml_collections.ConfigDict, workdir: str,
                     frame_size: int) -> tuple[FrameSampler, int]:
   """EMA parameters of the last checkpoint -> (FrameSampler, step)."""
-  sf_train.check_compatible(config, workdir)
-  models = sf_train.create_models(config)
-  abstract = jax.eval_shape(functools.partial(sf_train.init_params, models),
-                            jax.random.key(0))
+  checkpoint.check_compatible(
+      config, workdir, fields=checkpoint.SINFUSION_COMPATIBILITY_FIELDS)
+  models = denoiser.create_nextnets(
+      config.model, {n: data.NUM_COND_FRAMES[n] for n in data.MODEL_NAMES})
+  abstract = jax.eval_shape(
+      lambda rng: denoiser.init_nextnet_params(models, rng),
+      jax.random.key(0))
   ckpt = checkpoint.Checkpointer(workdir)
   try:
     params, step = ckpt.restore_ema_params(abstract)
   finally:
     ckpt.close()
-  fns = {name: jax.tree_util.Partial(_apply_fn(model), params[name])
+  fns = {name: denoiser.make_denoise_fn(model, params[name])
          for name, model in models.items()}
   logsnr_fn = schedules.get_logsnr_fn(config.diffusion, frame_size)
   return FrameSampler(fns, logsnr_fn, config.diffusion.target,
-                      config.sample), step
-
-
-def _apply_fn(model) -> Callable[..., jnp.ndarray]:
-  def apply(params, z, logsnr, cond):
-    return model.apply({'params': params}, z, logsnr, cond.get('frames'),
-                       cond.get('k'))
-  return apply
+                      sampler_spec(config.sample)), step
 
 
 def run_mode(mode, sampler, rng, video, s) -> tuple[str, jnp.ndarray]:

@@ -1,0 +1,319 @@
+"""The training loop shared by the VDM and SinFusion programs.
+
+A program (vdm_jax/train.py, vdm_jax/sinfusion/train.py) supplies its
+initial `TrainState`, a jitted `step_fn(state, batch) -> (state, metrics)`
+and its batches; `run` does the rest the same way for both:
+
+  - resumes from the last checkpoint of the workdir (restored into the
+    shapes and shardings of the given state), so a restarted job goes on
+    without being asked to;
+  - checks the metrics for non-finite values one step late (the metrics of
+    step s are fetched after step s + 1 is dispatched, so the host never
+    waits on the device), and always before a checkpoint is saved, so a
+    diverged state is never saved;
+  - logs loss, per-model losses ('loss_*'), grad_norm, steps/s and ETA, and
+    writes every metric to TensorBoard through the clu writer;
+  - saves a checkpoint every `checkpoint_every_steps` and at the last step;
+  - on SIGTERM (a preemption notice: TPU maintenance, SLURM's
+    --signal=TERM@300) or orbax's `reached_preemption`, saves at the end of
+    the current step and returns;
+  - calls periodic hooks `(step, state, writer)` (the VDM preview).
+
+The optimizer (Adam / AdamW with linear warmup, VDM App. A) and the
+parameter EMA live here too, in `create_optimizer` and
+`TrainState.apply_gradients`.
+"""
+
+import dataclasses
+import signal
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from absl import logging
+from clu import metric_writers
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from vdm_jax import checkpoint
+
+OPTIMIZERS = ('adam', 'adamw')
+
+# (step, state, writer) -> None, called after the update of `step`.
+Hook = Callable[[int, Any, metric_writers.MetricWriter], None]
+# (state, batch) -> (new_state, scalar metrics); jitted, may donate state.
+StepFn = Callable[[Any, Any], tuple[Any, Mapping[str, jnp.ndarray]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Parameters, their EMA and the optimizer state of one run.
+
+  Attributes:
+    step: int32 scalar, the number of updates applied.
+    params: the parameter pytree.
+    ema_params: the exponential moving average of `params` (sampled from).
+    opt_state: the optax state of `params`.
+  """
+
+  step: jnp.ndarray
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+  @classmethod
+  def create(cls, params: Any,
+             tx: optax.GradientTransformation) -> 'TrainState':
+    """Step 0; the EMA starts at (a copy of) the parameters."""
+    # A copy: the train step donates the state, and one buffer cannot be
+    # donated twice (called outside jit, `params` would be both leaves).
+    return cls(step=jnp.zeros((), jnp.int32), params=params,
+               ema_params=jax.tree.map(jnp.copy, params),
+               opt_state=tx.init(params))
+
+  def apply_gradients(self, grads: Any, tx: optax.GradientTransformation,
+                      ema_decay: float) -> 'TrainState':
+    """One optimizer update, the EMA update and step + 1.
+
+    ema <- decay * ema + (1 - decay) * params, with the updated params.
+
+    Args:
+      grads: gradients shaped like `params`.
+      tx: the optimizer of `opt_state`.
+      ema_decay: the EMA decay (config.optimizer.ema_decay).
+
+    Returns:
+      The new TrainState.
+    """
+    updates, opt_state = tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    ema_params = jax.tree.map(
+        lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+        self.ema_params, params)
+    return self.replace(step=self.step + 1, params=params,
+                        ema_params=ema_params, opt_state=opt_state)
+
+
+def update_metrics(grads: Any, params: Any,
+                   lr: jnp.ndarray) -> dict[str, jnp.ndarray]:
+  """The scalars every train step reports besides its losses.
+
+  Args:
+    grads: the gradients of the update.
+    params: the parameters after the update.
+    lr: the learning rate of the update (lr_fn(state.step) before it).
+
+  Returns:
+    {'grad_norm', 'param_norm' (global L2 norms), 'lr'}.
+  """
+  return {'grad_norm': optax.tree.norm(grads),
+          'param_norm': optax.tree.norm(params), 'lr': lr}
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup from 0 to `learning_rate`, then constant (VDM App. A)."""
+  if opt.warmup_steps > 0:
+    return optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps)
+  return optax.constant_schedule(opt.learning_rate)
+
+
+def check_optimizer(opt: ml_collections.ConfigDict) -> None:
+  """Raises ValueError on an unknown config.optimizer.name."""
+  if opt.name not in OPTIMIZERS:
+    raise ValueError(
+        f'Unknown optimizer.name {opt.name!r}; choose one of {OPTIMIZERS}.')
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Adam or AdamW with warmup and optional global-norm gradient clipping.
+
+  Args:
+    config: the full config (reads config.optimizer).
+
+  Returns:
+    (tx, lr_fn): the optimizer and its learning-rate schedule.
+  """
+  opt = config.optimizer
+  check_optimizer(opt)
+  lr = learning_rate_schedule(opt)
+  if opt.name == 'adam':
+    tx = optax.adam(lr, b1=opt.b1, b2=opt.b2)
+  else:
+    tx = optax.adamw(lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
+  if opt.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
+  return tx, lr
+
+
+def check_finite(step: int, metrics: Mapping[str, Any]) -> None:
+  """Host-side guard: stop with the step named when training diverges."""
+  bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+  if bad:
+    raise FloatingPointError(
+        f'Non-finite training metrics at step {step}: {bad}. The last good'
+        ' checkpoint is kept; lower optimizer.learning_rate, raise'
+        ' optimizer.warmup_steps or set optimizer.grad_clip.'
+    )
+
+
+class _Preemption:
+  """Turns SIGTERM (preemption notice) into a save-and-exit at a step end."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not in the main thread.
+      self._old = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+    self.requested = True
+
+  def restore(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  """The step counts of `run` (from config.training).
+
+  Attributes:
+    num_train_steps: the last step.
+    log_every_steps: log line and TensorBoard scalars every N steps (and
+      at the last one).
+    checkpoint_every_steps: checkpoint every N steps (and at the last one).
+  """
+
+  num_train_steps: int
+  log_every_steps: int
+  checkpoint_every_steps: int
+
+  def __post_init__(self):
+    if self.log_every_steps < 1 or self.checkpoint_every_steps < 1:
+      raise ValueError('training.log_every_steps and'
+                       ' training.checkpoint_every_steps must be >= 1.')
+
+  @classmethod
+  def from_config(cls, training_config: ml_collections.ConfigDict
+                  ) -> 'LoopSettings':
+    t = training_config
+    return cls(num_train_steps=int(t.num_train_steps),
+               log_every_steps=int(t.log_every_steps),
+               checkpoint_every_steps=int(t.checkpoint_every_steps))
+
+
+def open_workdir(config: ml_collections.ConfigDict, workdir: str
+                 ) -> tuple[checkpoint.Checkpointer,
+                            metric_writers.MetricWriter]:
+  """Saves config.json; returns (checkpointer, TensorBoard writer).
+
+  Only process 0 writes events; the others log through absl.
+  """
+  ckpt = checkpoint.Checkpointer(
+      workdir, keep=config.training.keep_checkpoints)
+  checkpoint.save_config(config, workdir)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  return ckpt, writer
+
+
+def log_progress(step: int, total: int, metrics: Mapping[str, float],
+                 rate: float, writer: metric_writers.MetricWriter) -> None:
+  """One log line (loss, 'loss_*' terms, grad_norm, rate, ETA) + scalars."""
+  eta = (total - step) / max(rate, 1e-9)
+  parts = ', '.join(f'{k[len("loss_"):]} {v:.4f}' for k, v in metrics.items()
+                    if k.startswith('loss_'))
+  logging.info(
+      'step %d/%d  loss %.4f%s  grad_norm %.3f  %.2f steps/s  ETA %s',
+      step, total, metrics['loss'], f' ({parts})' if parts else '',
+      metrics['grad_norm'], rate,
+      time.strftime('%H:%M:%S', time.gmtime(eta)),
+  )
+  writer.write_scalars(step, {**metrics, 'steps_per_sec': rate})
+
+
+def _host(metrics: Mapping[str, jnp.ndarray]) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _loop(state, step_fn, batches, start, ckpt, writer, settings, hooks,
+          preemption):
+  """Steps start + 1 .. num_train_steps; returns the last state."""
+  total = settings.num_train_steps
+  pending = None  # (step, device metrics) checked one step late
+  t0 = time.time()
+  for step in range(start + 1, total + 1):
+    state, metrics = step_fn(state, next(batches))
+    if pending is not None:
+      check_finite(pending[0], jax.device_get(pending[1]))
+    pending = (step, metrics)
+    if step % settings.log_every_steps == 0 or step == total:
+      host = _host(metrics)
+      check_finite(step, host)
+      log_progress(step, total, host, (step - start) / (time.time() - t0),
+                   writer)
+    for every, hook in hooks:
+      if every and step % every == 0:
+        hook(step, state, writer)
+    stop = preemption.requested or ckpt.reached_preemption(step)
+    if step % settings.checkpoint_every_steps == 0 or step == total or stop:
+      check_finite(step, jax.device_get(metrics))
+      ckpt.save(step, state, force=True)
+    if stop:
+      logging.warning('Stopped for preemption after step %d.', step)
+      break
+  return state
+
+
+def run(
+    state: Any,
+    step_fn: StepFn,
+    batches: Callable[[int], Iterator[Any]],
+    *,
+    ckpt: checkpoint.Checkpointer,
+    writer: metric_writers.MetricWriter,
+    settings: LoopSettings,
+    hooks: Sequence[tuple[int, Hook]] = (),
+) -> Any:
+  """Trains to settings.num_train_steps (module docstring), resuming.
+
+  Args:
+    state: the initial TrainState; if the workdir has a checkpoint, its last
+      one is restored into this state's shapes and shardings instead.
+    step_fn: (state, batch) -> (new_state, metrics); metrics hold scalar
+      'loss', 'grad_norm' and optionally 'loss_<name>' terms.
+    batches: start -> iterator of the batches of updates start, start + 1,
+      ... (start = the restored step); closed at the end if it has close().
+    ckpt: the workdir's Checkpointer; waited for and closed at the end.
+    writer: the TensorBoard writer; flushed at the end.
+    settings: the step counts.
+    hooks: (every_steps, hook) pairs; hook(step, state, writer) runs after
+      every `every_steps`-th update (0 disables it).
+
+  Returns:
+    The final TrainState (after num_train_steps, or at the preemption).
+  """
+  if ckpt.latest_step() is not None:
+    logging.info('Resuming from checkpoint at step %d.', ckpt.latest_step())
+    state = ckpt.restore(state)
+  start = int(state.step)
+  preemption = _Preemption()
+  iterator = batches(start)
+  try:
+    return _loop(state, step_fn, iterator, start, ckpt, writer, settings,
+                 hooks, preemption)
+  finally:
+    preemption.restore()
+    if hasattr(iterator, 'close'):
+      iterator.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.flush()
