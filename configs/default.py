@@ -3,7 +3,8 @@
   python -m vdm_jax.main --config=configs/default.py --workdir=/tmp/vdm_default
 
 Other configs import this one and override a few fields (flax examples style).
-Fields the paper leaves open (REFERENCE.md 1.2) carry a comment saying so.
+Values cite VDM (Ho et al. 2022) by section or appendix; fields the paper
+leaves open carry a comment saying so (docs/references.md lists the papers).
 """
 
 import ml_collections
@@ -13,6 +14,10 @@ def get_config(arg=None):
   """Returns the default ConfigDict. `arg` is unused here."""
   del arg
   config = ml_collections.ConfigDict()
+  # What to train and sample: 'vdm' (this config: the video diffusion model
+  # of Ho et al. 2022) or 'sinfusion' (one-video models; configs/single_video.py
+  # sets it and does not derive from this file).
+  config.method = 'vdm'
   # Root seed; split by purpose (init, data, train, sample).
   config.seed = 0
 
@@ -30,7 +35,7 @@ def get_config(arg=None):
   config.data.channels = 3
   # Classes the dataset provides labels for (synthetic: shape kinds).
   config.data.num_classes = num_classes
-  # Joint image-video training (VDM 3, REFERENCE 1.6): independent frames from
+  # Joint image-video training (VDM Sec. 3, 4.3.1): independent frames from
   # other clips appended to each clip; 0 disables.
   config.data.image_frames = 0
   # Frame stride when cutting clips out of longer videos.

@@ -16,7 +16,8 @@ def get_config(arg=None):
   config.data.image_size = 64
   config.data.num_classes = 0
   config.data.image_frames = 8
-  # VDM trained on all 13,320 videos (REFERENCE 1.7); 'train' is split 1's.
+  # VDM trained on all 13,320 videos (Ho et al. 2022, Sec. 4.1; MAGVIT Table
+  # 10 marks it as train+test); 'train' is split 1's.
   config.data.split = 'train+test'
   config.data.random_flip = False  # VDM lists no augmentation for UCF101.
   config.model.base_channels = 256

@@ -7,6 +7,7 @@ Kinetics test clip. The full 79-frame clip runs under the `slow` marker.
 """
 
 import functools
+import os
 import pathlib
 
 from absl.testing import absltest
@@ -220,6 +221,34 @@ class InputErrorsTest(parameterized.TestCase):
     # FitVid/VDM BAIR: the first 16 frames of each of the 256 test videos.
     self.assertEqual(fvd.PROTOCOLS['bair_vdm'].clip_start, 'first')
     self.assertEqual(fvd.PROTOCOLS['stylegan_v_2048'].clip_start, 'random')
+
+
+def test_real_feature_cache_is_written_atomically_and_read_back(
+    tmp_path, monkeypatch):
+  """The npz cache of real features (I3D replaced by a cheap stand-in)."""
+  calls = []
+
+  def fake_extract(videos, *, resize, **unused_kwargs):
+    calls.append(resize)
+    feats = np.asarray(videos, np.float32).reshape(len(videos), -1)[:, :4]
+    return {'logits_mean': feats, 'pool': feats}
+
+  monkeypatch.setattr(fvd, 'extract_features', fake_extract)
+  cache = str(tmp_path / 'cache')
+  proto = protocols.PROTOCOLS['stylegan_v_2048']
+  videos = np.arange(3 * 16 * 2 * 2 * 3, dtype=np.uint8).reshape(
+      3, 16, 2, 2, 3)
+  first = fvd.real_features(videos, proto, cache_dir=cache,
+                            fingerprint='data-A')
+  # Only the cache file, no temporary beside it.
+  assert os.listdir(cache) == [
+      fvd._cache_path(cache, proto, 'data-A').name]
+  again = fvd.real_features(None, proto, cache_dir=cache,
+                            fingerprint='data-A')
+  np.testing.assert_array_equal(first, again)
+  assert len(calls) == 1
+  with pytest.raises(ValueError, match='no cache entry matches'):
+    fvd.real_features(None, proto, cache_dir=cache, fingerprint='data-B')
 
 
 class I3DTest(absltest.TestCase):

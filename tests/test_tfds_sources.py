@@ -263,7 +263,7 @@ def test_one_train_step_of_the_tiny_config(name, overrides, channels,
   config.training.num_train_steps = 1
   for key, value in overrides.items():
     config.data[key] = value
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = train.train(config, str(tmp_path))
   assert int(state.step) == 1
   assert state.params['conv_in']['kernel'].shape[2] == channels
   assert (tmp_path / 'checkpoints' / '1').is_dir()

@@ -157,7 +157,7 @@ def test_one_train_step_on_a_video_folder(folder, tmp_path):
   config.data.random_flip, config.data.crop = True, 'random'
   assert config.data.num_classes == 3  # apple, banana, cherry.
   config.training.num_train_steps = 1
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = train.train(config, str(tmp_path))
   assert int(state.step) == 1
   # Training saved the class names beside the checkpoint.
   assert sources.load_label_names(str(tmp_path)) == [

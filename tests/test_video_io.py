@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vdm_jax import fileio
 from vdm_jax import video_io
 from vdm_jax.data import synthetic
 
@@ -97,6 +98,61 @@ def test_npz_float_rules(tmp_path):
     video_io.read_video(path)
 
 
+def test_read_npz_videos_keys_shapes_and_floats(tmp_path):
+  videos = _videos(n=3, t=4, size=8)
+  path = str(tmp_path / 'v.npz')
+  # 'videos' wins over 'video' and over earlier arrays.
+  np.savez(path, a=np.zeros(3), video=videos[:1], videos=videos)
+  back = video_io.read_npz_videos(path)
+  assert back.dtype == np.uint8
+  np.testing.assert_array_equal(back, videos)
+  # One video [T, H, W, C] is N = 1; the first array is used without keys.
+  np.savez(path, clip=videos[1])
+  np.testing.assert_array_equal(video_io.read_npz_videos(path), videos[1:2])
+  # Floats in [-1, 1] (any value negative) and in [0, 1].
+  np.savez(path, videos=np.array([-1.0, 0.0, 1.0]).reshape(1, 3, 1, 1, 1))
+  np.testing.assert_array_equal(
+      video_io.read_npz_videos(path).ravel(), [0, 128, 255])
+  np.savez(path, videos=np.array([0.0, 0.5, 1.0],
+                                 np.float32).reshape(1, 3, 1, 1, 1))
+  np.testing.assert_array_equal(
+      video_io.read_npz_videos(path).ravel(), [0, 128, 255])
+
+
+@pytest.mark.parametrize('array,match', [
+    (np.zeros((2, 3, 4, 4, 4), np.uint8), r"'videos' has shape \(2, 3, 4"),
+    (np.zeros((4, 4), np.uint8), r"'videos' has shape \(4, 4\)"),
+    (np.zeros((0, 3, 4, 4, 3), np.uint8), 'holds no frames'),
+    (np.full((1, 2, 4, 4, 3), 1.5), r'\[-1, 1\] or \[0, 1\], got'),
+    (np.full((1, 2, 4, 4, 3), np.nan), r'\[-1, 1\] or \[0, 1\], got'),
+    (np.zeros((1, 2, 4, 4, 3), np.int64), 'dtype int64; expected uint8'),
+])
+def test_read_npz_videos_errors_name_file_and_problem(tmp_path, array, match):
+  path = str(tmp_path / 'bad.npz')
+  np.savez(path, videos=array)
+  with pytest.raises(ValueError, match=match) as error:
+    video_io.read_npz_videos(path)
+  assert 'bad.npz' in str(error.value)
+
+
+def test_read_npz_videos_unreadable_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match='missing.npz'):
+    video_io.read_npz_videos(str(tmp_path / 'missing.npz'))
+  junk = tmp_path / 'junk.npz'
+  junk.write_bytes(b'PK\x03\x04' + bytes(40))  # A broken zip.
+  with pytest.raises(ValueError, match='junk.npz is not a readable npz'):
+    video_io.read_npz_videos(str(junk))
+  empty = str(tmp_path / 'empty.npz')
+  np.savez(empty)
+  with pytest.raises(ValueError, match='holds no arrays'):
+    video_io.read_npz_videos(empty)
+  npy = tmp_path / 'plain.npz'
+  with open(npy, 'wb') as f:
+    np.save(f, np.zeros((2, 4, 4, 3), np.uint8))
+  with pytest.raises(ValueError, match='not an npz archive'):
+    video_io.read_npz_videos(str(npy))
+
+
 def test_png_grid(tmp_path):
   videos = _videos(n=3, t=5, size=16)
   path = str(tmp_path / 'grid.png')
@@ -134,7 +190,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path):
   with pytest.raises(ValueError):
     video_io.write_png_grid(str(tmp_path / 'g.png'), _videos()[0])  # 4-D.
   with pytest.raises(RuntimeError):
-    with video_io._atomic_path(str(path)) as tmp:
+    with fileio.atomic_path(str(path)) as tmp:
       with open(tmp, 'wb') as f:
         f.write(b'partial')
       raise RuntimeError('interrupted')

@@ -17,6 +17,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from vdm_jax import fileio
+
 CONFIG_FILE = 'config.json'
 
 # Fields that must agree between a workdir's saved config and a new run that
@@ -147,15 +149,8 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes config.json into the workdir (process 0 only, atomically)."""
   if jax.process_index() != 0:
     return
-  path = epath.Path(workdir) / CONFIG_FILE
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (CONFIG_FILE + '.tmp')
-  tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-  if str(path).startswith('gs://'):
-    tmp.copy(path, overwrite=True)
-    tmp.unlink()
-  else:
-    os.replace(tmp, path)
+  fileio.write_json(str(epath.Path(workdir) / CONFIG_FILE),
+                    json.loads(config.to_json_best_effort()), sort_keys=True)
 
 
 def load_config(workdir: str) -> dict | None:

@@ -42,7 +42,7 @@ def main(argv):
   logging.info('JAX process %d/%d, devices: %s', jax.process_index(),
                jax.process_count(), jax.devices())
   config, workdir = _CONFIG.value, _WORKDIR.value
-  if config.get('method', 'vdm') == 'sinfusion':
+  if config.method == 'sinfusion':
     if _MODE.value == 'train':  # The package never imports the optimizer.
       from vdm_jax.sinfusion import train as program  # pylint: disable=g-import-not-at-top
     else:
@@ -57,7 +57,7 @@ def main(argv):
     program.train(config, workdir)
   elif _MODE.value == 'sample':
     program.sample_and_save(config, workdir)
-  elif config.get('method', 'vdm') == 'sinfusion':
+  elif config.method == 'sinfusion':
     program.sample_and_evaluate(config, workdir)
   else:
     program.sample_and_evaluate(

@@ -50,37 +50,6 @@ class TaskInputs:
   reference: Optional[np.ndarray] = None
 
 
-def _npz_videos(path: str) -> np.ndarray:
-  """uint8 [N, T, H, W, C] of an npz file (see the module docstring)."""
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      keys = [k for k in ('videos', 'video') if k in data.files]
-      key = keys[0] if keys else (data.files[0] if data.files else None)
-      if key is None:
-        raise ValueError('the npz holds no arrays')
-      videos = data[key]
-  except (OSError, ValueError) as e:
-    raise ValueError(f'sample.input={path} is not a readable npz of videos:'
-                     f' {e}') from e
-  videos = videos[None] if videos.ndim == 4 else videos
-  if videos.ndim != 5 or videos.shape[-1] not in (1, 3):
-    raise ValueError(
-        f'sample.input={path}: array {key!r} has shape {videos.shape};'
-        ' expected videos [N, T, H, W, C] or one video [T, H, W, C], C in'
-        ' (1, 3).')
-  if np.issubdtype(videos.dtype, np.floating):
-    lo, hi = float(videos.min()), float(videos.max())
-    if not np.isfinite([lo, hi]).all() or lo < -1 or hi > 1:
-      raise ValueError(f'sample.input={path}: float values must lie in'
-                       f' [-1, 1] or [0, 1], got [{lo}, {hi}].')
-    videos = (video_io.to_uint8(videos) if lo < 0
-              else np.rint(videos * 255.0).astype(np.uint8))
-  elif videos.dtype != np.uint8:
-    raise ValueError(f'sample.input={path}: dtype {videos.dtype} is neither'
-                     ' uint8 nor float.')
-  return videos
-
-
 def read_input(path: str) -> np.ndarray:
   """The videos of sample.input as uint8 [N, T, H, W, C].
 
@@ -91,7 +60,10 @@ def read_input(path: str) -> np.ndarray:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'sample.input={path}: no such file.')
   if path.lower().endswith('.npz'):
-    return _npz_videos(path)
+    try:
+      return video_io.read_npz_videos(path)
+    except ValueError as e:
+      raise ValueError(f'sample.input={path}: {e}') from e
   try:
     return video_io.read_video(path)[None]
   except ValueError as e:

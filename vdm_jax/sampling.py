@@ -419,7 +419,7 @@ def ancestral_step(z, x_hat, noise, logsnr_t, logsnr_s, gamma):
   one_minus_r = -jnp.expm1(logsnr_t - logsnr_s)
   mean = r * (alpha_s / alpha_t) * z + one_minus_r * alpha_s * x_hat
   log_var_tilde = jnp.log(one_minus_r) + 2 * jnp.log(sigma_s)
-  log_var_ts = jnp.log(one_minus_r) + jnp.log(schedules.jax_sigmoid(-logsnr_t))
+  log_var_ts = jnp.log(one_minus_r) + jnp.log(jax.nn.sigmoid(-logsnr_t))
   std = jnp.exp(0.5 * ((1 - gamma) * log_var_tilde + gamma * log_var_ts))
   return mean + std * noise
 

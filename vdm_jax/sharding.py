@@ -55,7 +55,7 @@ def mesh_shape(
     mesh_config: ml_collections.ConfigDict, num_devices: int
 ) -> tuple[int, int]:
   """Resolves (data, fsdp) sizes; one of them may be -1 (all remaining)."""
-  data, fsdp = int(mesh_config.data), int(mesh_config.get('fsdp', 1))
+  data, fsdp = int(mesh_config.data), int(mesh_config.fsdp)
   if data == -1 and fsdp == -1:
     raise ValueError('Only one of mesh.data and mesh.fsdp may be -1.')
   if data == -1:
@@ -64,7 +64,7 @@ def mesh_shape(
     fsdp = num_devices // data if data > 0 else 0
   if data < 1 or fsdp < 1 or data * fsdp != num_devices:
     raise ValueError(
-        f'mesh.data={mesh_config.data} x mesh.fsdp={mesh_config.get("fsdp", 1)}'
+        f'mesh.data={mesh_config.data} x mesh.fsdp={mesh_config.fsdp}'
         f' does not use exactly the {num_devices} devices available; set'
         ' them so that data * fsdp equals the device count (-1 takes all'
         ' remaining devices).'

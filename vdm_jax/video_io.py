@@ -3,20 +3,21 @@
 Videos are uint8 [T, H, W, C] with C = 1 or 3 (model outputs in [-1, 1] go
 through `to_uint8` first). Small videos are upscaled with nearest-neighbour
 sampling when written as mp4/gif/png, so that 16x16 or 64x64 samples are
-viewable. Every write goes to a temporary file in the target directory and
-is moved into place with `os.replace`, so readers never see partial files.
+viewable. Every write goes through `fileio.atomic_path` (a temporary file
+moved into place), so readers never see partial files.
 """
 
-import contextlib
 import math
 import os
-import tempfile
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
+import zipfile
 
 import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 from PIL import ImageSequence
+
+from vdm_jax import fileio
 
 # mp4/gif frames are upscaled until their shorter side is at least this.
 MIN_VIEW_SIZE = 128
@@ -67,28 +68,6 @@ def _rgb(video: np.ndarray) -> np.ndarray:
   return np.repeat(video, 3, axis=-1) if video.shape[-1] == 1 else video
 
 
-@contextlib.contextmanager
-def _atomic_path(path: str) -> Iterator[str]:
-  """Yields a temporary path beside `path`; moves it to `path` on success.
-
-  The temporary name keeps the extension, so writers that infer the format
-  from it (ffmpeg) still work.
-  """
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  base, ext = os.path.splitext(os.path.basename(path))
-  fd, tmp = tempfile.mkstemp(prefix=f'.{base}.', suffix=f'.tmp{ext}',
-                             dir=directory)
-  os.close(fd)
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
-
-
 def write_mp4(path: str, video: Any, fps: int = 8) -> None:
   """Writes an H.264 (yuv420p) mp4, viewable in browsers and players.
 
@@ -105,7 +84,7 @@ def write_mp4(path: str, video: Any, fps: int = 8) -> None:
   _, h, w, _ = video.shape
   video = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode='edge')
   size = (video.shape[2], video.shape[1])
-  with _atomic_path(path) as tmp:
+  with fileio.atomic_path(path) as tmp:
     writer = imageio_ffmpeg.write_frames(
         tmp, size, fps=fps, codec='libx264', pix_fmt_out='yuv420p',
         quality=8, macro_block_size=2, ffmpeg_log_level='error')
@@ -133,7 +112,7 @@ def write_gif(path: str, video: Any, fps: int = 8) -> None:
   # 2-D arrays become 'L' (grey) images, [H, W, 3] arrays 'RGB' ones.
   frames = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f)
             for f in video]
-  with _atomic_path(path) as tmp:
+  with fileio.atomic_path(path) as tmp:
     frames[0].save(tmp, format='GIF', save_all=True,
                    append_images=frames[1:], duration=round(1000 / fps),
                    loop=0, optimize=False)
@@ -158,7 +137,7 @@ def write_png_grid(path: str, videos: Any, pad: int = 2) -> None:
     for j in range(t):
       y, x = pad + i * (h + pad), pad + j * (w + pad)
       grid[y:y + h, x:x + w] = videos[i, j]
-  with _atomic_path(path) as tmp:
+  with fileio.atomic_path(path) as tmp:
     Image.fromarray(grid).save(tmp, format='PNG')
 
 
@@ -170,39 +149,73 @@ def save_npz(path: str, videos: Any, **extra: Any) -> None:
     videos: array, e.g. uint8 [N, T, H, W, C].
     **extra: further arrays (labels, ...), saved under their names.
   """
-  with _atomic_path(path) as tmp:
+  with fileio.atomic_path(path) as tmp:
     with open(tmp, 'wb') as f:
       np.savez_compressed(f, videos=np.asarray(videos), **extra)
 
 
-def _npz_video(path: str) -> np.ndarray:
-  """The video of an npz file as uint8 [T, H, W, C] (see read_video)."""
-  with np.load(path, allow_pickle=False) as data:
-    if not data.files:
-      raise ValueError('the npz holds no arrays')
-    key = 'video' if 'video' in data.files else data.files[0]
-    video = data[key]
-  if video.ndim == 5 and video.shape[0] == 1:
-    video = video[0]
-  if video.ndim == 3:
-    video = video[..., None]
-  if video.ndim != 4 or video.shape[-1] not in (1, 3):
+def read_npz_videos(path: str) -> np.ndarray:
+  """Reads the videos of an npz file (e.g. another run's samples.npz).
+
+  The videos are the array 'videos', else 'video', else the first array of
+  the file, shaped [N, T, H, W, C], or [T, H, W, C] / [T, H, W] for one
+  video, with C in (1, 3). uint8 values are taken as they are; float values
+  as [-1, 1] if any is negative, else as [0, 1] (others raise).
+
+  Args:
+    path: the .npz file.
+
+  Returns:
+    uint8 [N, T, H, W, C] (C = 1 for a [T, H, W] array).
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    ValueError: the file is not an npz archive, or its array is not videos
+      (the message names the file, the array and what is wrong).
+  """
+  path = os.fspath(path)
+  try:
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+      raise ValueError('it holds one .npy array, not an npz archive')
+    with data:
+      keys = [k for k in ('videos', 'video') if k in data.files]
+      key = keys[0] if keys else (data.files[0] if data.files else None)
+      if key is None:
+        raise ValueError('the npz holds no arrays')
+      videos = data[key]
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'No such npz file: {path}') from e
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     raise ValueError(
-        f'array {key!r} has shape {video.shape}; expected one video '
-        '[T, H, W, C] with C in (1, 3) (or [T, H, W])')
-  if np.issubdtype(video.dtype, np.floating):
-    if not np.all(np.isfinite(video)) or video.min() < -1 or video.max() > 1:
+        f'{path} is not a readable npz of videos: {_summary(e)}') from e
+  if videos.ndim == 3:
+    videos = videos[..., None]
+  if videos.ndim == 4:
+    videos = videos[None]
+  if videos.ndim != 5 or videos.shape[-1] not in (1, 3):
+    raise ValueError(
+        f'{path}: array {key!r} has shape {videos.shape}; expected videos'
+        ' [N, T, H, W, C] or one video [T, H, W, C] with C in (1, 3), or'
+        ' [T, H, W].')
+  if not videos.size:
+    raise ValueError(
+        f'{path}: array {key!r} of shape {videos.shape} holds no frames.')
+  if np.issubdtype(videos.dtype, np.floating):
+    lo, hi = float(videos.min()), float(videos.max())
+    if not np.isfinite([lo, hi]).all() or lo < -1 or hi > 1:
       raise ValueError(
-          f'float video values must lie in [-1, 1] or [0, 1], got '
-          f'[{np.nanmin(video)}, {np.nanmax(video)}]')
-    if video.min() < 0:
-      video = to_uint8(video)
+          f'{path}: array {key!r}: float values must lie in [-1, 1] or'
+          f' [0, 1], got [{lo}, {hi}].')
+    if lo < 0:
+      videos = to_uint8(videos)
     else:
-      video = np.rint(video * 255.0).astype(np.uint8)
-  elif video.dtype != np.uint8:
+      videos = np.rint(videos * 255.0).astype(np.uint8)
+  elif videos.dtype != np.uint8:
     raise ValueError(
-        f'unsupported dtype {video.dtype}; expected uint8 or float')
-  return video
+        f'{path}: array {key!r} has dtype {videos.dtype}; expected uint8 or'
+        ' float.')
+  return videos
 
 
 def _ffmpeg_video(path: str, max_frames: Optional[int]) -> np.ndarray:
@@ -245,11 +258,9 @@ def _summary(error: Exception) -> str:
 def read_video(path: str, max_frames: Optional[int] = None) -> np.ndarray:
   """Reads a video file as uint8 [T, H, W, 3].
 
-  Formats by extension: .mp4/.webm/.avi (ffmpeg), .gif, .npz. An npz holds
-  the video under 'video' or as its first array, shaped [T, H, W, C],
-  [1, T, H, W, C] or [T, H, W]; float values are taken as [-1, 1] if any
-  is negative and as [0, 1] otherwise (values outside [-1, 1] raise).
-  1-channel videos are repeated to RGB.
+  Formats by extension: .mp4/.webm/.avi (ffmpeg), .gif, .npz (one video,
+  read as `read_npz_videos` reads it: [T, H, W, C], [1, T, H, W, C] or
+  [T, H, W], uint8 or float). 1-channel videos are repeated to RGB.
 
   Args:
     path: the file.
@@ -260,7 +271,8 @@ def read_video(path: str, max_frames: Optional[int] = None) -> np.ndarray:
 
   Raises:
     FileNotFoundError: `path` does not exist.
-    ValueError: unsupported extension, or the file could not be decoded.
+    ValueError: unsupported extension, or the file could not be decoded
+      (an npz: see `read_npz_videos`; or it holds more than one video).
   """
   path = os.fspath(path)
   ext = os.path.splitext(path)[1].lower()
@@ -270,12 +282,15 @@ def read_video(path: str, max_frames: Optional[int] = None) -> np.ndarray:
         f'{", ".join(READ_EXTENSIONS)}.')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'No such video file: {path}')
+  if ext == '.npz':
+    videos = read_npz_videos(path)
+    if len(videos) != 1:
+      raise ValueError(
+          f'Could not read one video from {path}: it holds {len(videos)}'
+          ' videos; read them with read_npz_videos.')
+    return _rgb(videos[0, :max_frames])
   try:
-    if ext == '.npz':
-      video = _npz_video(path)
-      if max_frames is not None:
-        video = video[:max_frames]
-    elif ext == '.gif':
+    if ext == '.gif':
       video = _gif_video(path, max_frames)
     else:
       video = _ffmpeg_video(path, max_frames)

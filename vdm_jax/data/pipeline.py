@@ -24,7 +24,7 @@ Batch `step` is a pure function of (seed, step, process_index):
     (drawn after the others, so switching them on changes nothing else).
 Resuming from a checkpoint at step k therefore only needs k.
 
-Joint image-video training (Ho et al. 2022, Sec. 3; REFERENCE 1.6): with
+Joint image-video training (Ho et al. 2022, Sec. 3 and 4.3.1): with
 `image_frames = N > 0` each clip of T frames is followed by N independent
 frames, each from a different randomly chosen other example at a random
 frame. `frame_mask` is True on the T clip frames and False on the N image

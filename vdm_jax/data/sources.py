@@ -13,12 +13,12 @@ A source has `__len__` and `__getitem__(i) -> {'video': uint8[T, H, W, C],
 """
 
 import json
-import os
 from typing import Any, Optional
 
 from etils import epath
 import ml_collections
 
+from vdm_jax import fileio
 from vdm_jax.data import synthetic
 
 TFDS_PRESETS = ('ucf101', 'bair_robot_pushing_small', 'moving_mnist')
@@ -29,7 +29,7 @@ LABELS_FILE = 'labels.json'
 
 def num_source_frames(data_config: ml_collections.ConfigDict) -> int:
   """Frames a source must provide per video for one clip."""
-  return (data_config.num_frames - 1) * data_config.get('frame_stride', 1) + 1
+  return (data_config.num_frames - 1) * data_config.frame_stride + 1
 
 
 def pipeline_options(data_config: ml_collections.ConfigDict
@@ -39,11 +39,11 @@ def pipeline_options(data_config: ml_collections.ConfigDict
   Returns:
     {'random_flip': bool, 'random_crop': bool} for `pipeline.Pipeline`.
   """
-  crop = data_config.get('crop', 'center')
+  crop = data_config.crop
   if crop not in CROPS:
     raise ValueError(f'config.data.crop={crop!r}; choose one of {CROPS}.')
   return {
-      'random_flip': bool(data_config.get('random_flip', False)),
+      'random_flip': bool(data_config.random_flip),
       'random_crop': crop == 'random' and data_config.name != 'synthetic',
   }
 
@@ -70,7 +70,7 @@ def get_source(data_config: ml_collections.ConfigDict, seed: int) -> Any:
         image_size=data_config.image_size,
         channels=data_config.channels,
         num_examples=data_config.num_examples,
-        num_objects=data_config.get('num_objects', 1),
+        num_objects=data_config.num_objects,
         num_classes=num_classes if num_classes > 0 else 3,
         seed=seed,
     )
@@ -81,7 +81,7 @@ def get_source(data_config: ml_collections.ConfigDict, seed: int) -> Any:
     source = tfds_sources.from_config(data_config)
   elif name == 'video_files':
     from vdm_jax.data import video_files  # pylint: disable=g-import-not-at-top
-    if not data_config.get('path'):
+    if not data_config.path:
       raise ValueError(
           "data.name='video_files' needs config.data.path (a video file or "
           'a folder of videos).')
@@ -89,7 +89,7 @@ def get_source(data_config: ml_collections.ConfigDict, seed: int) -> Any:
         data_config.path, image_size=data_config.image_size,
         channels=data_config.channels,
         min_frames=num_source_frames(data_config),
-        cache_size=data_config.get('cache_size', 32))
+        cache_size=data_config.cache_size)
   else:
     raise ValueError(
         f'Unknown data.name {name!r}; available sources: {SOURCES}.'
@@ -101,7 +101,7 @@ def get_source(data_config: ml_collections.ConfigDict, seed: int) -> Any:
 def _check_num_classes(data_config: ml_collections.ConfigDict,
                        source: Any) -> None:
   names = getattr(source, 'label_names', None)
-  wanted = data_config.get('num_classes', 0)
+  wanted = data_config.num_classes
   if wanted > 0 and names is None:
     raise ValueError(
         f'config.data.num_classes={wanted} but data.name='
@@ -130,14 +130,7 @@ def save_label_names(source: Any, workdir: str) -> Optional[str]:
   if not names:
     return None
   path = epath.Path(workdir) / LABELS_FILE
-  path.parent.mkdir(parents=True, exist_ok=True)
-  text = json.dumps(list(names), indent=1)
-  if str(path).startswith('gs://'):
-    path.write_text(text)
-  else:
-    tmp = path.parent / (LABELS_FILE + '.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
+  fileio.write_json(path, list(names), indent=1)
   return str(path)
 
 

@@ -229,24 +229,23 @@ def from_config(data_config) -> TfdsVideos:
   d = data_config
   name = d.name
   if name == 'tfds':
-    if not d.get('tfds_name'):
+    if not d.tfds_name:
       raise ValueError(
           "data.name='tfds' needs config.data.tfds_name (a TFDS dataset "
           'name) and config.data.video_key.')
-    spec = DatasetSpec(d.tfds_name, d.get('video_key', 'video'),
-                       d.get('label_key', ''))
+    spec = DatasetSpec(d.tfds_name, d.video_key, d.label_key)
   else:
     spec = DATASETS[name]
-    if d.get('tfds_name'):
+    if d.tfds_name:
       spec = dataclasses.replace(spec, tfds_name=d.tfds_name)
   video_key = spec.video_key
   if name == 'bair_robot_pushing_small':
-    video_key = d.get('view', 'image_main')
+    video_key = d.view
     if video_key not in BAIR_VIEWS:
       raise ValueError(
           f'config.data.view={video_key!r}; choose one of {BAIR_VIEWS} (FVDs '
           'on different views are not comparable).')
-  split = d.get('split', 'train')
+  split = d.split
   if spec.splits is not None:
     missing = [s for s in _split_names(split) if s not in spec.splits]
     if missing:
@@ -256,4 +255,4 @@ def from_config(data_config) -> TfdsVideos:
   return TfdsVideos(
       spec.tfds_name, split=split, video_key=video_key,
       label_key=spec.label_key, image_size=d.image_size,
-      channels=d.channels, data_dir=d.get('data_dir') or None)
+      channels=d.channels, data_dir=d.data_dir or None)

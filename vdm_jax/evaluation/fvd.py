@@ -12,8 +12,9 @@ Matches the reference implementation (google-research
     -> `tfgan.eval.frechet_classifier_distance_from_activations` (float64,
        covariances with n - 1, trace of sqrt(sqrt(S1) S2 sqrt(S1))).
 
-Published numbers differ mostly by protocol (REFERENCE.md 1.7, 1.8): number
-of samples, real split, resolution at scoring, MAGVIT's 64x64 intermediate
+Published numbers differ mostly by protocol (compare VDM, Ho et al. 2022,
+Sec. 4.2, with MAGVIT, Yu et al. 2023, Table 10 and App. C): number of
+samples, real split, resolution at scoring, MAGVIT's 64x64 intermediate
 resize, folds. `PROTOCOLS` names each one; `evaluate_videos` reports the
 protocol name with the score. docs/fvd.md has the provenance.
 """
@@ -31,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import tqdm
 
+from vdm_jax import fileio
 from vdm_jax.evaluation import i3d
 from vdm_jax.evaluation.protocols import FEATURES
 from vdm_jax.evaluation.protocols import PROTOCOLS
@@ -438,13 +440,10 @@ def real_features(
   feats = extract_features(real_videos, resize=protocol.resize,
                            **extract_kwargs)[protocol.feature]
   if path is not None and jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(buf, features=feats, fingerprint=fingerprint,
-             protocol=protocol.name)
-    tmp = path.parent / (path.name + '.tmp')
-    tmp.write_bytes(buf.getvalue())
-    tmp.rename(path)
+    with fileio.atomic_path(path) as tmp:
+      with open(tmp, 'wb') as f:
+        np.savez(f, features=feats, fingerprint=fingerprint,
+                 protocol=protocol.name)
   return feats
 
 

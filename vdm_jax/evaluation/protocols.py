@@ -1,7 +1,8 @@
 """Named FVD protocols: everything besides the network that moves the score.
 
-Sources: REFERENCE.md sections 1.7 (VDM's own evaluations) and 1.8 (the
-reference FVD and its common variants); docs/fvd.md has the provenance.
+Each preset names the paper table or public code that defines it
+(`Protocol.source`); docs/fvd.md explains the differences and
+docs/references.md lists the papers.
 """
 
 import dataclasses
@@ -52,7 +53,7 @@ class Protocol:
 PROTOCOLS: dict[str, Protocol] = {
     # VDM Table 2 (BAIR, 1 -> 15 at 64x64, FVD 66.92): the FitVid protocol,
     # 100 samples for each of the 256 test videos against the first 16-frame
-    # clip of each test video. REFERENCE.md 1.7.
+    # clip of each test video (Babaeizadeh et al. 2021, FitVid).
     'bair_vdm': Protocol(
         name='bair_vdm',
         resolution=64,
@@ -65,14 +66,15 @@ PROTOCOLS: dict[str, Protocol] = {
         folds=1,
         feature='logits_mean',
         source=(
-            'VDM (Ho et al. 2022) Table 2 / FitVid; REFERENCE.md 1.7. MAGVIT'
-            ' App. C: VDM scored another camera view; name the view.'
+            'VDM (Ho et al. 2022) Sec. 4.2, Table 2; FitVid (Babaeizadeh et'
+            ' al. 2021). MAGVIT (Yu et al. 2023) App. C: VDM scored another'
+            ' camera view; name the view.'
         ),
         clip_start='first',
     ),
     # MAGVIT Table 10 (UCF-101 class-conditional 16x128x128): 10,000 samples
     # x 4 folds against random train clips, `videogvt/tools/compute_fvd.py`
-    # with its 64x64 intermediate resize. REFERENCE.md 1.8, 3.
+    # with its 64x64 intermediate resize (google-research/magvit).
     'ucf101_magvit': Protocol(
         name='ucf101_magvit',
         resolution=128,
@@ -84,13 +86,16 @@ PROTOCOLS: dict[str, Protocol] = {
         conditioning_frames=0,
         folds=4,
         feature='logits_mean',
-        source='MAGVIT (Yu et al. 2023) Table 10; REFERENCE.md 1.8.',
+        source=(
+            'MAGVIT (Yu et al. 2023) Table 10; google-research/magvit'
+            ' videogvt/tools/compute_fvd.py.'
+        ),
     ),
     # StyleGAN-V `fvd2048_16f` (also DIGAN, Latte): 2048 generated videos vs
     # 2048 random real 16-frame clips at the dataset resolution. StyleGAN-V
     # runs a TorchScript port of the same TF-Hub I3D that upsamples with
     # half-pixel centers and uses 1/n covariances; the counts are what this
-    # preset reproduces. REFERENCE.md 1.8.
+    # preset reproduces.
     'stylegan_v_2048': Protocol(
         name='stylegan_v_2048',
         resolution=None,
@@ -104,12 +109,13 @@ PROTOCOLS: dict[str, Protocol] = {
         feature='logits_mean',
         source=(
             'StyleGAN-V (Skorokhodov et al. 2022) src/metrics/'
-            'frechet_video_distance.py; REFERENCE.md 1.8.'
+            'frechet_video_distance.py, metric fvd2048_16f.'
         ),
     ),
     # VDM Kinetics-600 (5 -> 11 at 64x64, FVD 16.2 +- 0.34): 50k test
     # videos, random 16-frame subsequences sampled without replacement, the
-    # same subsequences for samples and ground truth. REFERENCE.md 1.7.
+    # same subsequences for samples and ground truth (VDM Sec. 4.2, Table 3;
+    # the DVD-GAN protocol, with replacement, gives 16.9).
     'kinetics600_vdm': Protocol(
         name='kinetics600_vdm',
         resolution=64,
@@ -121,6 +127,6 @@ PROTOCOLS: dict[str, Protocol] = {
         conditioning_frames=5,
         folds=1,
         feature='logits_mean',
-        source='VDM (Ho et al. 2022) Section 4.3; REFERENCE.md 1.7.',
+        source='VDM (Ho et al. 2022) Sec. 4.2, Table 3.',
     ),
 }

@@ -1,12 +1,12 @@
 """The factorized space-time UNet of Video Diffusion Models (Ho et al. 2022).
 
-Section 3 of the paper: a DDPM UNet whose 3x3 convolutions become space-only
-1x3x3 convolutions, whose spatial attention treats frames as batch, and
-where each spatial attention is followed by a temporal attention over frames
-with relative position bias. Down/upsampling are spatial only; skips are
-concatenations.
+Section 3 and Fig. 1 of the paper: a DDPM UNet whose 3x3 convolutions become
+space-only 1x3x3 convolutions, whose spatial attention treats frames as
+batch, and where each spatial attention is followed by a temporal attention
+over frames with relative positions (Shaw et al. 2018). Down/upsampling are
+spatial only; skips are concatenations.
 
-Choices the paper leaves open (REFERENCE.md 1.2): BigGAN/Wide-ResNet style
+Choices the paper leaves open (docs/references.md): BigGAN/Wide-ResNet style
 residual blocks with GroupNorm (per frame) and a scale/shift conditioning;
 a learned per-head relative position bias clipped at `max_temporal_distance`;
 temporal attention also in the middle block; heads = channels // head_dim;

@@ -26,7 +26,6 @@ standard deviation across generated videos divided by the per-pixel
 standard deviation across the input's frames (SinGAN-style).
 """
 
-import json
 import os
 import zlib
 from typing import Any
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vdm_jax import fileio
 from vdm_jax.sinfusion import generate
 
 # Query patches per distance block (bounds memory to block x references).
@@ -222,9 +222,6 @@ def sample_and_evaluate(config: ml_collections.ConfigDict,
     results['fvd_skipped'] = 'eval.fvd is False'
   path = os.path.join(workdir, 'sinfusion_eval.json')
   if jax.process_index() == 0:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    fileio.write_json(path, results, sort_keys=True)
   logging.info('SinFusion eval: %s', results)
   return results
