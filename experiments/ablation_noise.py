@@ -8,12 +8,13 @@ shapes, 10 frames of 16x16, the fewest frames I3D takes with room to spare),
 once with diffusion.noise='iid' and once with 'decomposed' (lambda --lam),
 with the same seed, data order and number of steps; samples --num_videos
 videos from each run's EMA parameters with that run's noise
-(sampling.sample_from_config); and scores both against --num_videos
-held-out synthetic clips (dataset seed + 1) with I3D FVD (reference resize
-to 224x224, Kinetics-400 logits; one fold); a second held-out set (seed +
-2) scored the same way gives the real-vs-real floor at this N. CPU-sized:
-the widths are tiny and N is far below the 400 feature dimensions, so the
-FVDs compare the two runs with each other, not with any published number.
+(noise.from_config) and sampler (sampling.SamplerSpec.from_config); and
+scores both against --num_videos held-out synthetic clips (dataset seed + 1)
+with I3D FVD (reference resize to 224x224, Kinetics-400 logits; one fold); a
+second held-out set (seed + 2) scored the same way gives the real-vs-real
+floor at this N. CPU-sized: the widths are tiny and N is far below the 400
+feature dimensions, so the FVDs compare the two runs with each other, not
+with any published number.
 Prints one JSON line and writes workdir/results.json (docs/benchmarks.md).
 """
 
@@ -30,8 +31,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import default  # pylint: disable=g-import-not-at-top
+from vdm_jax import denoiser
+from vdm_jax import noise as noise_lib
 from vdm_jax import sample as sample_lib
 from vdm_jax import sampling
+from vdm_jax import schedules
 from vdm_jax import train
 from vdm_jax import video_io
 from vdm_jax.data import synthetic
@@ -79,16 +83,21 @@ def run(noise: str, workdir: str) -> dict:
   config = make_config(noise, _STEPS.value, _LAM.value)
   out = {}
   t0 = time.time()
-  train.train_and_evaluate(config, workdir)
+  train.train(config, workdir)
   out['train_s'] = time.time() - t0
   t0 = time.time()
   model, params, _ = sample_lib.restore_ema_params(config, workdir)
-  denoise_fn = sample_lib.make_denoise_fn(model, params)
+  denoise_fn = denoiser.make_denoise_fn(model, params)
   d, n = config.data, _NUM_VIDEOS.value
   shape = (n, d.num_frames, d.image_size, d.image_size, d.channels)
-  x = sampling.sample_from_config(
-      denoise_fn, jax.random.key(config.seed + 7), shape, config,
-      num_steps=_SAMPLE_STEPS.value)
+  run_noise = noise_lib.from_config(config.diffusion, d.num_frames)
+  x = sampling.sample(
+      denoise_fn, jax.random.key(config.seed + 7), shape,
+      logsnr_fn=schedules.get_logsnr_fn(config.diffusion, d.image_size),
+      target=config.diffusion.target,
+      spec=sampling.SamplerSpec.from_config(config.sample).replace(
+          num_steps=_SAMPLE_STEPS.value),
+      noise=run_noise)
   out['videos'] = np.asarray(video_io.to_uint8(np.asarray(x)))
   out['sample_s'] = time.time() - t0
   video_io.write_png_grid(os.path.join(workdir, 'samples.png'),

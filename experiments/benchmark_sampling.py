@@ -15,6 +15,7 @@ Each time is the median of --repeats runs after a compiling run.
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -27,9 +28,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
+from vdm_jax import denoiser
 from vdm_jax import sampling
 from vdm_jax import schedules
-from vdm_jax.models import unet3d
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -63,20 +64,18 @@ def main() -> None:
   d = config.data
   batch = args.batch or config.sample.batch_size
   shape = (batch, d.num_frames, d.image_size, d.image_size, d.channels)
-  model = unet3d.UNet3D(**config.model)
+  model = denoiser.create_model(config)
   z = jax.random.normal(jax.random.key(0), shape)
   logsnr = jnp.zeros((batch,))
-  params = jax.jit(model.init)(jax.random.key(1), z, logsnr)['params']
-
-  def apply(params, z, logsnr, cond):
-    return model.apply({'params': params}, z, logsnr, train=False, **cond)
-
-  denoise_fn = jax.tree_util.Partial(apply, params)
-  call = jax.jit(apply)
+  params = jax.jit(functools.partial(denoiser.init_params, config, model))(
+      jax.random.key(1))
+  denoise_fn = denoiser.make_denoise_fn(model, params)
+  # The bound denoiser is a pytree: its parameters are traced arguments.
+  call = jax.jit(lambda fn, z, logsnr: fn(z, logsnr, {}))
   logsnr_fn = schedules.get_logsnr_fn(config.diffusion, d.image_size)
-  kw = dict(logsnr_fn=logsnr_fn, target=config.diffusion.target,
-            sampler='ancestral', num_steps=args.num_steps,
-            gamma=config.sample.gamma)
+  spec = sampling.SamplerSpec.from_config(config.sample).replace(
+      sampler='ancestral', num_steps=args.num_steps)
+  kw = dict(logsnr_fn=logsnr_fn, target=config.diffusion.target, spec=spec)
   x_a = jax.random.uniform(jax.random.key(2), shape, minval=-1, maxval=1)
   mask = jnp.arange(d.num_frames)[None, :] < 2
   guidance = sampling.make_guidance(
@@ -84,7 +83,8 @@ def main() -> None:
       recon_weight=2.0)
   rng = jax.random.key(3)
 
-  t_call = _median_time(lambda: call(params, z, logsnr, {}), 5 * args.repeats)
+  t_call = _median_time(lambda: call(denoise_fn, z, logsnr),
+                        5 * args.repeats)
   t_scan = _median_time(lambda: sampling.sample(denoise_fn, rng, shape, **kw),
                         args.repeats)
   t_guided = _median_time(

@@ -5,6 +5,7 @@ and a residual r_i per frame. Statistical thresholds are 5 standard errors
 of a correlation estimate, SE <= 1 / sqrt(n) for n independent pairs.
 """
 
+import dataclasses
 import functools
 
 import chex
@@ -16,11 +17,13 @@ import pytest
 
 from configs import default
 from configs import tiny
-from vdm_jax import conditioning
 from vdm_jax import diffusion
+from vdm_jax import noise as noise_lib
 from vdm_jax import sampling
 from vdm_jax import schedules
+from vdm_jax import tasks
 from vdm_jax import train
+from vdm_jax import training
 from test_sampling import COV, MU, NUM_SAMPLES, NUM_STEPS, SHAPE
 from test_sampling import GaussianOracle, ORACLES, check_moments, key
 from test_sampling import logsnr_fn
@@ -35,7 +38,7 @@ def frame_corr(eps):
 
 
 def test_unit_variance_and_scalar_correlation():
-  eps = diffusion.decomposed_noise(key(0), (4000, 3, 4, 4, 1), 0.5)
+  eps = noise_lib.Noise(0.5).draw(key(0), (4000, 3, 4, 4, 1))
   assert eps.shape == (4000, 3, 4, 4, 1) and eps.dtype == jnp.float32
   eps = np.asarray(eps)
   # Clips are independent: n = 4000 per element; a variance estimate has
@@ -51,8 +54,7 @@ def test_unit_variance_and_scalar_correlation():
 
 def test_per_frame_correlation_is_sqrt_product():
   lam = np.array([0.1, 0.4, 0.9, 0.0], np.float32)
-  eps = np.asarray(diffusion.decomposed_noise(key(1), (4000, 4, 4, 4, 1),
-                                              lam))
+  eps = np.asarray(noise_lib.Noise(lam).draw(key(1), (4000, 4, 4, 4, 1)))
   np.testing.assert_allclose(eps.var(axis=0), 1.0,
                              atol=5 * np.sqrt(2 / 4000))
   corr, _ = frame_corr(eps)
@@ -64,53 +66,51 @@ def test_per_frame_correlation_is_sqrt_product():
 def test_lambda_zero_is_iid_bitwise():
   shape = (3, 4, 5, 5, 2)
   for rng in (key(2), jax.random.key(2)):
-    iid = diffusion.sample_noise(rng, shape)
-    np.testing.assert_array_equal(diffusion.decomposed_noise(rng, shape, 0.0),
-                                  iid)
+    iid = noise_lib.Noise().draw(rng, shape)
+    np.testing.assert_array_equal(iid, jax.random.normal(rng, shape))
+    np.testing.assert_array_equal(noise_lib.Noise(0.0).draw(rng, shape), iid)
     np.testing.assert_array_equal(
-        diffusion.DecomposedNoise(jnp.zeros((4,)))(rng, shape), iid)
-    assert not np.array_equal(diffusion.decomposed_noise(rng, shape, 0.5),
-                              iid)
+        noise_lib.Noise(jnp.zeros((4,)))(rng, shape), iid)
+    assert not np.array_equal(noise_lib.Noise(0.5).draw(rng, shape), iid)
 
 
 def test_lambda_one_is_the_shared_base():
-  eps = np.asarray(diffusion.decomposed_noise(key(3), (2, 5, 3, 3, 1), 1.0))
+  eps = np.asarray(noise_lib.Noise(1.0).draw(key(3), (2, 5, 3, 3, 1)))
   np.testing.assert_array_equal(eps, np.broadcast_to(eps[:, :1], eps.shape))
   assert not np.allclose(eps[0], eps[1])  # One base per clip.
 
 
 def test_residual_salt_shares_the_base_only():
   shape, rng = (4000, 2, 2, 2, 1), key(4)
-  a = np.asarray(diffusion.decomposed_noise(rng, shape, 0.5, jnp.int32(0)))
-  b = np.asarray(diffusion.decomposed_noise(rng, shape, 0.5, jnp.int32(1)))
-  c = np.asarray(diffusion.decomposed_noise(key(5), shape, 0.5,
-                                            jnp.int32(1)))
+  a = np.asarray(noise_lib.Noise(0.5, jnp.int32(0)).draw(rng, shape))
+  b = np.asarray(noise_lib.Noise(0.5, jnp.int32(1)).draw(rng, shape))
+  c = np.asarray(noise_lib.Noise(0.5, jnp.int32(1)).draw(key(5), shape))
   # Same key, different salts: correlation lambda (the base); different
   # keys: independent.
   assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1] - 0.5) < 5 / 63
   assert abs(np.corrcoef(a.ravel(), c.ravel())[0, 1]) < 5 / 63
   np.testing.assert_array_equal(
-      a, diffusion.decomposed_noise(rng, shape, 0.5, jnp.int32(0)))
+      a, noise_lib.Noise(0.5).with_salt(0).draw(rng, shape))
 
 
 def test_config_validation():
   config = default.get_config()
   d = config.diffusion
-  assert diffusion.noise_lambda_from_config(d, 4) is None  # 'iid' default.
+  assert noise_lib.from_config(d, 4).noise_lambda is None  # 'iid' default.
   d.noise = 'decomposed'
-  assert diffusion.noise_lambda_from_config(d, 4).shape == ()
+  assert noise_lib.from_config(d, 4).noise_lambda.shape == ()
   d.noise_lambda = (0.1, 0.2, 0.3, 0.4)
-  np.testing.assert_allclose(diffusion.noise_lambda_from_config(d, 4),
+  np.testing.assert_allclose(noise_lib.from_config(d, 4).noise_lambda,
                              [0.1, 0.2, 0.3, 0.4])
   with pytest.raises(ValueError, match='one value per frame'):
-    diffusion.noise_lambda_from_config(d, 5)
+    noise_lib.from_config(d, 5)
   for bad in (1.5, -0.1, (0.5, 0.5, 0.5, 2.0), float('nan')):
     d.noise_lambda = bad
     with pytest.raises(ValueError, match=r'lie in \[0, 1\]'):
-      diffusion.noise_lambda_from_config(d, 4)
+      noise_lib.from_config(d, 4)
   d.noise = 'gaussian'
   with pytest.raises(ValueError, match="Unknown diffusion.noise 'gaussian'"):
-    diffusion.noise_fn_from_config(d, 4)
+    noise_lib.from_config(d, 4)
 
 
 def _recorded_loss_noise(x, rng, **kw):
@@ -134,14 +134,14 @@ def test_loss_draws_decomposed_noise(per_example):
   n = 2000
   x = jnp.zeros((n, 3, 2, 2, 1))
   rng = jax.random.split(key(6), n) if per_example else key(6)
-  out, eps = _recorded_loss_noise(x, rng, noise_lambda=0.5)
+  out, eps = _recorded_loss_noise(x, rng, noise=noise_lib.Noise(0.5))
   np.testing.assert_allclose(out.loss, 0.0, atol=1e-4)
   corr, _ = frame_corr(eps)
   np.testing.assert_allclose(corr[np.triu_indices(3, 1)], 0.5,
                              atol=5 / np.sqrt(n))
   # lambda = 0 is the i.i.d. loss, bit for bit.
   out_iid, eps_iid = _recorded_loss_noise(x, rng)
-  out_0, eps_0 = _recorded_loss_noise(x, rng, noise_lambda=0.0)
+  out_0, eps_0 = _recorded_loss_noise(x, rng, noise=noise_lib.Noise(0.0))
   np.testing.assert_array_equal(eps_0, eps_iid)
   np.testing.assert_array_equal(out_0.t, out_iid.t)
 
@@ -154,11 +154,11 @@ def test_image_frames_get_iid_noise():
   n, t, images = 2000, 3, 2
   frame_mask = np.zeros((n, t + images), bool)
   frame_mask[:, :t] = True
-  lam = diffusion.batch_noise_lambda(config.diffusion, t,
-                                     jnp.asarray(frame_mask))
-  np.testing.assert_allclose(lam, np.where(frame_mask, 0.8, 0.0))
+  noise = noise_lib.from_config(config.diffusion, t).for_frames(frame_mask)
+  np.testing.assert_allclose(noise.noise_lambda,
+                             np.where(frame_mask, 0.8, 0.0))
   x = jnp.zeros((n, t + images, 2, 2, 1))
-  _, eps = _recorded_loss_noise(x, key(7), noise_lambda=lam)
+  _, eps = _recorded_loss_noise(x, key(7), noise=noise)
   corr, _ = frame_corr(eps)
   se = 1 / np.sqrt(n)
   np.testing.assert_allclose(corr[:t, :t][np.triu_indices(t, 1)], 0.8,
@@ -166,8 +166,8 @@ def test_image_frames_get_iid_noise():
   assert np.all(np.abs(corr[:, t:][~np.eye(t + images, dtype=bool)[:, t:]])
                 < 5 * se)
   np.testing.assert_allclose(eps.var(axis=0), 1.0, atol=5 * np.sqrt(2) * se)
-  assert diffusion.batch_noise_lambda(
-      default.get_config().diffusion, t, frame_mask) is None
+  assert noise_lib.from_config(default.get_config().diffusion, t).for_frames(
+      frame_mask).noise_lambda is None
 
 
 def _identity_x(z, logsnr, cond):
@@ -178,19 +178,20 @@ def _identity_x(z, logsnr, cond):
 
 def test_sampler_initial_and_step_noise_are_decomposed():
   n, lam = 3000, 0.6
-  noise_fn = diffusion.DecomposedNoise(jnp.float32(lam))
-  kw = dict(logsnr_fn=logsnr_fn(), target='x', clip_x=False,
-            noise_fn=noise_fn)
+  spec = sampling.SamplerSpec(num_steps=1, clip_x=False)
+  kw = dict(logsnr_fn=logsnr_fn(), target='x',
+            noise=noise_lib.Noise(jnp.float32(lam)))
   z1 = np.asarray(sampling.sample(_identity_x, key(8), (n,) + SHAPE,
-                                  num_steps=1, **kw))
+                                  spec=spec, **kw))
   np.testing.assert_allclose(frame_corr(z1)[0][0, 1], lam, atol=5 / 77)
   np.testing.assert_allclose(z1.var(axis=0), 1.0, atol=5 * np.sqrt(2 / n))
   # Two steps: z_s = a z_1 + std eps_step with a^2 ~ std^2. Decomposed
   # step noise keeps the correlation at lambda; i.i.d. would halve it.
   for sampler in ('ancestral', 'ddim', 'pc'):
     zs = np.asarray(sampling.sample(
-        _identity_x, key(9), (n,) + SHAPE, num_steps=2, sampler=sampler,
-        gamma=0.0, eta=1.0, **kw))
+        _identity_x, key(9), (n,) + SHAPE,
+        spec=spec.replace(num_steps=2, sampler=sampler, gamma=0.0, eta=1.0),
+        **kw))
     np.testing.assert_allclose(frame_corr(zs)[0][0, 1], lam, atol=5 / 77,
                                err_msg=sampler)
 
@@ -202,8 +203,8 @@ def test_decomposed_sampler_compiles_once():
   for lam in (0.0, 0.5, np.array([0.2, 0.7], np.float32)):
     x = sampling.sample(
         counted, key(10), (3,) + SHAPE, logsnr_fn=logsnr_fn(), target='eps',
-        num_steps=4, noise_fn=diffusion.DecomposedNoise(jnp.asarray(
-            lam, jnp.float32) * jnp.ones((2,))))
+        spec=sampling.SamplerSpec(num_steps=4), noise=noise_lib.Noise(
+            jnp.asarray(lam, jnp.float32) * jnp.ones((2,))))
     assert x.shape == (3,) + SHAPE and np.all(np.isfinite(x))
 
 
@@ -247,8 +248,9 @@ def decomposed_samples(sampler, target, exact=True, **kw):
             else ORACLES[target])
   return np.asarray(sampling.sample(
       oracle, key(0), (NUM_SAMPLES,) + SHAPE, logsnr_fn=logsnr_fn(),
-      target=target, sampler=sampler, num_steps=NUM_STEPS, clip_x=False,
-      noise_fn=diffusion.DecomposedNoise(jnp.float32(LAM)), **kw))
+      target=target, spec=sampling.SamplerSpec(
+          sampler=sampler, num_steps=NUM_STEPS, clip_x=False, **kw),
+      noise=noise_lib.Noise(jnp.float32(LAM))))
 
 
 def test_correlated_oracle_is_the_posterior_mean():
@@ -312,8 +314,10 @@ def _extend_config(fixed_base, lam):
 def _extend(fixed_base, lam, n, denoise_fn=_identity_x):
   config = _extend_config(fixed_base, lam)
   video = np.zeros((n, T, S, S, 1), np.float32)
-  x = conditioning.run_task(config, denoise_fn, key(12), video=video,
-                            logsnr_fn=logsnr_fn())
+  setup = dataclasses.replace(tasks.Setup.from_config(config),
+                              logsnr_fn=logsnr_fn())
+  x = tasks.run(tasks.from_config(config.sample), denoise_fn, key(12), setup,
+                video=video)
   # One step of the identity x-denoiser: each block's new frames are its
   # z_1 there, i.e. the noise drawn for the block.
   x = np.asarray(x)
@@ -344,11 +348,12 @@ def test_fixed_base_noise_needs_decomposed_extend():
   config = _extend_config(True, 0.5)
   config.diffusion.noise = 'iid'
   with pytest.raises(ValueError, match="needs diffusion.noise='decomposed'"):
-    conditioning.validate(config)
+    tasks.check_noise(tasks.from_config(config.sample),
+                      noise_lib.from_config(config.diffusion, T))
   config = _extend_config(True, 0.5)
   config.sample.task = 'predict'
   with pytest.raises(ValueError, match="task 'extend'"):
-    conditioning.validate(config, (1, T, S, S, 1))
+    tasks.from_config(config.sample)
 
 
 class _PixelModel(nn.Module):
@@ -367,7 +372,7 @@ def _train_step_loss(**diffusion_fields):
   for k, v in diffusion_fields.items():
     config.diffusion[k] = v
   model = _PixelModel()
-  tx, lr_fn = train.create_optimizer(config)
+  tx, lr_fn = training.create_optimizer(config)
   state = train.init_state(config, model, tx, jax.random.key(0))
   b, t = config.training.batch_size, config.data.num_frames + 2
   video = jax.random.randint(jax.random.key(1), (b, t, 16, 16, 3), 0, 256)

@@ -84,8 +84,8 @@ class GaussianOracle:
     if 'label' in cond:
       mu = mu + self.shifts[cond['label']]
     zf = z.reshape(b, -1)
-    a2 = schedules.jax_sigmoid(logsnr)[:, None]
-    s2 = schedules.jax_sigmoid(-logsnr)[:, None]
+    a2 = jax.nn.sigmoid(logsnr)[:, None]
+    s2 = jax.nn.sigmoid(-logsnr)[:, None]
     alpha, sigma = jnp.sqrt(a2), jnp.sqrt(s2)
     y = (zf - alpha * mu) @ self.u
     den = a2 * self.s + s2
@@ -116,8 +116,8 @@ def check_moments(x, mu, cov, bias=COV_BIAS):
 def gaussian_samples(sampler, target, **kw):
   return np.asarray(sampling.sample(
       ORACLES[target], key(0), (NUM_SAMPLES,) + SHAPE,
-      logsnr_fn=logsnr_fn(), target=target, sampler=sampler,
-      num_steps=NUM_STEPS, clip_x=False, **kw))
+      logsnr_fn=logsnr_fn(), target=target, spec=sampling.SamplerSpec(
+          sampler=sampler, num_steps=NUM_STEPS, clip_x=False, **kw)))
 
 
 @pytest.mark.parametrize('sampler,target,kw', [
@@ -143,10 +143,13 @@ def test_ddim_eta1_is_ancestral_gamma0():
 
 
 def test_unknown_names_raise():
-  kw = dict(logsnr_fn=logsnr_fn(), target='eps', num_steps=2)
+  # The sampler is checked where it is named, in the spec.
   with pytest.raises(ValueError, match='ancestral.*ddim.*pc'):
     sampling.sample(ORACLES['eps'], key(0), (1,) + SHAPE,
-                    sampler='euler', **kw)
+                    logsnr_fn=logsnr_fn(), target='eps',
+                    spec=sampling.SamplerSpec(sampler='euler', num_steps=2))
+  with pytest.raises(ValueError, match='num_steps must be >= 1'):
+    sampling.SamplerSpec(num_steps=0)
   with pytest.raises(ValueError, match='target'):
     sampling.sample(ORACLES['eps'], key(0), (1,) + SHAPE,
                     logsnr_fn=logsnr_fn(), target='score')
@@ -175,8 +178,9 @@ def conditional_samples(method, recon_weight, sampler='ancestral'):
       recon_weight=recon_weight, method=method)
   return np.asarray(sampling.sample(
       ORACLES['eps'], key(1), (n,) + SHAPE, logsnr_fn=logsnr_fn(),
-      target='eps', sampler=sampler, num_steps=COND_STEPS, gamma=0.1,
-      clip_x=False, guidance=guidance)).reshape(n, 8)
+      target='eps', spec=sampling.SamplerSpec(
+          sampler=sampler, num_steps=COND_STEPS, gamma=0.1, clip_x=False),
+      guidance=guidance)).reshape(n, 8)
 
 
 def conditional_errors(x):
@@ -218,13 +222,13 @@ SHIFTS = np.stack([np.full(SHAPE, 0.3), np.full(SHAPE, -0.2)])
 CLASS_ORACLE = GaussianOracle(MU, COV, 'v', shifts=SHIFTS)
 
 
-def _class_samples(n, guidance=None, guidance_weight=0.0, num_steps=64):
+def _class_samples(n, guidance=None, num_steps=64):
   label = jnp.zeros((n,), jnp.int32)
   return np.asarray(sampling.sample(
       CLASS_ORACLE, key(2), (n,) + SHAPE, logsnr_fn=logsnr_fn(),
-      target='v', num_steps=num_steps, gamma=0.1, clip_x=False,
-      cond={'label': label}, guidance=guidance,
-      guidance_weight=guidance_weight, null_label=2))
+      target='v', spec=sampling.SamplerSpec(
+          num_steps=num_steps, gamma=0.1, clip_x=False),
+      cond={'label': label}, guidance=guidance))
 
 
 def test_classifier_free_weight_zero_is_conditional():
@@ -239,6 +243,30 @@ def test_classifier_free_weight_zero_is_conditional():
   np.testing.assert_allclose(cfg0.mean(0), MU + SHIFTS[0], atol=0.07)
 
 
+def test_classifier_free_needs_null_label():
+  # Without a null label (a model without classes) make_guidance leaves
+  # classifier-free guidance off: the plain conditional model is sampled.
+  guidance = sampling.make_guidance(cfg_weight=1.0)
+  assert guidance.null_label is None and float(guidance.cfg_weight) == 0.0
+  np.testing.assert_array_equal(_class_samples(512, guidance),
+                                _class_samples(512))
+
+
+def test_spec_from_config():
+  sample_config = ml_collections.ConfigDict(dict(
+      sampler='pc', num_steps=7, gamma=0.3, eta=0.5, delta=0.2, clip_x=False,
+      guidance_weight=1.5, recon_weight=2.0, remat_guidance=True))
+  spec = sampling.SamplerSpec.from_config(sample_config)
+  assert spec == sampling.SamplerSpec(
+      sampler='pc', num_steps=7, gamma=0.3, eta=0.5, delta=0.2,
+      clip_x=False, guidance_weight=1.5, recon_weight=2.0,
+      remat_guidance=True)
+  assert spec.replace(num_steps=3).num_steps == 3 and spec.num_steps == 7
+  sample_config.sampler = 'euler'
+  with pytest.raises(ValueError, match='ancestral.*ddim.*pc'):
+    sampling.SamplerSpec.from_config(sample_config)
+
+
 def test_ddim_inversion_round_trips():
   """eta = 0 is a deterministic map z_1 -> x; inversion undoes it.
 
@@ -247,19 +275,20 @@ def test_ddim_inversion_round_trips():
   for N = 64, 256, 1024 (unit-scale z). At N = 1024 the tolerances are 0.1 on
   z_1 and 0.03 on x (the data std is 0.3).
   """
-  n, kw = 64, dict(logsnr_fn=logsnr_fn(), target='eps', num_steps=1024)
+  n, kw = 64, dict(logsnr_fn=logsnr_fn(), target='eps')
+  spec = sampling.SamplerSpec(sampler='ddim', num_steps=1024, eta=0.0,
+                              clip_x=False)
   z1 = jax.random.normal(key(3), (n,) + SHAPE)
-  x = sampling.sample(ORACLES['eps'], key(4), z1.shape,
-                      sampler='ddim', eta=0.0, clip_x=False, z_init=z1, **kw)
-  z1_inv = sampling.ddim_invert(ORACLES['eps'], x, **kw)
+  x = sampling.sample(ORACLES['eps'], key(4), z1.shape, spec=spec,
+                      z_init=z1, **kw)
+  z1_inv = sampling.ddim_invert(ORACLES['eps'], x, num_steps=1024, **kw)
   np.testing.assert_allclose(z1_inv, z1, atol=0.1)
   chol = np.linalg.cholesky(COV).T.astype(np.float32)
   x0 = MU.reshape(-1) + jax.random.normal(key(5), (n, 8)) @ chol
   x0 = x0.reshape(x.shape)
-  z = sampling.ddim_invert(ORACLES['eps'], x0, **kw)
-  x_rec = sampling.sample(ORACLES['eps'], key(6), x0.shape,
-                          sampler='ddim', eta=0.0, clip_x=False, z_init=z,
-                          **kw)
+  z = sampling.ddim_invert(ORACLES['eps'], x0, num_steps=1024, **kw)
+  x_rec = sampling.sample(ORACLES['eps'], key(6), x0.shape, spec=spec,
+                          z_init=z, **kw)
   np.testing.assert_allclose(x_rec, x0, atol=0.03)  # measured 0.0045.
 
 
@@ -275,8 +304,7 @@ def test_traces_once(sampler, method, traces, steps):
     guidance = sampling.make_guidance(
         x_a=np.zeros((3,) + SHAPE), mask=np.ones((3, 2), bool) & [True, False],
         recon_weight=1.0, remat=True)
-  kw = dict(logsnr_fn=logsnr_fn(), target='x', sampler=sampler,
-            guidance=guidance)
+  kw = dict(logsnr_fn=logsnr_fn(), target='x', guidance=guidance)
   for num_steps in steps:
     # The scan body is traced once whatever the number of steps; a second
     # call with the same shapes is a cache hit (no trace at all).
@@ -284,7 +312,9 @@ def test_traces_once(sampler, method, traces, steps):
     counted = chex.assert_max_traces(oracle.__call__, n=traces)
     for seed in (0, 1):
       x = sampling.sample(counted, key(seed), (3,) + SHAPE,
-                          num_steps=num_steps, **kw)
+                          spec=sampling.SamplerSpec(sampler=sampler,
+                                                    num_steps=num_steps),
+                          **kw)
       assert x.shape == (3,) + SHAPE
       assert np.all(np.isfinite(x)) and np.all(np.abs(x) <= 1)
 
@@ -298,7 +328,8 @@ def test_tree_partial_params_are_traced():
 
   chex.clear_trace_counter()
   counted = chex.assert_max_traces(apply, n=1)
-  kw = dict(logsnr_fn=logsnr_fn(), target='x', num_steps=2)
+  kw = dict(logsnr_fn=logsnr_fn(), target='x',
+            spec=sampling.SamplerSpec(num_steps=2))
   xs = [sampling.sample(jax.tree_util.Partial(counted, jnp.float32(p)),
                         key(0), (1,) + SHAPE, **kw)
         for p in (0.0, 0.5)]
