@@ -1,4 +1,5 @@
-"""The sampling tasks end to end on an analytic (Gaussian) denoiser."""
+"""The sampling tasks (tasks.py, conditioning.py) end to end on an analytic
+(Gaussian) denoiser."""
 
 import chex
 import jax
@@ -9,6 +10,7 @@ import pytest
 from configs import default
 from vdm_jax import conditioning
 from vdm_jax import sampling
+from vdm_jax import tasks
 from test_sampling import GaussianOracle, key, make_cov
 
 T, S = 4, 4  # frames, image size; 1 channel: 64 dimensions.
@@ -39,9 +41,16 @@ def gaussian_video(seed, n=2, frames=T):
   return np.asarray(x).reshape((n, frames, S, S, 1))
 
 
-def run(config, video=None, **kw):
-  return np.asarray(conditioning.run_task(
-      config, ORACLE, key(0), video=video, **kw))
+def run(config, video=None, denoise_fn=ORACLE, **kw):
+  return np.asarray(tasks.run(
+      tasks.from_config(config.sample), denoise_fn, key(0),
+      tasks.Setup.from_config(config), video=video, **kw))
+
+
+def validate(config, video_shape):
+  tasks.from_config(config.sample).validate(
+      tasks.ModelShape.from_config(config), video_shape,
+      sampling.SamplerSpec.from_config(config.sample))
 
 
 def test_unconditional_and_class():
@@ -71,8 +80,7 @@ def test_extend(direction):
   config = make_config(task='extend', num_cond_frames=2, num_frames_out=9,
                        direction=direction)
   # 4 -> 6 -> 8 -> 10 frames, cut to 9: three blocks, one compilation.
-  x = np.asarray(conditioning.run_task(config, counted, key(0),
-                                       video=video))
+  x = run(config, video, denoise_fn=counted)
   assert x.shape == (2, 9) + VIDEO[1:]
   if direction == 'forward':
     np.testing.assert_allclose(x[:, :T], video, atol=1e-6)
@@ -143,30 +151,58 @@ def test_keyframes_needs_two_frame_model():
   config = make_config(task='keyframes')
   config.data.num_frames = 1
   with pytest.raises(ValueError, match='at least 2 frames'):
-    conditioning.validate(config, (1, 2, S, S, 1))
+    validate(config, (1, 2, S, S, 1))
 
 
 def test_upsample_sizes_must_divide():
   config = make_config(task='upsample', recon_weight=1.0)
   with pytest.raises(ValueError, match='Cannot upsample'):
-    conditioning.validate(config, (1, T, 3, 3, 1))
+    validate(config, (1, T, 3, 3, 1))
   with pytest.raises(ValueError, match='Cannot upsample'):
-    conditioning.validate(config, (1, T + 1, 2, 2, 1))
+    validate(config, (1, T + 1, 2, 2, 1))
 
 
-def test_build_masks():
+def test_known_parts():
   video = jnp.ones((2, 3) + VIDEO[1:])
-  x_a, mask = conditioning.build('predict', video, num_frames=T,
-                                 num_cond_frames=2)
+  x_a, mask = conditioning.predict_condition(video, T, 2)
   np.testing.assert_array_equal(mask[0], [True, True, False, False])
   np.testing.assert_array_equal(x_a[:, 2:], 0)
-  _, mask = conditioning.build('extend', video, num_frames=T,
-                               num_cond_frames=1, direction='backward')
+  _, mask = conditioning.extension_condition(video, T, 1, 'backward')
   np.testing.assert_array_equal(mask[0], [False, False, False, True])
-  _, mask = conditioning.build('keyframes', video, num_frames=T)
+  _, mask = conditioning.keyframes_condition(video, T)
   np.testing.assert_array_equal(mask[0], [True, False, False, True])
   plan = conditioning.interpolation_plan(5, 8, 3)
   assert [(list(i), list(p), f) for i, p, f in plan] == [
       ([0, 1, 2], [0, 3, 6], 0), ([2, 3, 4], [0, 3, 6], 6)]
-  assert conditioning.build('unconditional', None, num_frames=T) == (
-      None, None)
+
+
+@pytest.mark.parametrize('direction', ['forward', 'backward'])
+def test_extend_conditions_each_block_on_the_frames_it_touches(direction):
+  # Frames are numbered by their value; each fake block returns new frames
+  # numbered on from the video, so the known part of every block names the
+  # frames it was conditioned on.
+  k, model = 2, tasks.ModelShape(T, S, 1)
+  video = jnp.arange(T, dtype=jnp.float32).reshape(1, T, 1, 1, 1) * (
+      jnp.ones((1, T, S, S, 1)))
+  seen, counter = [], [T]
+
+  def block(i, x_a, mask):
+    del i
+    seen.append([float(x_a[0, j, 0, 0, 0]) for j in np.flatnonzero(mask[0])])
+    new = jnp.arange(counter[0], counter[0] + T - k, dtype=jnp.float32)
+    counter[0] += T - k
+    out = jnp.broadcast_to(new.reshape(1, -1, 1, 1, 1), (1, T - k, S, S, 1))
+    given = x_a[:, np.flatnonzero(mask[0])]
+    if direction == 'forward':
+      return jnp.concatenate([given, out], axis=1)
+    return jnp.concatenate([out, given], axis=1)
+
+  task = tasks.Extend(num_cond_frames=k, num_frames_out=T + 2 * (T - k),
+                      direction=direction)
+  task.run(lambda i, x_a, m: block(i, x_a, m), video, model)
+  if direction == 'forward':
+    # Block 1 sees input frames 2, 3; block 2 the new frames 4, 5.
+    assert seen == [[2.0, 3.0], [4.0, 5.0]]
+  else:
+    # Backward: block 1 sees input frames 0, 1; block 2 its own new frames.
+    assert seen == [[0.0, 1.0], [4.0, 5.0]]
