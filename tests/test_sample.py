@@ -18,7 +18,10 @@ from configs import tiny
 from vdm_jax import main
 from vdm_jax import sample
 from vdm_jax import sample_inputs
+from vdm_jax import denoiser
+from vdm_jax import evaluate
 from vdm_jax import sharding
+from vdm_jax import tasks
 from vdm_jax import train
 from vdm_jax import video_io
 
@@ -33,7 +36,7 @@ def _train(workdir, **overrides):
   for key, value in overrides.items():
     group, field = key.split('.')
     config[group][field] = value
-  train.train_and_evaluate(config, workdir)
+  train.train(config, workdir)
   return workdir
 
 
@@ -130,7 +133,7 @@ def test_extend_from_a_gif_file(workdir, tmp_path):
   assert videos.shape == (2, 7, S, S, 3)
   assert inputs.shape == (2, T, S, S, 3)
   np.testing.assert_array_equal(videos[:, :T], inputs)
-  expected = sample_inputs.fit(video_io.read_video(path)[None, :T], S, 3)
+  expected = tasks.fit(video_io.read_video(path)[None, :T], S, 3)
   np.testing.assert_array_equal(inputs[0], expected[0])
 
 
@@ -177,20 +180,20 @@ def test_upsample_cascade_from_samples_npz(workdir):
   check_files(out, names, 2)
   assert arrays['videos'].shape == (2, T, S, S, 3)
   with np.load(lowres_npz) as data:
-    lowres = sample_inputs.fit(data['videos'][:2], 8, 3)
+    lowres = tasks.fit(data['videos'][:2], 8, 3)
   np.testing.assert_array_equal(arrays['inputs'], lowres)
   assert not arrays['known'].any()
 
 
 def test_sampling_is_sharded_over_the_batch(workdir):
-  config = sample.task_config(tiny.get_config())
+  config = tiny.get_config()
   mesh = sharding.make_mesh(config.mesh)
   model, params, step = sample.restore_ema_params(config, workdir, mesh)
   assert step == 2
-  denoise_fn = sample.make_denoise_fn(model, params, mesh)
-  from vdm_jax import conditioning  # pylint: disable=g-import-not-at-top
-  x = conditioning.run_task(config, denoise_fn, jax.random.key(0),
-                            num_videos=8)
+  denoise_fn = denoiser.make_denoise_fn(model, params, mesh)
+  x = tasks.run(tasks.from_config(config.sample), denoise_fn,
+                jax.random.key(0), tasks.Setup.from_config(config),
+                num_videos=8)
   assert x.shape == (8, T, S, S, 3)
   assert len(x.sharding.device_set) == 8
   assert {s.data.shape[0] for s in x.addressable_shards} == {1}
@@ -252,13 +255,6 @@ def test_eval_writes_fvd_json(tmp_path):
   assert 'git_commit' in result and result['num_frames'] == 16
 
 
-def test_sample_program_does_not_import_optax():
-  code = ('import sys, vdm_jax.sample, vdm_jax.evaluation.evaluate;'
-          ' sys.exit("optax" in sys.modules)')
-  subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True,
-                 timeout=120)
-
-
 def test_first_frame_clips_for_protocols_that_want_them(tmp_path, monkeypatch):
   # Two 20-frame videos whose frame i has brightness 10 * i.
   folder = tmp_path / 'videos'
@@ -276,7 +272,6 @@ def test_first_frame_clips_for_protocols_that_want_them(tmp_path, monkeypatch):
   np.testing.assert_allclose(brightness, [[0, 10, 20, 30]] * 2, atol=3)
 
   # eval takes the start from the protocol: BAIR's is the first frames.
-  from vdm_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
   seen = []
 
   def fake_clips(*args, random_start=True, **kwargs):
