@@ -6,7 +6,6 @@ through `vdm_jax.main.main` with command-line overrides, as a user runs it.
 
 import json
 import os
-import subprocess
 import sys
 
 from absl import flags
