@@ -35,6 +35,10 @@ Guidance turns `denoise_fn` into the (x_hat, eps_hat) the sampler consumes:
 classifier-free guidance (VDM 2), replacement (imputation) of the known part
 x^a, reconstruction guidance (VDM 3.1, eq. 7) and its spatial super-resolution
 variant; see `Guidance`.
+
+Over 500 lines on purpose: guidance and the sampler scan that applies it
+are read together (which noise each guidance method draws, where the
+corrector re-applies it), so they share one file.
 """
 
 import dataclasses
@@ -145,6 +149,8 @@ class Guidance:
   remat: bool = flax.struct.field(pytree_node=False, default=False)
 
 
+# Over 60 lines with its docstring: one check per guidance method, so that a
+# bad combination fails here, before the sampler compiles.
 def make_guidance(
     *,
     cfg_weight: float = 0.0,

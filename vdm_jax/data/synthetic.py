@@ -210,6 +210,8 @@ class SyntheticVideos:
     return np.minimum(u[:, 0] * self.num_kinds,
                       self.num_kinds - 1).astype(np.int32)
 
+  # Over 60 lines: the vectorised fast path of `render`, kept in one piece so
+  # it can be checked line by line against it (tests/test_synthetic.py).
   def render_batch(self, indices: Sequence[int],
                    frames: Optional[np.ndarray] = None
                    ) -> dict[str, np.ndarray]:

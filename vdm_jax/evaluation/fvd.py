@@ -17,6 +17,10 @@ Sec. 4.2, with MAGVIT, Yu et al. 2023, Table 10 and App. C): number of
 samples, real split, resolution at scoring, MAGVIT's 64x64 intermediate
 resize, folds. `PROTOCOLS` names each one; `evaluate_videos` reports the
 protocol name with the score. docs/fvd.md has the provenance.
+
+The module is over 500 lines on purpose: the whole reference pipeline (resize,
+features, feature cache, Frechet and kernel distances, folds) sits in one
+file so it can be read step by step against frechet_video_distance.py.
 """
 
 import functools
