@@ -28,6 +28,7 @@ def make_config(**sample):
   config.data.image_size = S
   config.data.channels = 1
   config.model.num_classes = NUM_CLASSES
+  config.diffusion.target = ORACLE.target  # The oracle predicts x.
   config.sample.num_steps = 16
   for k, v in sample.items():
     config.sample[k] = v
@@ -113,7 +114,7 @@ def test_keyframes():
 
 def test_upsample_matches_low_resolution():
   # 16 videos keep the Monte Carlo error of the two means small; with
-  # w_r = 8 and 16 steps the ratio below measured 0.11 (threshold 0.3).
+  # w_r = 8 and 16 steps the ratio below measured 0.08 (threshold 0.3).
   video = gaussian_video(5, n=16)
   low = np.asarray(sampling.downsample(jnp.asarray(video), (2, 2)))
   x = run(make_config(task='upsample', recon_weight=8.0), low)
@@ -163,17 +164,27 @@ def test_upsample_sizes_must_divide():
 
 
 def test_known_parts():
-  video = jnp.ones((2, 3) + VIDEO[1:])
+  # Frame j of the input has the value j + 1: x_a names its frames.
+  video = jnp.arange(1.0, 4.0).reshape(1, 3, 1, 1, 1) * jnp.ones(
+      (2, 3) + VIDEO[1:])
+
+  def given(x_a, mask):
+    return [float(x_a[0, j, 0, 0, 0]) if mask[0, j] else 0.0
+            for j in range(x_a.shape[1])]
+
   x_a, mask = conditioning.predict_condition(video, T, 2)
-  np.testing.assert_array_equal(mask[0], [True, True, False, False])
+  assert given(x_a, mask) == [1, 2, 0, 0]
   np.testing.assert_array_equal(x_a[:, 2:], 0)
-  _, mask = conditioning.extension_condition(video, T, 1, 'backward')
-  np.testing.assert_array_equal(mask[0], [False, False, False, True])
-  _, mask = conditioning.keyframes_condition(video, T)
-  np.testing.assert_array_equal(mask[0], [True, False, False, True])
+  assert given(*conditioning.extension_condition(
+      video, T, 1, 'backward')) == [0, 0, 0, 1]
+  assert given(*conditioning.extension_condition(
+      video, T, 2, 'forward')) == [2, 3, 0, 0]
+  assert given(*conditioning.keyframes_condition(video, T)) == [1, 0, 0, 3]
   plan = conditioning.interpolation_plan(5, 8, 3)
   assert [(list(i), list(p), f) for i, p, f in plan] == [
       ([0, 1, 2], [0, 3, 6], 0), ([2, 3, 4], [0, 3, 6], 6)]
+  assert given(*conditioning.known_frames(video, plan[0][1], 8)) == [
+      1, 0, 0, 2, 0, 0, 3, 0]
 
 
 @pytest.mark.parametrize('direction', ['forward', 'backward'])
@@ -184,10 +195,10 @@ def test_extend_conditions_each_block_on_the_frames_it_touches(direction):
   k, model = 2, tasks.ModelShape(T, S, 1)
   video = jnp.arange(T, dtype=jnp.float32).reshape(1, T, 1, 1, 1) * (
       jnp.ones((1, T, S, S, 1)))
-  seen, counter = [], [T]
+  seen, counter, indices = [], [T], []
 
   def block(i, x_a, mask):
-    del i
+    indices.append(i)
     seen.append([float(x_a[0, j, 0, 0, 0]) for j in np.flatnonzero(mask[0])])
     new = jnp.arange(counter[0], counter[0] + T - k, dtype=jnp.float32)
     counter[0] += T - k
@@ -200,6 +211,7 @@ def test_extend_conditions_each_block_on_the_frames_it_touches(direction):
   task = tasks.Extend(num_cond_frames=k, num_frames_out=T + 2 * (T - k),
                       direction=direction)
   task.run(lambda i, x_a, m: block(i, x_a, m), video, model)
+  assert indices == [1, 2]  # Block 0 is the sampled start of 'extend'.
   if direction == 'forward':
     # Block 1 sees input frames 2, 3; block 2 the new frames 4, 5.
     assert seen == [[2.0, 3.0], [4.0, 5.0]]

@@ -10,9 +10,12 @@ A program imports libraries, never another program, and the sampling and
 evaluation programs never import the optimizer. Each check reads
 `sys.modules` in a fresh interpreter; the checks share three interpreters,
 run in parallel, and each violation names the first imported module that
-brought the forbidden one in.
+brought the forbidden one in. The same edges are also read from the source
+(every import statement, also those inside functions, which `sys.modules`
+after an import cannot see).
 """
 
+import ast
 import glob
 import json
 import os
@@ -121,3 +124,53 @@ def test_libraries_import_no_program(violations):
 
 def test_train_does_not_import_sample_or_evaluate(violations):
   assert not violations['train_program']
+
+
+# (modules, what their own import statements must not name).
+STATIC_RULES = (
+    (('vdm_jax.sample', 'vdm_jax.evaluate'), NOT_IN_SAMPLING),
+    (METRIC, NOT_IN_METRIC),
+    (LIBRARIES, PROGRAMS),
+    (('vdm_jax.train',), ('vdm_jax.sample', 'vdm_jax.evaluate')),
+)
+
+
+def imported_names(module):
+  """Every module an import statement of `module` may load (anywhere)."""
+  path = os.path.join(ROOT, *module.split('.')) + '.py'
+  with open(path) as f:
+    tree = ast.parse(f.read(), path)
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ''
+      if node.level:  # Relative: from the module's package.
+        package = module.split('.')[:-node.level]
+        base = '.'.join(package + ([base] if base else []))
+      names.add(base)
+      names.update(f'{base}.{alias.name}' for alias in node.names)
+  return names
+
+
+def _forbidden(names, forbidden):
+  return sorted(n for n in names for f in forbidden
+                if n == f or n.startswith(f + '.'))
+
+
+def test_no_forbidden_import_statements_even_inside_functions():
+  found = {}
+  for modules, forbidden in STATIC_RULES:
+    for module in modules:
+      bad = _forbidden(imported_names(module), forbidden)
+      if bad:
+        found[module] = bad
+  assert not found
+
+
+def test_static_check_sees_imports_inside_functions():
+  names = imported_names('vdm_jax.main')  # Dispatches inside main().
+  assert _forbidden(names, PROGRAMS) == [
+      'vdm_jax.evaluate', 'vdm_jax.sample', 'vdm_jax.sinfusion.train',
+      'vdm_jax.train']

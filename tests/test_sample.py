@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from vdm_jax import denoiser
+from vdm_jax import evaluate
 from vdm_jax import main
 from vdm_jax import sample
 from vdm_jax import sample_inputs
-from vdm_jax import denoiser
-from vdm_jax import evaluate
 from vdm_jax import sharding
 from vdm_jax import tasks
 from vdm_jax import train
@@ -182,6 +182,34 @@ def test_upsample_cascade_from_samples_npz(workdir):
     lowres = tasks.fit(data['videos'][:2], 8, 3)
   np.testing.assert_array_equal(arrays['inputs'], lowres)
   assert not arrays['known'].any()
+
+
+def test_prepare_checks_and_loads_without_a_model():
+  config = tiny.get_config()
+  config.sample.update(task='interpolate', interp_factor=3, input_frames=3)
+  request = sample.prepare(config, 3, seed=0)
+  assert isinstance(request.task, tasks.Interpolate)
+  assert request.inputs.video.shape == (3, 3, S, S, 3)
+  # The ground truth is on the output timeline; the input is every 3rd frame.
+  assert request.inputs.reference.shape == (3, 7, S, S, 3)
+  np.testing.assert_array_equal(request.inputs.video,
+                                request.inputs.reference[:, ::3])
+  np.testing.assert_array_equal(request.labels, request.inputs.labels)
+  assert request.batch_size == config.sample.batch_size
+  config.sample.update(task='unconditional')
+  request = sample.prepare(config, 2, seed=0)
+  assert request.inputs.video is None and request.labels is None
+
+
+def test_side_by_side_frames_given_frames():
+  reference = np.zeros((1, 2, 8, 8, 3), np.uint8)
+  result = np.full((1, 2, 16, 16, 3), 255, np.uint8)
+  out = sample.side_by_side(reference, result, np.array([True, False]))
+  assert out.shape == (1, 2, 18, 36, 3)  # p = 1, the reference enlarged.
+  np.testing.assert_array_equal(out[0, 0, 0, 0], sample.KNOWN_COLOUR)
+  np.testing.assert_array_equal(out[0, 1, 0, 0], sample.OTHER_COLOUR)
+  np.testing.assert_array_equal(out[0, :, 1:17, 1:17], 0)
+  np.testing.assert_array_equal(out[0, :, 1:17, 19:35], 255)
 
 
 def test_sampling_is_sharded_over_the_batch(workdir):

@@ -22,8 +22,11 @@ Every task implements the `Task` protocol: `validate` (before anything is
 compiled), `num_output_frames`, `known_positions` (output frames that are
 given input frames), `input_from_clips` / `input_from_file` (its input from
 ground-truth clips or a user's file), `run` (given a `BlockSampler`),
-`labels` and `eval_conditioning_frames`. Adding a task is one class and one
-line in `REGISTRY`; programs build the task once with `from_config`.
+`labels`, `display_reference`, `eval_conditioning_frames` and
+`validate_eval`. Adding a task is one class and one line in `REGISTRY`
+(plus, for each new setting, one field in configs/default.py: a task's
+dataclass fields are read from config.sample by name); programs build the
+task once with `from_config`.
 
 Frame-conditioned tasks use replacement when the spec's recon_weight is 0 and
 reconstruction guidance otherwise. A known part is (x_a [B, T, H, W, C],
@@ -459,6 +462,7 @@ class Upsample(Task):
       raise ValueError("Task 'upsample' needs sample.recon_weight > 0.")
     if video_shape is None:
       raise ValueError("Task 'upsample' needs a low-resolution input video.")
+    conditioning.check_video(video_shape, model.num_frames, None, self.name)
     _, tin, h, w, c = video_shape
     t, size = model.num_frames, model.image_size
     if tin % t or size % h or size % w or c != model.channels:
@@ -505,7 +509,8 @@ TASKS = tuple(REGISTRY)
 
 def get(name: str) -> type[Task]:
   if name not in REGISTRY:
-    raise ValueError(f'Unknown sample.task {name!r}; choose one of {TASKS}.')
+    raise ValueError(f'Unknown sample.task {name!r}; choose one of'
+                     f' {tuple(REGISTRY)}.')
   return REGISTRY[name]
 
 
