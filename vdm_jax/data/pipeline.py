@@ -45,6 +45,8 @@ _PERMUTATION, _POSITION = 0, 1
 class Pipeline:
   """Host-local batches `{'video', 'label', 'frame_mask'}` for each step."""
 
+  # Over 60 lines with its docstring: every argument is checked here, before
+  # any example is read.
   def __init__(self, source: Any, *, global_batch_size: int, num_frames: int,
                seed: int, frame_stride: int = 1, image_frames: int = 0,
                process_index: int = 0, process_count: int = 1,

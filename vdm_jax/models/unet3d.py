@@ -52,6 +52,7 @@ def _channel_plan(base_channels: int, channel_mults: Sequence[int],
   return blocks
 
 
+# Over 60 lines: one check per model field, each with its own message.
 def validate_model_config(image_size: int, num_frames: int,
                           **model_kwargs: Any) -> None:
   """Raises ValueError on settings UNet3D cannot run, before any compile.
@@ -269,6 +270,8 @@ class UNet3D(nn.Module):
     return emb.reshape(b * t, emb_dim)
 
   @nn.compact
+  # Over 60 lines: the network reads top to bottom (stem, down levels, middle,
+  # up levels, head) as in the DDPM UNet it follows; split, it would not.
   def __call__(self, z: Array, logsnr: Array, label: Optional[Array] = None,
                frame_mask: Optional[Array] = None, *,
                train: bool = False) -> Array:
