@@ -25,7 +25,8 @@ def get_config(arg=None):
 
   config.data = ml_collections.ConfigDict()
   # Dataset: 'synthetic' (built in), 'ucf101', 'bair_robot_pushing_small',
-  # 'moving_mnist', 'tfds' or 'video_files' (vdm_jax/data, docs/data.md).
+  # 'moving_mnist', 'tfds', 'video_files' or 'kinetics600' (video files in
+  # data.path/<split>/<class>/) (vdm_jax/data, docs/data.md).
   config.data.name = 'synthetic'
   # Frames per video clip (T).
   config.data.num_frames = 16
@@ -36,7 +37,8 @@ def get_config(arg=None):
   # Classes the dataset provides labels for (synthetic: shape kinds).
   config.data.num_classes = num_classes
   # Joint image-video training (VDM Sec. 3, 4.3.1): independent frames from
-  # other clips appended to each clip; 0 disables.
+  # other clips appended to each clip, each conditioned on its own video's
+  # label in class-conditional models; 0 disables.
   config.data.image_frames = 0
   # Frame stride when cutting clips out of longer videos.
   config.data.frame_stride = 1
@@ -44,7 +46,8 @@ def get_config(arg=None):
   config.data.num_examples = 100_000
   # Synthetic dataset: shapes per clip.
   config.data.num_objects = 1
-  # TFDS split: 'train', 'test', 'train+test' (VDM's UCF101), 'train[:90%]'.
+  # TFDS split: 'train', 'test', 'train+test' (VDM's UCF101), 'train[:90%]';
+  # kinetics600: the split folder under data.path ('train', 'val', 'test').
   config.data.split = 'train'
   # TFDS data directory; '': the TFDS default (~/tensorflow_datasets).
   config.data.data_dir = ''
@@ -62,7 +65,8 @@ def get_config(arg=None):
   config.data.random_flip = False
   # Crop after the short-side resize: 'center' or 'random' (real sources).
   config.data.crop = 'center'
-  # data.name='video_files': a video file or a folder (searched recursively).
+  # data.name='video_files': a video file or a folder (searched recursively);
+  # 'kinetics600': the folder holding the train/, val/, test/ folders.
   config.data.path = ''
   # data.name='video_files': decoded videos cached per process.
   config.data.cache_size = 32
@@ -187,6 +191,10 @@ def get_config(arg=None):
   # 'upsample': low resolution the input is resized to; 0: the input's own
   # size (must divide data.image_size; dataset clips: image_size // 2).
   config.sample.lowres_size = 0
+  # 'upsample': frames each block shares with the already upsampled video
+  # before it (guided by both, VDM 3.1: no seams between blocks); 0:
+  # independent T-frame blocks; -1: max(1, T // 4).
+  config.sample.upsample_overlap = -1
   # jax.checkpoint the denoiser inside guidance gradients (less memory).
   config.sample.remat_guidance = False
   # Clip x_hat to [-1, 1] at every sampler step.

@@ -158,7 +158,8 @@ TASK_RUNS = {
                           'sample.num_frames_out': 9},
     'interpolate': {'sample.interp_factor': 3, 'sample.recon_weight': 1.0},
     'keyframes': {'sample.recon_weight': 1.0},
-    'upsample': {'sample.recon_weight': 4.0},
+    # Independent blocks, as recorded (the default overlaps blocks).
+    'upsample': {'sample.recon_weight': 4.0, 'sample.upsample_overlap': 0},
     'pc_predict': {'sample.task': 'predict', 'sample.sampler': 'pc'},
 }
 

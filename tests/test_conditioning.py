@@ -159,8 +159,68 @@ def test_upsample_sizes_must_divide():
   config = make_config(task='upsample', recon_weight=1.0)
   with pytest.raises(ValueError, match='Cannot upsample'):
     validate(config, (1, T, 3, 3, 1))
-  with pytest.raises(ValueError, match='Cannot upsample'):
+  # Independent blocks need whole blocks; overlapping ones any length >= T.
+  validate(config, (1, T + 1, 2, 2, 1))
+  config.sample.upsample_overlap = 0
+  with pytest.raises(ValueError, match='multiple of T'):
     validate(config, (1, T + 1, 2, 2, 1))
+  config.sample.upsample_overlap = T
+  with pytest.raises(ValueError, match='upsample_overlap=4 must be <'):
+    validate(config, (1, T, 2, 2, 1))
+
+
+def test_overlapping_blocks():
+  assert conditioning.overlapping_blocks(8, 4, 0) == [(0, 0), (4, 0)]
+  assert conditioning.overlapping_blocks(4, 4, 1) == [(0, 0)]
+  # Each block starts T - k after the last; the last ends at the end.
+  assert conditioning.overlapping_blocks(10, 4, 1) == [
+      (0, 0), (3, 1), (6, 1)]
+  assert conditioning.overlapping_blocks(11, 4, 1) == [
+      (0, 0), (3, 1), (6, 1), (7, 3)]
+  assert conditioning.overlapping_blocks(8, 4, 2) == [(0, 0), (2, 2), (4, 2)]
+  with pytest.raises(ValueError, match='multiple|divide'):
+    conditioning.overlapping_blocks(9, 4, 0)
+  with pytest.raises(ValueError, match='overlap'):
+    conditioning.overlapping_blocks(9, 4, 4)
+
+
+@pytest.mark.parametrize('overlap,frames', [(1, 10), (2, 9), (0, 8)])
+def test_upsample_conditions_each_block_on_its_overlap(overlap, frames):
+  # Low-res frame j has value j; each fake block returns its low-res frames
+  # + 100 * (block index + 1), so the known part of every block names the
+  # upsampled frames it was conditioned on, and its low-res input the
+  # frames it covers.
+  model = tasks.ModelShape(T, S, 1)
+  video = jnp.arange(frames, dtype=jnp.float32).reshape(1, -1, 1, 1, 1) * (
+      jnp.ones((1, frames, 2, 2, 1)))
+  seen = []
+
+  def block(i, x_a=None, mask=None, x_lowres=None):
+    low = [float(v) for v in x_lowres[0, :, 0, 0, 0]]
+    known = ([] if mask is None else
+             [float(x_a[0, j, 0, 0, 0]) for j in np.flatnonzero(mask[0])])
+    seen.append((i, low, known))
+    up = jax.image.resize(x_lowres, (1, T, S, S, 1), 'nearest')
+    return up + 100.0 * (i + 1)
+
+  out = tasks.Upsample(upsample_overlap=overlap).run(block, video, model)
+  assert out.shape == (1, frames, S, S, 1)
+  values = [float(v) for v in out[0, :, 0, 0, 0]]
+  starts = [s for s, _ in conditioning.overlapping_blocks(frames, T,
+                                                          overlap)]
+  for i, (j, low, known) in enumerate(seen):
+    start = starts[i]
+    assert j == i and low == list(range(start, start + T)), seen
+    # The known frames are the output's frames [start, end of the last).
+    have = (starts[i - 1] + T) if i else 0
+    assert known == values[start:have], (i, known, values)
+  # Each output frame comes from the first block that covers it.
+  owner = np.zeros(frames, int)
+  for i in range(len(starts) - 1, -1, -1):
+    owner[starts[i]:starts[i] + T] = i
+  assert values == [100.0 * (owner[f] + 1) + f for f in range(frames)]
+  if overlap:
+    assert any(known for _, _, known in seen[1:])
 
 
 def test_known_parts():

@@ -61,10 +61,59 @@ def test_shapes_dtypes_and_frame_mask():
   assert batch['frame_mask'].dtype == bool
   np.testing.assert_array_equal(
       batch['frame_mask'], np.tile([True] * 5 + [False] * 3, (8, 1)))
-  assert set(batch) == {'video', 'label', 'frame_mask'}
+  assert set(batch) == {'video', 'label', 'image_label', 'frame_mask'}
+  assert batch['image_label'].shape == (8, 3)
+  assert batch['image_label'].dtype == np.int32
   no_images = _make(source, num_frames=5).batch_for_step(0)
   assert no_images['frame_mask'].shape == (8, 5) and no_images[
       'frame_mask'].all()
+  assert no_images['image_label'].shape == (8, 0)
+
+
+class _ReadFramesSource(_TaggedSource):
+  """The tagged videos through `read_frames` (the TFDS / file path)."""
+
+  def read_frames(self, index, select, crop=None):
+    del crop
+    item = self[index]
+    return {'video': item['video'][select(self.frames)],
+            'label': item['label']}
+
+
+class _RenderBatchSource(_TaggedSource):
+  """The tagged videos through `render_batch` (the synthetic path)."""
+
+  def render_batch(self, indices, frames):
+    return {'video': np.stack([self[int(i)]['video'][f]
+                               for i, f in zip(indices, frames)]),
+            'label': np.asarray([int(i) % 5 for i in indices], np.int32)}
+
+
+@pytest.mark.parametrize('source_cls', [
+    _TaggedSource, _ReadFramesSource, _RenderBatchSource])
+def test_image_labels_are_those_of_the_image_frames_videos(source_cls):
+  """Each image frame comes with its own video's label, not the clip's."""
+  p = _make(source_cls(), global_batch_size=16, num_frames=3,
+            image_frames=5)
+  mismatched = 0
+  for step in range(3):
+    batch = p.batch_for_step(step)
+    examples = _example(batch['video'])
+    np.testing.assert_array_equal(batch['label'], examples[:, 0] % 5)
+    np.testing.assert_array_equal(batch['image_label'],
+                                  examples[:, 3:] % 5)
+    mismatched += (batch['image_label'] != batch['label'][:, None]).sum()
+  assert mismatched > 0  # Image frames of other classes do occur.
+
+
+def test_synthetic_image_labels_match_their_examples():
+  source = synthetic.SyntheticVideos(6, 16, num_examples=30, num_classes=3)
+  p = _make(source, num_frames=4, image_frames=3)
+  batch = p.batch_for_step(1)
+  # The same positions read one example at a time give the same labels.
+  plain = _make(_Unbatched(source), num_frames=4, image_frames=3)
+  _assert_batches_equal(batch, plain.batch_for_step(1))
+  assert (batch['image_label'] != batch['label'][:, None]).any()
 
 
 def test_clip_frames_follow_stride_and_labels_match():

@@ -334,3 +334,64 @@ def test_tree_partial_params_are_traced():
                         key(0), (1,) + SHAPE, **kw)
         for p in (0.0, 0.5)]
   assert not np.allclose(xs[0], xs[1])
+
+
+def test_frames_and_lowres_terms_compose_in_one_step():
+  """Both reconstruction terms act in one step (VDM 3.1): with a linear
+  denoiser x_hat = M z the guided x~ is closed-form,
+  x~ = x_hat + alpha M^T [w_f m (x^a - x_hat) + w_l D^T (y - D x_hat)]
+  on the unknown part (D the bilinear downsample as a matrix)."""
+  b, t, h, w, c = 2, 2, 4, 4, 1
+  n = t * h * w * c
+  rng = np.random.default_rng(0)
+  m_mat = np.eye(n) * 0.5 + 0.02 * rng.standard_normal((n, n))
+
+  def denoise(z, logsnr, cond):
+    del logsnr, cond
+    flat = z.reshape(z.shape[0], -1)
+    return (flat @ jnp.asarray(m_mat.T, jnp.float32)).reshape(z.shape)
+
+  basis = np.eye(n).reshape(n, t, h, w, c)
+  d_mat = np.asarray(sampling.downsample(
+      jnp.asarray(basis[:, None].reshape(n, t, h, w, c)), (2, 2))
+                     ).reshape(n, -1).T  # [t*2*2*c, n]
+  z = rng.standard_normal((b, t, h, w, c)).astype(np.float32)
+  x_a = rng.standard_normal((b, t, h, w, c)).astype(np.float32)
+  y = rng.standard_normal((b, t, 2, 2, c)).astype(np.float32)
+  mask = np.broadcast_to([True, False], (b, t))
+  noise = np.zeros_like(z)
+  logsnr = jnp.full((b,), 0.7)
+  w_f, w_l = 1.5, 3.0
+  guidance = sampling.make_guidance(x_a=x_a, mask=mask, recon_weight=w_f,
+                                    x_lowres=y, lowres_weight=w_l)
+  assert guidance.terms == ('frames', 'lowres') and guidance.replace
+  z_rep, x_t, eps_t = sampling.guided_predictor(
+      denoise, 'x', {}, guidance)(jnp.asarray(z), logsnr, jnp.asarray(noise))
+  alpha, sigma = np.sqrt(1 / (1 + np.exp(-0.7))), np.sqrt(1 / (1 + np.exp(0.7)))
+  m5 = np.broadcast_to(mask[:, :, None, None, None], z.shape)
+  z_ref = np.where(m5, alpha * x_a, z)  # Replacement with zero noise.
+  np.testing.assert_allclose(z_rep, z_ref, atol=1e-6)
+  flat_z = z_ref.reshape(b, -1)
+  x_hat = flat_z @ m_mat.T
+  mf = m5.reshape(b, -1)
+  r_f = np.where(mf, x_a.reshape(b, -1) - x_hat, 0.0)
+  r_l = y.reshape(b, -1) - x_hat @ d_mat.T
+  dx = alpha * (w_f * r_f @ m_mat + w_l * (r_l @ d_mat) @ m_mat)
+  dx = np.where(mf, 0.0, dx)
+  x_ref = x_hat + dx
+  eps_ref = (flat_z - alpha * x_hat) / sigma - alpha / sigma * dx
+  np.testing.assert_allclose(np.asarray(x_t).reshape(b, -1), x_ref,
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(eps_t).reshape(b, -1), eps_ref,
+                             rtol=1e-4, atol=1e-5)
+  # Each term alone is its own part of the correction.
+  only_lowres = sampling.make_guidance(x_lowres=y, recon_weight=w_l)
+  assert only_lowres.terms == ('lowres',) and not only_lowres.replace
+  _, x_l, _ = sampling.guided_predictor(denoise, 'x', {}, only_lowres)(
+      jnp.asarray(z_ref), logsnr, jnp.asarray(noise))
+  np.testing.assert_allclose(
+      np.asarray(x_l).reshape(b, -1),
+      x_hat + alpha * w_l * (r_l @ d_mat) @ m_mat, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match='same batch, frames'):
+    sampling.make_guidance(x_a=x_a, mask=mask, recon_weight=1.0,
+                           x_lowres=y[:, :1])

@@ -156,9 +156,12 @@ def test_input_from_file():
       1, 4, 16, 16, 3)
   assert tasks.Extend(input_frames=6).input_from_file(MODEL, videos).shape == (
       1, 6, 16, 16, 3)
-  # Upsample keeps whole blocks at half the model's size (not square).
+  # Upsample at half the model's size (not square): every frame with
+  # overlapping blocks, whole blocks without.
   assert tasks.Upsample().input_from_file(MODEL, videos).shape == (
-      1, 8, 8, 8, 3)
+      1, 10, 8, 8, 3)
+  assert tasks.Upsample(upsample_overlap=0).input_from_file(
+      MODEL, videos).shape == (1, 8, 8, 8, 3)
 
 
 def test_labels():

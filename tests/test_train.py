@@ -1,19 +1,25 @@
 """Training loop, checkpoints, exact resume after SIGKILL, config checks."""
 
+import functools
 import os
 import subprocess
 import sys
 import textwrap
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
 from vdm_jax import checkpoint
+from vdm_jax import denoiser
+from vdm_jax import sharding
 from vdm_jax import train
 from vdm_jax import training
+from vdm_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,3 +176,133 @@ def test_checkpoints_in_a_relative_workdir(tmp_path, monkeypatch):
   np.testing.assert_array_equal(restored.params['w'], np.arange(4.0))
   np.testing.assert_array_equal(restored.ema_params['w'], np.ones(4))
   assert int(restored.step) == 3
+
+
+class _ExampleTagged:
+  """Videos whose pixels name their example; label = example % 3."""
+
+  def __len__(self):
+    return 24
+
+  def __getitem__(self, i):
+    video = np.full((6, 4, 4, 3), 10 * i, dtype=np.uint8)
+    return {'video': video, 'label': i % 3}
+
+
+_SEEN = []  # (label, frame_mask) each call of _LabelModel saw.
+
+
+class _LabelModel(nn.Module):
+  """A label-sensitive per-frame denoiser that records its conditioning."""
+
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, z, logsnr, label=None, frame_mask=None, train=False):
+    del train
+    b, t = z.shape[:2]
+    label = jnp.broadcast_to(
+        label[:, None] if label.ndim == 1 else label, (b, t))
+    mask = (jnp.ones((b, t), bool) if frame_mask is None else frame_mask)
+    jax.debug.callback(lambda l, m: _SEEN.append((l, m)), label, mask)
+    shift = nn.Embed(self.num_classes + 1, z.shape[-1])(label)
+    out = nn.Dense(z.shape[-1])(z) + shift[:, :, None, None]
+    return out * logsnr.reshape(b, *([1] * (z.ndim - 1)))
+
+
+def _label_config(**overrides):
+  config = _tiny(**{'data.image_frames': 2, 'training.label_dropout': 0.0,
+                    'data.image_size': 4, **overrides})
+  assert config.model.num_classes == 3
+  return config
+
+
+def _run_label_step(config, batch):
+  model = _LabelModel()
+  tx, lr_fn = training.create_optimizer(config)
+  state = train.init_state(config, model, tx, jax.random.key(0))
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
+                                   lr_fn=lr_fn, config=config))
+  _SEEN.clear()
+  _, metrics = step(state, batch, jax.random.key(2))
+  jax.block_until_ready(metrics)
+  assert _SEEN, 'the model was never called with its conditioning'
+  return metrics
+
+
+@pytest.mark.parametrize('accum', [1, 2])
+def test_train_step_gives_each_frame_its_own_videos_label(accum):
+  """Image frames of other videos train under their own class, and the
+  model gets the batch's frame_mask (VDM Sec. 3 joint training)."""
+  config = _label_config(**{'training.grad_accum_steps': accum})
+  pipe = pipeline.Pipeline(
+      _ExampleTagged(), global_batch_size=8, num_frames=4, seed=0,
+      image_frames=2)
+  batch = pipe.batch_for_step(0)
+  examples = batch['video'][..., 0, 0, 0].astype(int) // 10  # [B, T + N]
+  want = examples % 3
+  assert (want[:, 4:] != want[:, :1]).any()  # Other classes occur.
+  _run_label_step(config, batch)
+  seen_label = np.concatenate([np.asarray(l) for l, _ in _SEEN])
+  seen_mask = np.concatenate([np.asarray(m) for _, m in _SEEN])
+  # Microbatch j holds examples j, j + k, ... (training.split_microbatches).
+  order = np.concatenate([np.arange(j, 8, accum) for j in range(accum)])
+  np.testing.assert_array_equal(seen_label, want[order])
+  np.testing.assert_array_equal(seen_mask, batch['frame_mask'][order])
+  assert not seen_mask[:, 4:].any() and seen_mask[:, :4].all()
+
+
+def test_train_step_on_sharded_pipeline_batches():
+  """The same through host_to_global on the 8-device mesh."""
+  config = _label_config()
+  pipe = pipeline.Pipeline(
+      _ExampleTagged(), global_batch_size=8, num_frames=4, seed=0,
+      image_frames=2)
+  host = pipe.batch_for_step(3)
+  mesh = sharding.make_mesh(config.mesh)
+  _run_label_step(config, sharding.host_to_global(host, mesh))
+  seen = np.concatenate([np.asarray(l) for l, _ in _SEEN])
+  np.testing.assert_array_equal(
+      seen, (host['video'][..., 0, 0, 0].astype(int) // 10) % 3)
+
+
+def test_class_batch_with_image_frames_needs_image_labels():
+  config = _label_config()
+  batch = pipeline.Pipeline(
+      _ExampleTagged(), global_batch_size=8, num_frames=4, seed=0,
+      image_frames=2).batch_for_step(0)
+  del batch['image_label']
+  with pytest.raises(ValueError, match='image_label'):
+    _run_label_step(config, batch)
+
+
+def test_label_dropout_is_per_clip_and_per_image_frame():
+  batch = {'frame_mask': jnp.array([[True] * 3 + [False] * 2] * 3),
+           'label': jnp.array([0, 1, 2]),
+           'image_label': jnp.array([[1, 2], [2, 0], [0, 1]])}
+  drop_u = jnp.array([0.05, 0.5, 0.5])  # Clip 0 drops.
+  image_u = jnp.array([[0.5, 0.5], [0.05, 0.5], [0.5, 0.01]])
+  cond = denoiser.training_cond(batch, 3, 0.1, drop_u, image_u)
+  np.testing.assert_array_equal(cond['frame_mask'], batch['frame_mask'])
+  np.testing.assert_array_equal(cond['label'], [[3, 3, 3, 1, 2],
+                                                [1, 1, 1, 3, 0],
+                                                [2, 2, 2, 0, 3]])
+  # Without image frames the label stays one per clip.
+  no_images = {'frame_mask': batch['frame_mask'][:, :3],
+               'label': batch['label'],
+               'image_label': jnp.zeros((3, 0), jnp.int32)}
+  cond = denoiser.training_cond(no_images, 3, 0.1, drop_u,
+                                jnp.zeros((3, 0)))
+  np.testing.assert_array_equal(cond['label'], [3, 1, 2])
+  assert 'label' not in denoiser.training_cond(batch, 0, 0.0, drop_u,
+                                               image_u)
+
+
+def test_label_dropout_reaches_image_frames_in_train_step():
+  """label_dropout ~ 1: every frame, clip or image, sees the null label."""
+  config = _label_config(**{'training.label_dropout': 0.999999})
+  batch = pipeline.Pipeline(
+      _ExampleTagged(), global_batch_size=8, num_frames=4, seed=0,
+      image_frames=2).batch_for_step(0)
+  _run_label_step(config, batch)
+  np.testing.assert_array_equal(np.asarray(_SEEN[0][0]), 3)

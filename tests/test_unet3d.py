@@ -168,6 +168,31 @@ def test_label_conditioning():
   np.testing.assert_allclose(null[0], out[2], rtol=1e-5, atol=1e-5)
 
 
+def test_per_frame_labels_condition_their_own_frame():
+  """label [B, T]: each frame is embedded with its own label (image frames
+  of joint training come from other videos, with their own classes)."""
+  model = _model(num_classes=3)
+  params, _ = _random_params(model, 3, 4, label=True)
+  z = jnp.tile(_video(1, 4), (3, 1, 1, 1, 1))
+  images = jnp.zeros((3, 4), bool)  # All frames independent images.
+  labels = jnp.array([[0, 1, 2, 3], [0, 1, 0, 3], [0, 0, 0, 0]])
+  out = _apply(model, params, z, jnp.zeros((3,)), labels, images)
+  # Only frame 2's label differs between rows 0 and 1: only frame 2 moves.
+  np.testing.assert_allclose(out[1, [0, 1, 3]], out[0, [0, 1, 3]],
+                             atol=1e-6)
+  assert np.max(np.abs(out[1, 2] - out[0, 2])) > 1e-3
+  # A per-frame label that is the same on every frame is the [B] label.
+  per_example = _apply(model, params, z[:1], jnp.zeros((1,)),
+                       jnp.array([0]), images[:1])
+  np.testing.assert_allclose(out[2], per_example[0], atol=1e-5)
+  # Also with a per-frame log-SNR.
+  per_frame_logsnr = _apply(model, params, z, jnp.zeros((3, 4)), labels,
+                            images)
+  np.testing.assert_allclose(per_frame_logsnr, out, atol=1e-5)
+  with pytest.raises(ValueError, match='label must have shape'):
+    _apply(model, params, z, jnp.zeros((3,)), labels[:, :2], images)
+
+
 def test_dropout_only_in_training():
   model = _model(dropout=0.5)
   params, _ = _random_params(model, 1, 2)

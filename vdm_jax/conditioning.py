@@ -3,9 +3,10 @@
 The frame-placement helpers of the sampling tasks (tasks.py): a known part
 is (x_a [B, T, H, W, C], mask [B, T] bool, True = given). `known_frames`
 places given frames at block positions; `predict_condition`,
-`keyframes_condition`, `extension_condition` and `interpolation_plan` say
-which frames condition a block of each task, and `extend` loops the
-block-autoregressive extension (VDM 4.3.3) around a block sampler.
+`keyframes_condition`, `extension_condition`, `interpolation_plan` and
+`overlapping_blocks` say which frames condition a block of each task, and
+`extend` loops the block-autoregressive extension (VDM 4.3.3) around a
+block sampler.
 """
 
 import jax.numpy as jnp
@@ -171,3 +172,38 @@ def extend(
   if direction == 'forward':
     return video[:, :num_frames_out]
   return video[:, video.shape[1] - num_frames_out:]
+
+
+def overlapping_blocks(num_frames_in: int, num_frames: int,
+                       overlap: int) -> list[tuple[int, int]]:
+  """Blocks of a long video sampled one after another over a shared overlap.
+
+  Block 0 is frames [0, T); each next block starts T - overlap frames after
+  the previous one, so that its first `overlap` frames are already sampled
+  (the known part it is conditioned on, VDM 3.1); the last block ends at
+  the last frame, sharing more frames when T - overlap does not divide the
+  rest. overlap = 0 cuts the video into independent blocks (T must then
+  divide the length).
+
+  Args:
+    num_frames_in: frames of the video, >= T.
+    num_frames: T, the block length.
+    overlap: frames each block shares with the frames before it, < T.
+
+  Returns:
+    [(start, known)]: block i covers [start, start + T) and its first
+    `known` frames are given (0 for block 0).
+  """
+  t, k = num_frames, overlap
+  if not 0 <= k < t:
+    raise ValueError(f'The overlap {k} must be in [0, T={t}).')
+  if num_frames_in < t or (k == 0 and num_frames_in % t):
+    raise ValueError(
+        f'{num_frames_in} frames cannot be cut into blocks of {t} frames'
+        + (' (without overlap T must divide the length).' if k == 0 else '.'))
+  blocks, end = [(0, 0)], t
+  while end < num_frames_in:
+    start = min(end - k, num_frames_in - t)
+    blocks.append((start, end - start))
+    end = start + t
+  return blocks

@@ -113,24 +113,47 @@ def init_nextnet_params(models: Mapping[str, nextnet.NextNet],
 
 
 def training_cond(batch: Mapping[str, jnp.ndarray], num_classes: int,
-                  label_dropout: float, drop_u: jnp.ndarray
+                  label_dropout: float, drop_u: jnp.ndarray,
+                  image_drop_u: Optional[jnp.ndarray] = None
                   ) -> dict[str, jnp.ndarray]:
   """The UNet's conditioning inputs of a training batch.
 
+  In joint image-video training (VDM Sec. 3) the N image frames after the
+  T clip frames come from other videos, so a class-conditional model sees
+  each under its own video's label: 'label' becomes per frame, int32
+  [B, T + N], the clip's label on the clip frames and `image_label` on the
+  image frames. Label dropout is per example: the clip's frames drop
+  together (one draw, `drop_u`), each image frame, an independent image
+  example, on its own draw (`image_drop_u`). Without image frames 'label'
+  stays the clip's [B].
+
   Args:
-    batch: {'frame_mask': bool [B, T], 'label': int32 [B] (class models)}.
+    batch: {'frame_mask': bool [B, T + N], 'label': int32 [B] and, with
+      N > 0, 'image_label': int32 [B, N] (class models)}.
     num_classes: the model's classes; label num_classes is the null label.
     label_dropout: probability of training on the null label instead
       (classifier-free guidance, VDM 2).
-    drop_u: float [B] uniform draws deciding the dropout.
+    drop_u: float [B] uniform draws deciding the clips' dropout.
+    image_drop_u: float [B, N] uniform draws deciding the image frames'
+      dropout (needed when N > 0).
 
   Returns:
-    {'frame_mask': ..., 'label': ...} for denoise_fn's cond.
+    {'frame_mask': ..., 'label': int32 [B] or [B, T + N]} for denoise_fn's
+    cond.
   """
   cond = {'frame_mask': batch['frame_mask']}
-  if num_classes > 0:
-    drop = drop_u < label_dropout
-    cond['label'] = jnp.where(drop, num_classes, batch['label'])
+  if num_classes <= 0:
+    return cond
+  label = jnp.where(drop_u < label_dropout, num_classes, batch['label'])
+  image_label = batch.get('image_label')
+  if image_label is not None and image_label.shape[1]:
+    image_label = jnp.where(image_drop_u < label_dropout, num_classes,
+                            image_label)
+    num_video = batch['frame_mask'].shape[1] - image_label.shape[1]
+    label = jnp.concatenate(
+        [jnp.broadcast_to(label[:, None], (label.shape[0], num_video)),
+         image_label.astype(label.dtype)], axis=1)
+  cond['label'] = label
   return cond
 
 

@@ -34,16 +34,16 @@ sampled with correlated noise (or the reverse) is a mismatch, not exact.
 Guidance turns `denoise_fn` into the (x_hat, eps_hat) the sampler consumes:
 classifier-free guidance (VDM 2), replacement (imputation) of the known part
 x^a, reconstruction guidance (VDM 3.1, eq. 7) and its spatial super-resolution
-variant; see `Guidance`.
+variant, composable in one step; see `Guidance`.
 
 Over 500 lines on purpose: guidance and the sampler scan that applies it
-are read together (which noise each guidance method draws, where the
+are read together (which noise each guidance term draws, where the
 corrector re-applies it), so they share one file.
 """
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax
 import jax
@@ -121,11 +121,17 @@ class SamplerSpec:
 class Guidance:
   """What to condition on besides `cond`; a pytree (weights are traced).
 
+  Its terms compose (VDM 3.1): known frames x^a (replacement of z^a, and
+  with `terms` holding 'frames' the reconstruction-guidance gradient of
+  eq. 7) and a low-resolution video (the gradient of the error of a
+  bilinear downsample of x_hat, 'lowres') can act in the same step, e.g.
+  to upsample a long video block after block conditioned on the overlap
+  already upsampled. Both gradients come from one backward pass.
+
   Attributes:
-    method: 'none', 'replacement' (z^a replaced by forward samples of x^a),
-      'reconstruction' (replacement plus the gradient correction of x_hat^b,
-      VDM eq. 7) or 'super_resolution' (gradient of the error of a bilinear
-      downsample of x_hat against `x_lowres`, w.r.t. all of z_t).
+    terms: the reconstruction terms, a sub-tuple of ('frames', 'lowres').
+    replace: z^a is replaced by forward samples alpha x^a + sigma eps
+      (imputation) at every step and x^a is returned on the known part.
     cfg_weight: classifier-free guidance weight w (scalar); used when
       `null_label` is not None.
     null_label: label of the unconditional branch (= num_classes); None
@@ -133,23 +139,26 @@ class Guidance:
     x_a: [B, T, H, W, C] known values (only where `mask` is True matter).
     mask: bool, broadcastable to x_a ([B, T, 1, 1, 1] for frames); True =
       known (the `a` part).
-    recon_weight: w_r (scalar) of reconstruction / super-resolution guidance.
-    x_lowres: [B, T, h, w, C] low-resolution video for 'super_resolution'.
+    recon_weight: w_r (scalar) of the frames term.
+    x_lowres: [B, T, h, w, C] low-resolution video of the 'lowres' term.
+    lowres_weight: w_r (scalar) of the 'lowres' term.
     remat: wrap the denoiser in `jax.checkpoint` under the gradient (bounds
       the memory of guided steps by recomputing activations).
   """
 
-  method: str = flax.struct.field(pytree_node=False, default='none')
+  terms: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
+  replace: bool = flax.struct.field(pytree_node=False, default=False)
   cfg_weight: Any = 0.0
   null_label: int | None = flax.struct.field(pytree_node=False, default=None)
   x_a: Any = None
   mask: Any = None
   recon_weight: Any = 0.0
   x_lowres: Any = None
+  lowres_weight: Any = 0.0
   remat: bool = flax.struct.field(pytree_node=False, default=False)
 
 
-# Over 60 lines with its docstring: one check per guidance method, so that a
+# Over 60 lines with its docstring: one check per guidance term, so that a
 # bad combination fails here, before the sampler compiles.
 def make_guidance(
     *,
@@ -159,6 +168,7 @@ def make_guidance(
     mask: jnp.ndarray | None = None,
     recon_weight: float = 0.0,
     x_lowres: jnp.ndarray | None = None,
+    lowres_weight: float | None = None,
     method: str | None = None,
     remat: bool = False,
 ) -> Guidance:
@@ -166,7 +176,9 @@ def make_guidance(
 
   Classifier-free guidance is on when cfg_weight != 0 and null_label is
   given (a class-conditional model sampled with labels); otherwise the
-  conditional model is used as it is.
+  conditional model is used as it is. Known frames (x_a, mask) and a
+  low-resolution video (x_lowres) may be given together: both terms then
+  guide every step.
 
   Args:
     cfg_weight: classifier-free guidance weight w.
@@ -174,48 +186,66 @@ def make_guidance(
       model has no labels (cfg_weight is then ignored).
     x_a: [B, T, H, W, C] known video values.
     mask: [B, T] or anything broadcastable to x_a, True where known.
-    recon_weight: w_r; with x_a and method None, w_r > 0 selects
-      reconstruction guidance and w_r = 0 replacement.
+    recon_weight: w_r of the frames; with x_a and method None, w_r > 0
+      selects reconstruction guidance and w_r = 0 replacement.
     x_lowres: [B, T, h, w, C] low-resolution video (super-resolution).
-    method: force a method (e.g. 'reconstruction' with w_r = 0 for tests).
+    lowres_weight: w_r of the low-resolution term; None: recon_weight.
+    method: how known frames condition, forced: 'none', 'replacement',
+      'reconstruction' (e.g. with w_r = 0 for tests), or
+      'super_resolution' (x_lowres only).
     remat: `jax.checkpoint` the denoiser inside the guidance gradient.
 
   Returns:
     A Guidance with mask as bool [B, T, 1, 1, 1] (or x_a's rank).
   """
-  if method is None:
-    if x_lowres is not None:
-      method = 'super_resolution'
-    elif x_a is not None:
-      method = 'reconstruction' if recon_weight else 'replacement'
-    else:
-      method = 'none'
-  if method not in GUIDANCE_METHODS:
+  if method is not None and method not in GUIDANCE_METHODS:
     raise ValueError(
         f'Unknown guidance method {method!r}; choose one of'
         f' {GUIDANCE_METHODS}.'
     )
-  if method in ('replacement', 'reconstruction'):
+  if method is None:
+    if x_a is None:
+      frames = 'none'
+    else:
+      frames = 'reconstruction' if recon_weight else 'replacement'
+  else:
+    frames = 'none' if method == 'super_resolution' else method
+  if method == 'super_resolution' and x_lowres is None:
+    raise ValueError("Guidance 'super_resolution' needs x_lowres.")
+  terms = []
+  if frames in ('replacement', 'reconstruction'):
     if x_a is None or mask is None:
-      raise ValueError(f'Guidance {method!r} needs x_a and mask.')
+      raise ValueError(f'Guidance {frames!r} needs x_a and mask.')
     x_a = jnp.asarray(x_a, jnp.float32)
     mask = jnp.asarray(mask, bool)
     mask = mask.reshape(mask.shape + (1,) * (x_a.ndim - mask.ndim))
-  if method == 'super_resolution':
-    if x_lowres is None:
-      raise ValueError("Guidance 'super_resolution' needs x_lowres.")
+    if frames == 'reconstruction':
+      terms.append('frames')
+  else:
+    x_a = mask = None
+  if x_lowres is not None:
     x_lowres = jnp.asarray(x_lowres, jnp.float32)
+    if x_a is not None and (x_lowres.shape[:2] != x_a.shape[:2]
+                            or x_lowres.shape[-1] != x_a.shape[-1]):
+      raise ValueError(
+          f'x_lowres {x_lowres.shape} and x_a {x_a.shape} must have the'
+          ' same batch, frames and channels.')
+    terms.append('lowres')
   if not cfg_weight:
     null_label = None
   return Guidance(
-      method=method,
+      terms=tuple(terms),
+      replace=x_a is not None,
       cfg_weight=jnp.asarray(cfg_weight if null_label is not None else 0.0,
                              jnp.float32),
       null_label=None if null_label is None else int(null_label),
-      x_a=x_a if method in ('replacement', 'reconstruction') else None,
-      mask=mask if method in ('replacement', 'reconstruction') else None,
+      x_a=x_a,
+      mask=mask,
       recon_weight=jnp.asarray(recon_weight, jnp.float32),
       x_lowres=x_lowres,
+      lowres_weight=jnp.asarray(
+          recon_weight if lowres_weight is None else lowres_weight,
+          jnp.float32),
       remat=remat,
   )
 
@@ -307,24 +337,25 @@ def reconstruction_guided(
     xeps_fn: XEpsFn,
     z: jnp.ndarray,
     logsnr: jnp.ndarray,
-    weight: jnp.ndarray,
-    residual_fn: Callable[[jnp.ndarray], jnp.ndarray],
+    terms: Sequence[tuple[jnp.ndarray, Callable[[jnp.ndarray], jnp.ndarray]]],
     grad_mask: jnp.ndarray | None = None,
     remat: bool = False,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Reconstruction guidance (VDM 3.1, eq. 7) of a prediction at z.
 
-  x~ = x_hat - (w_r alpha_t / 2) grad_z ||residual_fn(x_hat(z))||^2, the
+  x~ = x_hat - (alpha_t / 2) grad_z sum_i w_i ||r_i(x_hat(z))||^2, the
   gradient restricted to ~grad_mask (the b part) when given. eps~ is moved
   consistently: eps = (z - alpha x) / sigma, so d eps = -(alpha / sigma) dx.
-  The gradient goes through the whole denoiser (`jax.vjp`), so a guided step
-  costs a forward and a backward pass.
+  The gradient goes through the whole denoiser (`jax.vjp`) once, whatever
+  the number of terms, so a guided step costs a forward and a backward
+  pass. (One term: w_1 scales the gradient of ||r_1||^2, as eq. 7 reads.)
 
   Args:
     xeps_fn: (z, logsnr) -> (x_hat, eps_hat).
-    z: [B, T, H, W, C]; logsnr: [B]; weight: scalar w_r.
-    residual_fn: x_hat -> residual whose squared norm is the error
-      (x^a - x_hat^a on the known part, or y - downsample(x_hat)).
+    z: [B, T, H, W, C]; logsnr: [B].
+    terms: (w_i scalar, r_i) pairs; r_i maps x_hat to the residual whose
+      squared norm is the error (x^a - x_hat^a on the known part, or
+      y - downsample(x_hat)).
     grad_mask: bool broadcastable to z, True where z is known (no update
       there); None updates all of x_hat (super-resolution).
     remat: `jax.checkpoint` xeps_fn, so activations are recomputed in the
@@ -333,15 +364,22 @@ def reconstruction_guided(
   Returns:
     (x~, eps~), each [B, T, H, W, C].
   """
+  if not terms:
+    raise ValueError('reconstruction_guided needs at least one term.')
   f = jax.checkpoint(xeps_fn) if remat else xeps_fn
+  scale = terms[0][0] if len(terms) == 1 else 1.0
 
   def err(z_):
     x_hat, eps_hat = f(z_, logsnr)
-    return jnp.sum(jnp.square(residual_fn(x_hat))), (x_hat, eps_hat)
+    if len(terms) == 1:
+      total = jnp.sum(jnp.square(terms[0][1](x_hat)))
+    else:
+      total = sum(w * jnp.sum(jnp.square(r(x_hat))) for w, r in terms)
+    return total, (x_hat, eps_hat)
 
   grad, (x_hat, eps_hat) = jax.grad(err, has_aux=True)(z)
   alpha, sigma = schedules.alpha_sigma(diffusion.broadcast_to_video(logsnr, z))
-  dx = -0.5 * weight * alpha * grad
+  dx = -0.5 * scale * alpha * grad
   if grad_mask is not None:
     dx = jnp.where(grad_mask, 0.0, dx)
   return x_hat + dx, eps_hat - (alpha / sigma) * dx
@@ -382,17 +420,19 @@ def guided_predictor(
     xeps_fn = model_x_eps(denoise_fn, target, cond)
 
   def predict(z, logsnr, noise):
-    if g.method in ('replacement', 'reconstruction'):
+    if g.replace:
       z = replace_known(z, logsnr, noise, g.x_a, g.mask)
-    if g.method == 'reconstruction':
-      x_hat, eps_hat = reconstruction_guided(
-          xeps_fn, z, logsnr, g.recon_weight,
-          lambda x: jnp.where(g.mask, g.x_a - x, 0.0), g.mask, g.remat)
-    elif g.method == 'super_resolution':
+    terms = []
+    if 'frames' in g.terms:
+      terms.append((g.recon_weight,
+                    lambda x: jnp.where(g.mask, g.x_a - x, 0.0)))
+    if 'lowres' in g.terms:
       size = g.x_lowres.shape[2:4]
+      terms.append((g.lowres_weight,
+                    lambda x: g.x_lowres - downsample(x, size)))
+    if terms:
       x_hat, eps_hat = reconstruction_guided(
-          xeps_fn, z, logsnr, g.recon_weight,
-          lambda x: g.x_lowres - downsample(x, size), None, g.remat)
+          xeps_fn, z, logsnr, terms, g.mask if g.replace else None, g.remat)
     else:
       x_hat, eps_hat = xeps_fn(z, logsnr)
     return z, x_hat, eps_hat
@@ -462,7 +502,7 @@ def _sample_scan(denoise_fn, noise, rng, z, logsnrs, cond, guidance, gamma,
   # All of a step's noise in one vmapped draw (one RNG program to compile),
   # each of `shape`: the step noise, the forward-process noise of replacement
   # at t, and for 'pc' the Langevin noise and the replacement noise at s.
-  replace = guidance.method in ('replacement', 'reconstruction')
+  replace = guidance.replace
   names = ['step'] + ['replace_t'] * replace
   if sampler == 'pc':
     names += ['langevin'] + ['replace_s'] * replace
@@ -491,7 +531,7 @@ def _sample_scan(denoise_fn, noise, rng, z, logsnrs, cond, guidance, gamma,
     return jnp.where(last, x_c, z_s), None
 
   x, _ = jax.lax.scan(step, z, jnp.arange(num_steps))
-  if guidance.method in ('replacement', 'reconstruction'):
+  if guidance.replace:
     x = jnp.where(guidance.mask, guidance.x_a, x)
   return x
 
@@ -539,7 +579,7 @@ def sample(
   """Draws x ~ p(x | cond) with spec.sampler in spec.num_steps steps.
 
   Compiled once per (shapes, sampler, target, clip_x, denoise_fn, guidance
-  method, noise type); gamma/eta/delta, guidance weights and the leaves of
+  terms, noise type); gamma/eta/delta, guidance weights and the leaves of
   `noise` (VideoFusion's lambdas) are traced, so new values do not
   recompile. Pass `denoise_fn` as a `jax.tree_util.Partial(apply, params)`
   (denoiser.make_denoise_fn) to keep the parameters traced arguments rather

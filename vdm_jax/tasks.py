@@ -83,8 +83,9 @@ class BlockSampler:
 
   `block(i, x_a, mask, x_lowres)` draws block i with fold_in(rng, i), with
   the spec's guidance: classifier-free when cond holds labels (the one place
-  it is switched on for tasks), replacement / reconstruction of (x_a, mask),
-  super-resolution against x_lowres.
+  it is switched on for tasks), replacement / reconstruction of (x_a, mask)
+  and super-resolution against x_lowres, together when both are given
+  (sampling.Guidance's terms compose; spec.recon_weight weighs each).
 
   Attributes:
     denoise_fn: (z, logsnr, cond) -> prediction (denoiser.make_denoise_fn).
@@ -164,6 +165,8 @@ class Task:
   name: ClassVar[str] = ''
   # Whether the task conditions on input videos.
   needs_video: ClassVar[bool] = True
+  # VideoFusion's shared base noise across blocks (task 'extend' only).
+  fixed_base_noise: ClassVar[bool] = False
   input_frames: int = 0
   label: int = -1
 
@@ -171,10 +174,6 @@ class Task:
   def from_config(cls, sample_config: ml_collections.ConfigDict) -> 'Task':
     fields = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: sample_config[k] for k in fields})
-
-  @property
-  def fixed_base_noise(self) -> bool:
-    return False
 
   def validate(self, model: ModelShape, video_shape: Optional[tuple],
                spec: sampling.SamplerSpec) -> None:
@@ -341,19 +340,7 @@ class Extend(Task):
   num_cond_frames: int = 1
   num_frames_out: int = 0
   direction: str = 'forward'
-  fixed_base: bool = False
-
-  @classmethod
-  def from_config(cls, sample_config):
-    s = sample_config
-    return cls(input_frames=s.input_frames, label=s.label,
-               num_cond_frames=s.num_cond_frames,
-               num_frames_out=s.num_frames_out, direction=s.direction,
-               fixed_base=s.fixed_base_noise)
-
-  @property
-  def fixed_base_noise(self) -> bool:
-    return self.fixed_base
+  fixed_base_noise: bool = False
 
   def frames_out(self, model: ModelShape) -> int:
     """num_frames_out; 0 means 2 T."""
@@ -440,10 +427,19 @@ class Interpolate(Task):
 
 @dataclasses.dataclass(frozen=True)
 class Upsample(Task):
-  """Super-resolution of [B, T_in, h, w, C], T_in a multiple of T."""
+  """Super-resolution of [B, T_in, h, w, C], T_in >= T.
+
+  Long videos are upsampled block after block: each block is guided by its
+  low-resolution frames and, with `upsample_overlap` = k > 0, by the k
+  frames it shares with the already upsampled video before it (both terms
+  in one guided step, VDM 3.1), so that consecutive blocks agree at their
+  boundary instead of meeting at a seam. k = 0 samples T-frame blocks
+  independently (T must divide T_in); -1 picks max(1, T // 4).
+  """
 
   name: ClassVar[str] = 'upsample'
   lowres_size: int = 0
+  upsample_overlap: int = -1
 
   def lowres(self, model: ModelShape, input_size: Optional[int] = None
              ) -> int:
@@ -457,6 +453,17 @@ class Upsample(Task):
           f' data.image_size={size}; set sample.lowres_size to a divisor.')
     return low
 
+  def overlap(self, model: ModelShape) -> int:
+    """k, the frames each block shares with the video before it."""
+    k = self.upsample_overlap
+    if k < 0:
+      k = max(1, model.num_frames // 4)
+    if k >= model.num_frames:
+      raise ValueError(
+          f'sample.upsample_overlap={k} must be < data.num_frames='
+          f'{model.num_frames} (0: independent blocks; -1: T // 4).')
+    return k
+
   def validate(self, model, video_shape, spec):
     if not spec.recon_weight:
       raise ValueError("Task 'upsample' needs sample.recon_weight > 0.")
@@ -465,11 +472,13 @@ class Upsample(Task):
     conditioning.check_video(video_shape, model.num_frames, None, self.name)
     _, tin, h, w, c = video_shape
     t, size = model.num_frames, model.image_size
-    if tin % t or size % h or size % w or c != model.channels:
+    k = self.overlap(model)
+    if (k == 0 and tin % t) or size % h or size % w or c != model.channels:
       raise ValueError(
           f'Cannot upsample {tuple(video_shape[1:])} with a {t}x{size}x'
-          f'{size}x{model.channels} model: frames must be a multiple of T,'
-          ' sizes must divide the image size.')
+          f'{size}x{model.channels} model: sizes must divide the image'
+          ' size' + (', and without overlap (sample.upsample_overlap=0)'
+                     ' frames must be a multiple of T.' if k == 0 else '.'))
 
   def num_output_frames(self, model, num_in):
     return num_in
@@ -479,7 +488,8 @@ class Upsample(Task):
 
   def input_from_file(self, model, videos):
     t = model.num_frames
-    num_in = self.input_frames or videos.shape[1] // t * t
+    whole = t if self.overlap(model) == 0 else 1
+    num_in = self.input_frames or videos.shape[1] // whole * whole
     _, _, h, w, _ = videos.shape
     size = self.lowres(model, h if h == w else None)
     return fit(videos[:, :max(num_in, 1)], size, model.channels)
@@ -495,9 +505,19 @@ class Upsample(Task):
 
   def run(self, sample_block, video, model):
     t = model.num_frames
-    blocks = [sample_block(i, x_lowres=video[:, j:j + t])
-              for i, j in enumerate(range(0, video.shape[1], t))]
-    return jnp.concatenate(blocks, axis=1)
+    out = None
+    for i, (start, known) in enumerate(conditioning.overlapping_blocks(
+        video.shape[1], t, self.overlap(model))):
+      lowres = video[:, start:start + t]
+      if not known:
+        block = sample_block(i, x_lowres=lowres)
+        out = block if out is None else jnp.concatenate([out, block], 1)
+        continue
+      x_a, mask = conditioning.known_frames(
+          out[:, start:start + known], np.arange(known), t)
+      block = sample_block(i, x_a=x_a, mask=mask, x_lowres=lowres)
+      out = jnp.concatenate([out, block[:, known:]], axis=1)
+    return out
 
 
 REGISTRY: dict[str, type[Task]] = {

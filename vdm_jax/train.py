@@ -97,19 +97,6 @@ def to_model_range(video: jnp.ndarray) -> jnp.ndarray:
   return video.astype(jnp.float32) / 127.5 - 1.0
 
 
-def _split_microbatches(tree, k: int):
-  """[B, ...] -> [k, B / k, ...]; microbatch j holds examples j, j + k, ...
-
-  Strided so that every microbatch takes an equal share from every device's
-  slice of the batch.
-  """
-  def split(x):
-    x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
-    return jnp.moveaxis(x, 1, 0)
-
-  return jax.tree.map(split, tree)
-
-
 def _make_loss_fn(model, config):
   """(params, microbatch, dropout rng) -> (mean loss, mean mse_x)."""
   num_classes = config.model.num_classes
@@ -120,7 +107,7 @@ def _make_loss_fn(model, config):
   def loss_fn(params, mb, drop_rng):
     cond = denoiser.training_cond(mb, num_classes,
                                   config.training.label_dropout,
-                                  mb['label_u'])
+                                  mb['label_u'], mb['image_label_u'])
     out = diffusion.loss(
         denoiser.training_denoise_fn(model, params, drop_rng),
         to_model_range(mb['video']),
@@ -132,23 +119,6 @@ def _make_loss_fn(model, config):
     return jnp.mean(out.loss), jnp.mean(out.mse_x)
 
   return loss_fn
-
-
-def _loss_and_grads(grad_fn, params, inputs, rng_drop, k: int):
-  """(loss, mse_x, grads) of the batch, averaged over k microbatches."""
-  if k == 1:
-    (loss, mse_x), grads = grad_fn(params, inputs, rng_drop)
-    return loss, mse_x, grads
-
-  def accumulate(carry, xs):
-    j, mb = xs
-    (l, m), g = grad_fn(params, mb, jax.random.fold_in(rng_drop, j))
-    return jax.tree.map(jnp.add, carry, (l, m, g)), None
-
-  zeros = (0.0, 0.0, jax.tree.map(jnp.zeros_like, params))
-  total, _ = jax.lax.scan(
-      accumulate, zeros, (jnp.arange(k), _split_microbatches(inputs, k)))
-  return jax.tree.map(lambda a: a / k, total)
 
 
 def train_step(
@@ -165,12 +135,16 @@ def train_step(
 
   The loss is VDM's weighted denoising loss (diffusion.loss) with dropout
   on; labels are dropped to the null class with probability
-  training.label_dropout (classifier-free guidance, Ho & Salimans 2022).
+  training.label_dropout (classifier-free guidance, Ho & Salimans 2022),
+  per clip and per image frame, and each image frame of joint training is
+  conditioned on its own video's label (denoiser.training_cond).
 
   Args:
     state: the TrainState (donated).
-    batch: {'video': uint8[B, T, H, W, C], 'label': int32[B],
-      'frame_mask': bool[B, T]}.
+    batch: {'video': uint8[B, T + N, H, W, C], 'label': int32[B],
+      'frame_mask': bool[B, T + N]} and, for class-conditional models with
+      N = data.image_frames > 0, 'image_label': int32[B, N] (data.pipeline
+      makes all four).
     rng: the root training key; folded with the step here.
     model, tx, lr_fn, config: static.
 
@@ -180,15 +154,32 @@ def train_step(
   """
   rng = jax.random.fold_in(rng, state.step)
   rng_loss, rng_drop, rng_label = jax.random.split(rng, 3)
-  batch_size = batch['video'].shape[0]
+  batch_size, num_total = batch['video'].shape[:2]
+  num_images = num_total - config.data.num_frames
+  image_label = batch.get('image_label')
+  if config.model.num_classes > 0 and num_images > 0 and (
+      image_label is None or image_label.shape[1:] != (num_images,)):
+    raise ValueError(
+        f'The batch has {num_images} image frames but no image_label'
+        f' [B, {num_images}]: a class-conditional model needs the label'
+        " of each image frame's own video (data.pipeline gives it).")
   inputs = {
       **batch,
       'loss_rng': jax.random.split(rng_loss, batch_size),
       'label_u': jax.random.uniform(rng_label, (batch_size,)),
+      # Image frames drop their labels independently of their clip's.
+      'image_label_u': jax.random.uniform(
+          jax.random.fold_in(rng_label, 1), (batch_size, max(num_images, 0))),
   }
   grad_fn = jax.value_and_grad(_make_loss_fn(model, config), has_aux=True)
-  loss, mse_x, grads = _loss_and_grads(
-      grad_fn, state.params, inputs, rng_drop,
+
+  def microbatch_grads(params, mb, j):
+    # Dropout draws differ per microbatch (the whole batch: rng_drop).
+    drop = rng_drop if j is None else jax.random.fold_in(rng_drop, j)
+    return grad_fn(params, mb, drop)
+
+  (loss, mse_x), grads = training.accumulate_gradients(
+      microbatch_grads, state.params, inputs,
       config.training.grad_accum_steps)
   new_state = state.apply_gradients(grads, tx, config.optimizer.ema_decay)
   metrics = {'loss': loss, 'mse_x': mse_x,

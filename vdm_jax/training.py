@@ -113,6 +113,50 @@ def update_metrics(grads: Any, params: Any,
           'param_norm': optax.tree.norm(params), 'lr': lr}
 
 
+def split_microbatches(tree: Any, k: int) -> Any:
+  """[B, ...] -> [k, B / k, ...]; microbatch j holds examples j, j + k, ...
+
+  Strided so that every microbatch takes an equal share from every device's
+  slice of a batch sharded over its leading axis.
+  """
+  def split(x):
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+    return jnp.moveaxis(x, 1, 0)
+
+  return jax.tree.map(split, tree)
+
+
+def accumulate_gradients(value_and_grad_fn: Callable[..., Any], params: Any,
+                         inputs: Any, k: int) -> Any:
+  """The mean of value_and_grad_fn's (values, grads) over k microbatches.
+
+  The activations held are those of B / k examples: the same update as the
+  whole batch (up to float rounding) when the loss is a mean over examples
+  whose random draws are per example.
+
+  Args:
+    value_and_grad_fn: (params, microbatch, j) -> (values, grads), j the
+      microbatch index (int32 scalar), or None when k == 1 (the whole batch).
+    params: the parameters.
+    inputs: pytree of [B, ...] arrays, B divisible by k.
+    k: the number of microbatches (lax.scan over split_microbatches).
+  """
+  if k == 1:
+    return value_and_grad_fn(params, inputs, None)
+
+  def accumulate(carry, xs):
+    j, mb = xs
+    return jax.tree.map(jnp.add, carry, value_and_grad_fn(params, mb, j)), None
+
+  shapes = jax.eval_shape(value_and_grad_fn, params,
+                          jax.tree.map(lambda x: x[0], split_microbatches(
+                              inputs, k)), jnp.int32(0))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  total, _ = jax.lax.scan(
+      accumulate, zeros, (jnp.arange(k), split_microbatches(inputs, k)))
+  return jax.tree.map(lambda a: a / k, total)
+
+
 def learning_rate_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup from 0 to `learning_rate`, then constant (VDM App. A)."""
   if opt.warmup_steps > 0:

@@ -28,7 +28,15 @@ Joint image-video training (Ho et al. 2022, Sec. 3 and 4.3.1): with
 `image_frames = N > 0` each clip of T frames is followed by N independent
 frames, each from a different randomly chosen other example at a random
 frame. `frame_mask` is True on the T clip frames and False on the N image
-frames.
+frames. `label` is the clip's label and `image_label` [b, N] the label of
+the video each image frame comes from: a class-conditional model must see
+an image frame under its own class, not the clip's (denoiser.training_cond).
+Image frames are drawn from all other examples, as in the paper, rather
+than from examples of the clip's class: that keeps the image frames an
+unbiased sample of the dataset (a class with few videos would otherwise
+repeat its frames), needs no class index of the source (a TFDS source
+would have to read every record for it), and the label each frame needs
+is read with the frame anyway.
 """
 
 import collections
@@ -43,7 +51,7 @@ _PERMUTATION, _POSITION = 0, 1
 
 
 class Pipeline:
-  """Host-local batches `{'video', 'label', 'frame_mask'}` for each step."""
+  """Host-local batches `{'video', 'label', 'image_label', 'frame_mask'}`."""
 
   # Over 60 lines with its docstring: every argument is checked here, before
   # any example is read.
@@ -186,8 +194,12 @@ class Pipeline:
 
   def _read(self, example: int, u_start: float, u_images: np.ndarray,
             others: np.ndarray, u_crop: Optional[np.ndarray]
-            ) -> tuple[np.ndarray, int]:
-    """One example through `source.read_frames`: uint8 [T + N, H, W, C]."""
+            ) -> tuple[np.ndarray, int, list[int]]:
+    """One example through `source.read_frames`.
+
+    Returns:
+      (uint8 [T + N, H, W, C], the clip's label, the N image labels).
+    """
 
     def clip_frames(length: int) -> np.ndarray:
       if length < self.clip_span:
@@ -198,18 +210,21 @@ class Pipeline:
 
     crop = None if u_crop is None else tuple(u_crop)
     item = self.source.read_frames(example, clip_frames, crop=crop)
-    parts = [np.asarray(item['video'])]
+    parts, image_labels = [np.asarray(item['video'])], []
     for other, u in zip(others, u_images):
-      parts.append(np.asarray(self.source.read_frames(
+      image = self.source.read_frames(
           int(other), lambda length, u=u: np.array([int(u * length)]),
-          crop=crop)['video']))
-    return np.concatenate(parts), int(item['label'])
+          crop=crop)
+      parts.append(np.asarray(image['video']))
+      image_labels.append(int(image['label']))
+    return np.concatenate(parts), int(item['label']), image_labels
 
   def _gather(self, examples: np.ndarray, others: np.ndarray,
               u_start: np.ndarray, u_images: np.ndarray,
-              u_crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Clip and image frames uint8 [b, T + N, H, W, C] and labels [b]."""
+              u_crop: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Frames uint8 [b, T + N, H, W, C], labels [b], image labels [b, N]."""
     b, num_images = others.shape
+    image_labels = np.zeros((b, num_images), dtype=np.int64)
     if hasattr(self.source, 'render_batch'):
       # Batched source with one video length: render only needed frames.
       length = np.full(b, self._source_frames)
@@ -218,19 +233,23 @@ class Pipeline:
       video, labels = clips['video'], clips['label']
       if num_images:
         image_frames = (u_images * self._source_frames).astype(np.int64)
-        images = self.source.render_batch(
-            others.reshape(-1), frames=image_frames.reshape(-1, 1))['video']
+        rendered = self.source.render_batch(
+            others.reshape(-1), frames=image_frames.reshape(-1, 1))
+        images = rendered['video']
         video = np.concatenate(
             [video, images.reshape((b, num_images) + images.shape[2:])],
             axis=1)
-      return video, labels
+        image_labels = np.asarray(rendered['label']).reshape(b, num_images)
+      return video, labels, image_labels
     if hasattr(self.source, 'read_frames'):
       items = [
           self._read(int(examples[j]), u_start[j], u_images[j], others[j],
                      u_crop[j] if self.random_crop else None)
           for j in range(b)]
-      return (np.stack([v for v, _ in items]),
-              np.asarray([l for _, l in items]))
+      if num_images:
+        image_labels = np.asarray([i for _, _, i in items])
+      return (np.stack([v for v, _, _ in items]),
+              np.asarray([l for _, l, _ in items]), image_labels)
     examples_out, labels = [], []
     for j in range(b):
       item = self.source[int(examples[j])]
@@ -239,11 +258,13 @@ class Pipeline:
       frames = self._clip_frames(np.array([clip.shape[0]]), u_start[j:j + 1])
       parts = [clip[frames[0]]]
       for k in range(num_images):
-        image = np.asarray(self.source[int(others[j, k])]['video'])
+        other = self.source[int(others[j, k])]
+        image = np.asarray(other['video'])
         parts.append(image[int(u_images[j, k] * image.shape[0])][None])
+        image_labels[j, k] = int(other['label'])
       examples_out.append(np.concatenate(parts))
       labels.append(int(item['label']))
-    return np.stack(examples_out), np.asarray(labels)
+    return np.stack(examples_out), np.asarray(labels), image_labels
 
   def batch_for_step(self, step: int) -> dict[str, np.ndarray]:
     """The host-local batch of `step`; a pure function of (seed, step, p).
@@ -252,7 +273,8 @@ class Pipeline:
       step: training step, >= 0.
 
     Returns:
-      {'video': uint8[b, T + N, H, W, C], 'label': int32[b],
+      {'video': uint8[b, T + N, H, W, C], 'label': int32[b] (the clip's),
+       'image_label': int32[b, N] (the label of each image frame's video),
        'frame_mask': bool[b, T + N]} with b = global_batch_size //
       process_count.
     """
@@ -266,7 +288,8 @@ class Pipeline:
       here = positions // n == epoch
       examples[here] = self._permutation(int(epoch))[positions[here] % n]
     others, u_start, u_images, flips, u_crop = self._draw(positions, examples)
-    video, labels = self._gather(examples, others, u_start, u_images, u_crop)
+    video, labels, image_labels = self._gather(
+        examples, others, u_start, u_images, u_crop)
     if flips.any():
       video[flips] = video[flips][:, :, :, ::-1]
     frame_mask = np.zeros((b, self.num_frames_total), dtype=bool)
@@ -274,6 +297,7 @@ class Pipeline:
     return {
         'video': video.astype(np.uint8, copy=False),
         'label': labels.astype(np.int32),
+        'image_label': image_labels.astype(np.int32),
         'frame_mask': frame_mask,
     }
 

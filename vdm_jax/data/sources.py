@@ -9,10 +9,16 @@ A source has `__len__` and `__getitem__(i) -> {'video': uint8[T, H, W, C],
     'tfds': any TFDS video dataset (`config.data.tfds_name`, `video_key`,
     `label_key`); see data/tfds_sources.py and docs/data.md;
   - 'video_files': a video file or a folder of them (`config.data.path`),
-    labels from sub-folder names; see data/video_files.py.
+    labels from sub-folder names; see data/video_files.py;
+  - 'kinetics600': Kinetics-600 (Carreira et al. 2018) as video files, which
+    TFDS does not serve: `config.data.path` is the folder holding one
+    sub-folder per split (`train/`, `val/`, `test/`), each laid out
+    `<split>/<class>/<clip>.mp4`; `config.data.split` picks the sub-folder
+    (see `kinetics_split_folder` and docs/data.md).
 """
 
 import json
+import os
 from typing import Any, Optional
 
 from etils import epath
@@ -22,7 +28,8 @@ from vdm_jax import fileio
 from vdm_jax.data import synthetic
 
 TFDS_PRESETS = ('ucf101', 'bair_robot_pushing_small', 'moving_mnist')
-SOURCES = ('synthetic', *TFDS_PRESETS, 'tfds', 'video_files')
+KINETICS600 = 'kinetics600'
+SOURCES = ('synthetic', *TFDS_PRESETS, 'tfds', 'video_files', KINETICS600)
 CROPS = ('center', 'random')
 LABELS_FILE = 'labels.json'
 
@@ -79,14 +86,18 @@ def get_source(data_config: ml_collections.ConfigDict, seed: int) -> Any:
     # TFDS (and TF) load only when a TFDS source is asked for.
     from vdm_jax.data import tfds_sources  # pylint: disable=g-import-not-at-top
     source = tfds_sources.from_config(data_config)
-  elif name == 'video_files':
+  elif name in ('video_files', KINETICS600):
     from vdm_jax.data import video_files  # pylint: disable=g-import-not-at-top
-    if not data_config.path:
+    if name == KINETICS600:
+      path = kinetics_split_folder(data_config)
+    elif not data_config.path:
       raise ValueError(
           "data.name='video_files' needs config.data.path (a video file or "
           'a folder of videos).')
+    else:
+      path = data_config.path
     source = video_files.VideoFiles(
-        data_config.path, image_size=data_config.image_size,
+        path, image_size=data_config.image_size,
         channels=data_config.channels,
         min_frames=num_source_frames(data_config),
         cache_size=data_config.cache_size)
@@ -96,6 +107,49 @@ def get_source(data_config: ml_collections.ConfigDict, seed: int) -> Any:
     )
   _check_num_classes(data_config, source)
   return source
+
+
+def kinetics_split_folder(data_config: ml_collections.ConfigDict) -> str:
+  """The folder of Kinetics-600 videos of `data_config.split`.
+
+  TFDS 4.9 registers no Kinetics dataset, so Kinetics-600 is read from the
+  video files of the official release (CVDF's `kinetics-dataset` downloads,
+  arranged by class with the annotation CSVs):
+  `data.path/<split>/<class>/<clip>.mp4`, split 'train', 'val' or 'test'.
+  A split folder without class folders is read unlabelled, which the
+  unconditional VDM model does not mind.
+
+  Args:
+    data_config: `config.data` with path and split.
+
+  Returns:
+    `data.path/<split>`.
+
+  Raises:
+    ValueError: no data.path, a split expression, or a missing split folder
+      (the message lists the folders found).
+  """
+  path, split = data_config.path, data_config.split
+  layout = ('the folder holding the Kinetics-600 split folders train/, '
+            'val/, test/, each laid out <split>/<class>/<clip>.mp4 '
+            '(docs/data.md)')
+  if not path:
+    raise ValueError(
+        "data.name='kinetics600' reads video files (TFDS has no Kinetics); "
+        f'set config.data.path to {layout}.')
+  if not split or any(c in split for c in '+[]:/'):
+    raise ValueError(
+        f"data.name='kinetics600' takes one split folder name as "
+        f"config.data.split ('train', 'val' or 'test'), got {split!r}.")
+  folder = os.path.join(path, split)
+  if not os.path.isdir(folder):
+    found = sorted(f for f in os.listdir(path)
+                   if os.path.isdir(os.path.join(path, f))
+                   ) if os.path.isdir(path) else []
+    raise ValueError(
+        f'config.data.split={split!r}: no folder {folder!r}; '
+        f'config.data.path must be {layout}. Sub-folders found: {found}.')
+  return folder
 
 
 def _check_num_classes(data_config: ml_collections.ConfigDict,

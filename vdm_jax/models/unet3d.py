@@ -246,7 +246,10 @@ class UNet3D(nn.Module):
 
   def _embed(self, logsnr: Array, label: Optional[Array], b: int,
              t: int) -> Array:
-    """Conditioning embedding [B*T, E] from logsnr [B] or [B, T] and label."""
+    """Conditioning embedding [B*T, E] from logsnr and label.
+
+    Each of logsnr and label is per example ([B]) or per frame ([B, T]).
+    """
     emb_dim = self.emb_dim or 4 * self.base_channels
     logsnr = jnp.asarray(logsnr, jnp.float32)
     if logsnr.shape not in ((b,), (b, t)):
@@ -260,9 +263,17 @@ class UNet3D(nn.Module):
     if self.num_classes > 0:
       if label is None:
         label = jnp.full((b,), self.num_classes, jnp.int32)
+      if jnp.shape(label) not in ((b,), (b, t)):
+        raise ValueError(f'label must have shape [B]={(b,)} or [B, T]='
+                         f'{(b, t)}, got {jnp.shape(label)}.')
       label_emb = nn.Embed(self.num_classes + 1, emb_dim,
-                           name='label_emb')(label)  # [B, E]
-      emb = emb + (label_emb[:, None] if emb.ndim == 3 else label_emb)
+                           name='label_emb')(label)  # [B, E] or [B, T, E]
+      if emb.ndim != label_emb.ndim:
+        if emb.ndim == 2:
+          emb = emb[:, None]
+        else:
+          label_emb = label_emb[:, None]
+      emb = emb + label_emb
     elif label is not None:
       raise ValueError('A label was given but model.num_classes is 0.')
     if emb.ndim == 2:
@@ -280,7 +291,9 @@ class UNet3D(nn.Module):
     Args:
       z: [B, T, H, W, C] noisy video.
       logsnr: [B] or [B, T] float32 log-SNR (per frame when [B, T]).
-      label: [B] int32 in [0, num_classes]; None = the null label.
+      label: [B] int32 in [0, num_classes], or [B, T] (a label per frame:
+        the image frames of joint training come from other videos, each
+        with its own class); None = the null label.
       frame_mask: [B, T] bool, True = video frame, False = independent image
         frame; None = all video frames.
       train: enables dropout (needs a 'dropout' rng).
