@@ -46,6 +46,21 @@ def get_config(arg=None):
   config.data.num_examples = 100_000
   # Synthetic dataset: shapes per clip.
   config.data.num_objects = 1
+  # Synthetic dataset: 'bounce' (shapes bounce off the borders) or
+  # 'straight' (one of 4 directions, no border reached: every caption's
+  # direction holds on each frame; the text-to-video configs).
+  config.data.motion = 'bounce'
+  # Synthetic dataset: m > 0 leaves out the (shape, colour, direction)
+  # combinations with (shape + 2 colour + direction) % m == 0, to test
+  # prompts that compose seen attributes (data/synthetic.py).
+  config.data.caption_holdout = 0
+  # Video folders: read captions (a sidecar .txt beside each video, or one
+  # captions.csv / captions.json in the folder; docs/data.md). Synthetic
+  # clips always have captions.
+  config.data.captions = False
+  # Video folders: a missing or empty caption is the empty (null) text
+  # instead of an error.
+  config.data.allow_empty_captions = False
   # TFDS split: 'train', 'test', 'train+test' (VDM's UCF101), 'train[:90%]';
   # kinetics600: the split folder under data.path ('train', 'val', 'test').
   config.data.split = 'train'
@@ -97,6 +112,29 @@ def get_config(arg=None):
   config.model.dtype = 'float32'
   # Rematerialization: 'none' | 'block' | 'full'.
   config.model.remat = 'none'
+  # Text models (text.encoder != 'none'): cross-attention from every
+  # spatial attention to the caption's tokens (Imagen Video), and the
+  # attention-pooled caption added to the conditioning vector (VDM 4.3).
+  config.model.text_cross_attention = True
+  config.model.text_pooling = True
+
+  config.text = ml_collections.ConfigDict()
+  # Frozen text encoder of captions and prompts (vdm_jax/text): 'none'
+  # (no text), 'wordllama' (offline: the wordllama wheel's 256-d Llama-2
+  # token embeddings) or 'files' (embeddings precomputed by
+  # `python -m vdm_jax.text.hf`, e.g. with a T5 or CLIP text encoder).
+  config.text.encoder = 'none'
+  # L: tokens per text; longer texts are cut (with a warning).
+  config.text.max_length = 16
+  # text.encoder='files': the .npz of caption embeddings (written by
+  # --mode=embed_captions from text.hf_model).
+  config.text.path = ''
+  # --mode=embed_captions: a Hugging Face text model name or folder (T5,
+  # CLIP text, BERT; needs requirements-hf.txt).
+  config.text.hf_model = ''
+  # Caption dropout to the learned null text (classifier-free guidance);
+  # image frames of joint training drop their own captions independently.
+  config.text.dropout = 0.1
 
   config.diffusion = ml_collections.ConfigDict()
   # Log-SNR schedule: 'cosine' | 'shifted_cosine' | 'linear'.
@@ -175,7 +213,7 @@ def get_config(arg=None):
   # (e.g. another run's samples.npz: the input of a cascade 'upsample').
   config.sample.input = ''
   # Frames taken from the start of each input video; 0: the model's T
-  # ('upsample': all frames of a file, cut to a multiple of T).
+  # ('upsample': all frames of a file; a multiple of T without overlap).
   config.sample.input_frames = 0
   # 'predict' / 'extend': k, the given frames of each block.
   config.sample.num_cond_frames = 1
@@ -201,6 +239,12 @@ def get_config(arg=None):
   config.sample.clip_x = True
   # Class to generate for task='class'; -1 cycles through the classes.
   config.sample.label = -1
+  # Text models: the prompt of every video ('' with a dataset input: each
+  # clip's own caption; else the empty prompt, i.e. the null text).
+  config.sample.prompt = ''
+  # Text models: a file of prompts, one per line (one video each, cycled
+  # up to sample.num_videos); overrides sample.prompt.
+  config.sample.prompts_file = ''
   # Videos per sampling batch.
   config.sample.batch_size = 8
   # Frames per second of written videos.

@@ -2,7 +2,7 @@
 
   programs   main, train (+ training), sample, evaluate, sinfusion.train
   libraries  schedules, noise, diffusion, sampling, conditioning, tasks,
-             denoiser, sample_inputs, models.*, data.*, sharding,
+             denoiser, sample_inputs, models.*, data.*, text.*, sharding,
              checkpoint, video_io, fileio
   metric     evaluation.* (FVD: knows nothing of diffusion or sampling)
 
@@ -43,7 +43,8 @@ METRIC = _package('evaluation')
 LIBRARIES = tuple(f'vdm_jax.{m}' for m in (
     'schedules', 'noise', 'diffusion', 'sampling', 'conditioning', 'tasks',
     'denoiser', 'sample_inputs', 'sharding', 'checkpoint', 'video_io',
-    'fileio')) + _package('models') + _package('data') + METRIC
+    'fileio')) + _package('models') + _package('data') + _package(
+        'text') + METRIC
 
 # The metric needs none of the diffusion model or the programs.
 NOT_IN_METRIC = ('vdm_jax.sampling', 'vdm_jax.tasks', 'vdm_jax.conditioning',

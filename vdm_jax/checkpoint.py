@@ -36,8 +36,20 @@ COMPATIBILITY_FIELDS = (
     ('model', 'emb_dim'),
     ('model', 'emb_mlp_layers'),
     ('model', 'max_temporal_distance'),
+    ('model', 'text_cross_attention'),
+    ('model', 'text_pooling'),
     ('diffusion', 'target'),
+    # A model trained on one encoder's embeddings needs that encoder.
+    ('text', 'encoder'),
+    ('text', 'max_length'),
 )
+# What a field absent from an older saved config.json meant.
+_ABSENT = {
+    ('model', 'text_cross_attention'): True,
+    ('model', 'text_pooling'): True,
+    ('text', 'encoder'): 'none',
+    ('text', 'max_length'): 16,
+}
 # SinFusion (configs/single_video.py): every NextNet field.
 SINFUSION_COMPATIBILITY_FIELDS = (('model',),)
 
@@ -207,6 +219,8 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str,
     diffs.append(f'method: saved {methods[0]!r}, requested {methods[1]!r}')
   for keys in _expand(fields, requested):
     a, b = _get(saved, keys), _get(requested, keys)
+    a = _ABSENT.get(tuple(keys)) if a is None else a
+    b = _ABSENT.get(tuple(keys)) if b is None else b
     if _normalize(a) != _normalize(b):
       diffs.append(f'{".".join(keys)}: saved {a!r}, requested {b!r}')
   if diffs:

@@ -5,8 +5,8 @@ under jit), sampling and evaluation (abstract parameters to restore into),
 SinFusion (its three NextNets) and the experiments. `make_denoise_fn` binds
 parameters into the `denoise_fn(z, logsnr, cond) -> prediction` that
 diffusion.loss and sampling.sample take; `cond` is a dict of the model's
-keyword inputs ('label', 'frame_mask' for the UNet; 'frames', 'k' for a
-NextNet), built here for training (`training_cond`) and sampling
+keyword inputs ('label', 'frame_mask', 'text', 'text_mask', 'text_null'
+for the UNet; 'frames', 'k' for a NextNet), built here for training (`training_cond`) and sampling
 (`sampling_cond`): a new conditioning signal is added in these two functions
 and consumed by the model.
 """
@@ -22,17 +22,37 @@ import ml_collections
 from vdm_jax import sharding
 from vdm_jax.models import nextnet
 from vdm_jax.models import unet3d
+from vdm_jax.text import encoders
+
+
+def has_text(config: ml_collections.ConfigDict) -> bool:
+  """Whether config's model is text-conditioned (text.encoder != 'none')."""
+  return 'text' in config and config.text.encoder != 'none'
+
+
+def text_encoder(config: ml_collections.ConfigDict
+                 ) -> Optional[encoders.TextEncoder]:
+  """The frozen text encoder of config.text (None without text)."""
+  return encoders.from_config(config.text) if has_text(config) else None
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """UNet3D's fields: config.model, with text_length from config.text."""
+  kwargs = dict(config.model)
+  kwargs['text_length'] = (int(config.text.max_length) if has_text(config)
+                           else 0)
+  return kwargs
 
 
 def create_model(config: ml_collections.ConfigDict) -> unet3d.UNet3D:
-  """The space-time UNet of config.model."""
-  return unet3d.UNet3D(**config.model)
+  """The space-time UNet of config.model (and config.text)."""
+  return unet3d.UNet3D(**model_kwargs(config))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError on a config.model the UNet cannot run (no compile)."""
   unet3d.validate_model_config(
-      config.data.image_size, config.data.num_frames, **config.model)
+      config.data.image_size, config.data.num_frames, **model_kwargs(config))
 
 
 def example_inputs(config: ml_collections.ConfigDict, batch: int = 1
@@ -41,7 +61,8 @@ def example_inputs(config: ml_collections.ConfigDict, batch: int = 1
 
   z is [batch, T + image_frames, H, W, C] (a training example of joint
   image-video training; the parameters do not depend on T); cond holds
-  'label' int32 [batch] for class-conditional models.
+  'label' int32 [batch] for class-conditional models and the empty text
+  ('text' [batch, L, D], 'text_mask') for text models.
   """
   d = config.data
   z = jnp.zeros((batch, d.num_frames + d.image_frames, d.image_size,
@@ -49,6 +70,10 @@ def example_inputs(config: ml_collections.ConfigDict, batch: int = 1
   cond = {}
   if config.model.num_classes:
     cond['label'] = jnp.zeros((batch,), jnp.int32)
+  if has_text(config):
+    length, dim = int(config.text.max_length), text_encoder(config).dim
+    cond['text'] = jnp.zeros((batch, length, dim), jnp.float32)
+    cond['text_mask'] = jnp.zeros((batch, length), bool)
   return z, jnp.zeros((batch,), jnp.float32), cond
 
 
@@ -56,8 +81,7 @@ def init_params(config: ml_collections.ConfigDict, model: nn.Module,
                 rng: jax.Array) -> Any:
   """Fresh UNet parameters (call under jit with out_shardings for a mesh)."""
   z, logsnr, cond = example_inputs(config)
-  return model.init({'params': rng}, z, logsnr,
-                    label=cond.get('label'))['params']
+  return model.init({'params': rng}, z, logsnr, **cond)['params']
 
 
 def abstract_params(config: ml_collections.ConfigDict,
@@ -112,9 +136,24 @@ def init_nextnet_params(models: Mapping[str, nextnet.NextNet],
   return params
 
 
+def _per_frame(clip: jnp.ndarray, images: jnp.ndarray,
+               num_video: int) -> jnp.ndarray:
+  """[B, ...] of the clip and [B, N, ...] of its image frames -> [B, T + N,
+  ...]: the clip's value on its T frames, each image frame's own after."""
+  b = clip.shape[0]
+  return jnp.concatenate(
+      [jnp.broadcast_to(clip[:, None], (b, num_video) + clip.shape[1:]),
+       images.astype(clip.dtype)], axis=1)
+
+
+# Over 60 lines with its docstring: labels and texts follow the same rule
+# (per frame with image frames, dropped per clip and per image frame).
 def training_cond(batch: Mapping[str, jnp.ndarray], num_classes: int,
                   label_dropout: float, drop_u: jnp.ndarray,
-                  image_drop_u: Optional[jnp.ndarray] = None
+                  image_drop_u: Optional[jnp.ndarray] = None, *,
+                  text_dropout: float = 0.0,
+                  text_drop_u: Optional[jnp.ndarray] = None,
+                  image_text_drop_u: Optional[jnp.ndarray] = None
                   ) -> dict[str, jnp.ndarray]:
   """The UNet's conditioning inputs of a training batch.
 
@@ -125,44 +164,70 @@ def training_cond(batch: Mapping[str, jnp.ndarray], num_classes: int,
   image frames. Label dropout is per example: the clip's frames drop
   together (one draw, `drop_u`), each image frame, an independent image
   example, on its own draw (`image_drop_u`). Without image frames 'label'
-  stays the clip's [B].
+  stays the clip's [B]. Captions follow the same rule: 'text' [B, L, D]
+  (or [B, T + N, L, D] with each image frame's own caption), 'text_mask',
+  and 'text_null' [B] (or [B, T + N]) where the caption is dropped to the
+  learned null text with probability `text_dropout`.
 
   Args:
     batch: {'frame_mask': bool [B, T + N], 'label': int32 [B] and, with
-      N > 0, 'image_label': int32 [B, N] (class models)}.
+      N > 0, 'image_label': int32 [B, N] (class models); text models also
+      'text' [B, L, D], 'text_mask' [B, L] and, with N > 0, 'image_text'
+      [B, N, L, D], 'image_text_mask' [B, N, L]}.
     num_classes: the model's classes; label num_classes is the null label.
     label_dropout: probability of training on the null label instead
       (classifier-free guidance, VDM 2).
     drop_u: float [B] uniform draws deciding the clips' dropout.
     image_drop_u: float [B, N] uniform draws deciding the image frames'
       dropout (needed when N > 0).
+    text_dropout: probability of the null text instead of the caption.
+    text_drop_u, image_text_drop_u: the same draws for captions.
 
   Returns:
-    {'frame_mask': ..., 'label': int32 [B] or [B, T + N]} for denoise_fn's
-    cond.
+    {'frame_mask': ..., 'label': int32 [B] or [B, T + N], text models:
+    'text', 'text_mask', 'text_null'} for denoise_fn's cond.
   """
   cond = {'frame_mask': batch['frame_mask']}
-  if num_classes <= 0:
-    return cond
-  label = jnp.where(drop_u < label_dropout, num_classes, batch['label'])
+  num_video = batch['frame_mask'].shape[1]
   image_label = batch.get('image_label')
-  if image_label is not None and image_label.shape[1]:
-    image_label = jnp.where(image_drop_u < label_dropout, num_classes,
-                            image_label)
-    num_video = batch['frame_mask'].shape[1] - image_label.shape[1]
-    label = jnp.concatenate(
-        [jnp.broadcast_to(label[:, None], (label.shape[0], num_video)),
-         image_label.astype(label.dtype)], axis=1)
-  cond['label'] = label
+  num_images = 0 if image_label is None else image_label.shape[1]
+  num_video -= num_images
+  if num_classes > 0:
+    label = jnp.where(drop_u < label_dropout, num_classes, batch['label'])
+    if num_images:
+      label = _per_frame(label, jnp.where(image_drop_u < label_dropout,
+                                          num_classes, image_label),
+                         num_video)
+    cond['label'] = label
+  if 'text' in batch:
+    text, mask = batch['text'], batch['text_mask']
+    null = text_drop_u < text_dropout
+    if num_images:
+      text = _per_frame(text, batch['image_text'], num_video)
+      mask = _per_frame(mask, batch['image_text_mask'], num_video)
+      null = _per_frame(null, image_text_drop_u < text_dropout, num_video)
+    cond.update(text=text, text_mask=mask, text_null=null)
   return cond
 
 
-def sampling_cond(num_classes: int, labels: Optional[jnp.ndarray]
+def sampling_cond(num_classes: int, labels: Optional[jnp.ndarray],
+                  text: Optional[Mapping[str, jnp.ndarray]] = None
                   ) -> dict[str, jnp.ndarray]:
-  """The UNet's conditioning inputs when sampling (labels: int32 [B])."""
+  """The UNet's conditioning inputs when sampling.
+
+  Args:
+    num_classes: the model's classes.
+    labels: int32 [B] (class models).
+    text: {'text': [B, L, D], 'text_mask': [B, L]} of the prompts (text
+      models; an empty prompt has no tokens: the null text).
+  """
+  cond = {}
   if num_classes and labels is not None:
-    return {'label': jnp.asarray(labels, jnp.int32)}
-  return {}
+    cond['label'] = jnp.asarray(labels, jnp.int32)
+  if text is not None:
+    cond['text'] = jnp.asarray(text['text'], jnp.float32)
+    cond['text_mask'] = jnp.asarray(text['text_mask'], bool)
+  return cond
 
 
 @dataclasses.dataclass(frozen=True)

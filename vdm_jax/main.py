@@ -4,7 +4,9 @@
       --mode=train [--config.training.batch_size=8 ...]
 
 Modes: train (resumes from the workdir's last checkpoint), sample (EMA
-parameters -> videos in workdir/samples), eval (samples scored with FVD).
+parameters -> videos in workdir/samples), eval (samples scored with FVD),
+embed_captions (a Hugging Face text encoder's caption embeddings ->
+config.text.path, for text.encoder='files'; no workdir).
 On several hosts, run the same command on each; jax.distributed is set up
 automatically on TPU pods and SLURM, or from --coordinator_address,
 --num_processes and --process_id.
@@ -24,7 +26,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints,'
                                ' logs and samples (local path or gs://).')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'],
+_MODE = flags.DEFINE_enum('mode', 'train',
+                          ['train', 'sample', 'eval', 'embed_captions'],
                           'What to run.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0 (multi-process).')
@@ -32,7 +35,7 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
                                       'Number of processes (multi-process).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'This process\'s index (multi-process).')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
@@ -42,6 +45,12 @@ def main(argv):
   logging.info('JAX process %d/%d, devices: %s', jax.process_index(),
                jax.process_count(), jax.devices())
   config, workdir = _CONFIG.value, _WORKDIR.value
+  if _MODE.value == 'embed_captions':
+    from vdm_jax.text import hf  # pylint: disable=g-import-not-at-top
+    hf.embed_captions(config)
+    return
+  if not workdir:
+    raise app.UsageError(f'--mode={_MODE.value} needs --workdir.')
   if config.method == 'sinfusion':
     if _MODE.value == 'train':  # The package never imports the optimizer.
       from vdm_jax.sinfusion import train as program  # pylint: disable=g-import-not-at-top

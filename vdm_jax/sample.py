@@ -17,6 +17,7 @@ sampler compiles once. Never imports the optimizer.
 
 import dataclasses
 import os
+import re
 import time
 from typing import Any, Optional
 
@@ -33,6 +34,7 @@ from vdm_jax import sample_inputs
 from vdm_jax import sharding
 from vdm_jax import tasks
 from vdm_jax import video_io
+from vdm_jax.text import encoders
 
 # Frame colours of the side-by-side display: given frames, generated ones.
 KNOWN_COLOUR, OTHER_COLOUR = (0, 200, 0), (96, 96, 96)
@@ -68,6 +70,8 @@ class Request:
     inputs: the task's uint8 inputs (N videos, or none).
     labels: int32 [N] labels of a class-conditional model, or None.
     batch_size: videos per sampling batch.
+    prompts: the N prompts of a text model (None without text).
+    text: their embeddings (text.encoders.TextEmbeddings).
   """
 
   task: tasks.Task
@@ -75,6 +79,37 @@ class Request:
   inputs: sample_inputs.TaskInputs
   labels: Optional[np.ndarray]
   batch_size: int
+  prompts: Optional[list[str]] = None
+  text: Optional[encoders.TextEmbeddings] = None
+
+
+def prompts_for(config: ml_collections.ConfigDict,
+                inputs: sample_inputs.TaskInputs, num: int
+                ) -> Optional[list[str]]:
+  """The N prompts of a text model: the prompts file (cycled), the prompt,
+  or each dataset clip's caption; the empty prompt (the null text) else.
+
+  Raises:
+    ValueError: a prompt for a model without text conditioning.
+  """
+  s = config.sample
+  if not denoiser.has_text(config):
+    if s.prompt or s.prompts_file:
+      raise ValueError(
+          'sample.prompt / sample.prompts_file were given, but this model has'
+          " no text conditioning (text.encoder='none'): train a text model"
+          ' (e.g. configs/t2v_quickstart.py) or drop the prompt.')
+    return None
+  if s.prompts_file:
+    prompts = encoders.read_prompts(s.prompts_file)
+    return [prompts[i % len(prompts)] for i in range(num)]
+  if s.prompt:
+    return [s.prompt] * num
+  if inputs.captions is not None:
+    return list(inputs.captions)
+  logging.info('No sample.prompt: sampling with the empty prompt (the null'
+               ' text), i.e. unconditionally.')
+  return [''] * num
 
 
 def prepare(config: ml_collections.ConfigDict, num_videos: int, *,
@@ -94,7 +129,16 @@ def prepare(config: ml_collections.ConfigDict, num_videos: int, *,
                 setup.spec)
   tasks.check_noise(task, setup.noise)
   labels = task.labels(setup.model.num_classes, inputs.labels, num_videos)
-  return Request(task, setup, inputs, labels, config.sample.batch_size)
+  prompts = prompts_for(config, inputs, num_videos)
+  text = None
+  if prompts is not None:
+    empty = sum(not p for p in prompts)
+    if empty and empty < len(prompts):
+      logging.info('%d of %d prompts are empty: those videos are sampled'
+                   ' with the null text.', empty, len(prompts))
+    text = denoiser.text_encoder(config).encode(prompts)
+  return Request(task, setup, inputs, labels, config.sample.batch_size,
+                 prompts, text)
 
 
 def _to_global(x: np.ndarray, mesh) -> jax.Array:
@@ -136,6 +180,10 @@ def sample_videos(
           video[idx].astype(np.float32) / 127.5 - 1.0, mesh)
     if labels is not None:
       kwargs['labels'] = _to_global(labels[idx], mesh)
+    if request.text is not None:
+      kwargs['text'] = {
+          'text': _to_global(request.text.tokens[idx], mesh),
+          'text_mask': _to_global(request.text.mask[idx], mesh)}
     x = tasks.run(request.task, denoise_fn, jax.random.fold_in(rng, i),
                   request.setup, num_videos=batch, **kwargs)
     x = multihost_utils.process_allgather(x, tiled=True)
@@ -181,8 +229,19 @@ def side_by_side(reference: np.ndarray, result: np.ndarray,
                          _frame(result, known, width)], axis=3)
 
 
+def file_stem(i: int, prompt: Optional[str] = None) -> str:
+  """'sample_007', or 'sample_007_a_red_square_moving_left' (the prompt's
+  letters and digits, at most 60 characters)."""
+  stem = f'sample_{i:03d}'
+  if prompt:
+    words = re.sub(r'[^a-z0-9]+', '_', prompt.lower()).strip('_')[:60]
+    stem += '_' + words.rstrip('_') if words else ''
+  return stem
+
+
 def write_videos(videos: np.ndarray, out_dir: str, fps: int, *,
-                 display: Optional[np.ndarray] = None, **arrays) -> dict:
+                 display: Optional[np.ndarray] = None,
+                 prompts: Optional[list[str]] = None, **arrays) -> dict:
   """Writes each video as mp4 and gif, a PNG grid of all, and an npz.
 
   Args:
@@ -191,6 +250,8 @@ def write_videos(videos: np.ndarray, out_dir: str, fps: int, *,
     fps: frames per second.
     display: uint8 [N, T, H', W', C] what the mp4/gif/PNG show (default:
       the videos).
+    prompts: the N prompts (text models): in the file names, under each
+      row of the PNG grid, and in the npz ('prompts').
     **arrays: further arrays for the npz ('inputs', 'known', ...).
 
   Returns:
@@ -200,12 +261,15 @@ def write_videos(videos: np.ndarray, out_dir: str, fps: int, *,
   os.makedirs(out_dir, exist_ok=True)
   paths = {'mp4': [], 'gif': []}
   for i, v in enumerate(display):
-    paths['mp4'].append(os.path.join(out_dir, f'sample_{i:03d}.mp4'))
+    stem = file_stem(i, prompts[i] if prompts else None)
+    paths['mp4'].append(os.path.join(out_dir, stem + '.mp4'))
     video_io.write_mp4(paths['mp4'][-1], v, fps=fps)
-    paths['gif'].append(os.path.join(out_dir, f'sample_{i:03d}.gif'))
+    paths['gif'].append(os.path.join(out_dir, stem + '.gif'))
     video_io.write_gif(paths['gif'][-1], v, fps=fps)
   paths['grid'] = os.path.join(out_dir, 'grid.png')
-  video_io.write_png_grid(paths['grid'], display)
+  video_io.write_png_grid(paths['grid'], display, captions=prompts)
+  if prompts is not None:
+    arrays['prompts'] = np.asarray(prompts, dtype=str)
   paths['npz'] = os.path.join(out_dir, 'samples.npz')
   video_io.save_npz(paths['npz'], videos, **arrays)
   return paths
@@ -242,7 +306,8 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> dict:
     arrays.update(inputs=inputs.video, known=known)
   paths = {}
   if jax.process_index() == 0:
-    paths = write_videos(videos, out_dir, s.fps, display=display, **arrays)
+    paths = write_videos(videos, out_dir, s.fps, display=display,
+                         prompts=request.prompts, **arrays)
     paths['dir'] = out_dir
     logging.info('Wrote %d samples to %s', len(videos), out_dir)
   return paths

@@ -24,6 +24,7 @@ from typing import Optional
 import ml_collections
 import numpy as np
 
+from vdm_jax import denoiser
 from vdm_jax import tasks
 from vdm_jax import video_io
 from vdm_jax.data import pipeline
@@ -43,11 +44,13 @@ class TaskInputs:
       labelled dataset).
     reference: uint8 [N, T_out, H, W, C] ground truth on the output timeline
       (dataset inputs only; None for files).
+    captions: the N clips' captions (dataset inputs of text models).
   """
 
   video: Optional[np.ndarray]
   labels: Optional[np.ndarray] = None
   reference: Optional[np.ndarray] = None
+  captions: Optional[list[str]] = None
 
 
 def read_input(path: str) -> np.ndarray:
@@ -79,7 +82,8 @@ def dataset_clips(
     frame_stride: Optional[int] = None,
     split: str = '',
     random_start: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
+    with_captions: bool = False,
+) -> tuple[np.ndarray, ...]:
   """`num` clips of config.data, the same on every process.
 
   Clip j is the pipeline's position j: distinct examples while num does not
@@ -94,9 +98,11 @@ def dataset_clips(
     split: TFDS split; '': data.split.
     random_start: random clip starts; False: each clip is the first
       num_frames frames of its video (e.g. the BAIR FVD protocol).
+    with_captions: also return the N captions (str [N]).
 
   Returns:
-    uint8 [N, num_frames, S, S, C] clips and int32 [N] labels.
+    uint8 [N, num_frames, S, S, C] clips and int32 [N] labels (and the
+    captions).
   """
   data = ml_collections.ConfigDict(config.data.to_dict())
   data.num_frames = num_frames
@@ -110,9 +116,13 @@ def dataset_clips(
       source, global_batch_size=chunk, num_frames=num_frames, seed=seed,
       frame_stride=data.frame_stride, random_start=random_start,
       random_flip=False, random_crop=False)
-  batches = [pipe.batch_for_step(i) for i in range(-(-num // chunk))]
+  batches = [pipe.batch_for_step(i, captions=with_captions)
+             for i in range(-(-num // chunk))]
   videos = np.concatenate([b['video'] for b in batches])[:num]
   labels = np.concatenate([b['label'] for b in batches])[:num]
+  if with_captions:
+    return videos, labels, np.concatenate([b['caption'] for b in batches])[
+        :num]
   return videos, labels
 
 
@@ -121,9 +131,12 @@ def from_dataset(config: ml_collections.ConfigDict, task: tasks.Task,
                  split: str = '', random_start: bool = True) -> TaskInputs:
   """Ground-truth clips on the task's output timeline, and their input."""
   num_out = task.num_output_frames(model, task.num_input_frames(model))
-  clips, labels = dataset_clips(config, num, num_out, seed=seed, split=split,
-                                random_start=random_start)
-  return TaskInputs(task.input_from_clips(model, clips), labels, clips)
+  text = denoiser.has_text(config)
+  out = dataset_clips(config, num, num_out, seed=seed, split=split,
+                      random_start=random_start, with_captions=text)
+  clips, labels = out[:2]
+  return TaskInputs(task.input_from_clips(model, clips), labels, clips,
+                    [str(c) for c in out[2]] if text else None)
 
 
 def load(config: ml_collections.ConfigDict, task: tasks.Task,

@@ -133,9 +133,11 @@ class Guidance:
     replace: z^a is replaced by forward samples alpha x^a + sigma eps
       (imputation) at every step and x^a is returned on the known part.
     cfg_weight: classifier-free guidance weight w (scalar); used when
-      `null_label` is not None.
-    null_label: label of the unconditional branch (= num_classes); None
-      disables classifier-free guidance.
+      `null_label` is not None or `null_text`.
+    null_label: label of the unconditional branch (= num_classes); None:
+      the labels are not guided.
+    null_text: the unconditional branch takes the null text (cond['text']
+      is guided; Ho & Salimans 2022 with captions).
     x_a: [B, T, H, W, C] known values (only where `mask` is True matter).
     mask: bool, broadcastable to x_a ([B, T, 1, 1, 1] for frames); True =
       known (the `a` part).
@@ -150,6 +152,7 @@ class Guidance:
   replace: bool = flax.struct.field(pytree_node=False, default=False)
   cfg_weight: Any = 0.0
   null_label: int | None = flax.struct.field(pytree_node=False, default=None)
+  null_text: bool = flax.struct.field(pytree_node=False, default=False)
   x_a: Any = None
   mask: Any = None
   recon_weight: Any = 0.0
@@ -164,6 +167,7 @@ def make_guidance(
     *,
     cfg_weight: float = 0.0,
     null_label: int | None = None,
+    null_text: bool = False,
     x_a: jnp.ndarray | None = None,
     mask: jnp.ndarray | None = None,
     recon_weight: float = 0.0,
@@ -175,15 +179,19 @@ def make_guidance(
   """Builds a checked `Guidance`: the one place guidance is switched on.
 
   Classifier-free guidance is on when cfg_weight != 0 and null_label is
-  given (a class-conditional model sampled with labels); otherwise the
-  conditional model is used as it is. Known frames (x_a, mask) and a
+  given (a class-conditional model sampled with labels) or null_text (a
+  text model sampled with prompts); its unconditional branch has the null
+  label and the null text. Otherwise the conditional model is used as it
+  is. Known frames (x_a, mask) and a
   low-resolution video (x_lowres) may be given together: both terms then
   guide every step.
 
   Args:
     cfg_weight: classifier-free guidance weight w.
     null_label: the null (unconditional) label, = num_classes; None: the
-      model has no labels (cfg_weight is then ignored).
+      model has no labels.
+    null_text: cond holds a text to guide (the model's null text is the
+      unconditional branch's). With neither, cfg_weight is ignored.
     x_a: [B, T, H, W, C] known video values.
     mask: [B, T] or anything broadcastable to x_a, True where known.
     recon_weight: w_r of the frames; with x_a and method None, w_r > 0
@@ -232,13 +240,14 @@ def make_guidance(
           ' same batch, frames and channels.')
     terms.append('lowres')
   if not cfg_weight:
-    null_label = None
+    null_label, null_text = None, False
+  cfg_on = null_label is not None or null_text
   return Guidance(
       terms=tuple(terms),
       replace=x_a is not None,
-      cfg_weight=jnp.asarray(cfg_weight if null_label is not None else 0.0,
-                             jnp.float32),
+      cfg_weight=jnp.asarray(cfg_weight if cfg_on else 0.0, jnp.float32),
       null_label=None if null_label is None else int(null_label),
+      null_text=bool(null_text),
       x_a=x_a,
       mask=mask,
       recon_weight=jnp.asarray(recon_weight, jnp.float32),
@@ -267,7 +276,7 @@ def classifier_free(
     target: str,
     cond: Mapping[str, Any],
     weight: jnp.ndarray,
-    null_label: int,
+    null_label: int | None,
     batched: bool = True,
 ) -> XEpsFn:
   """Classifier-free guidance, eps~ = (1 + w) eps(z, c) - w eps(z) (VDM 2).
@@ -275,23 +284,33 @@ def classifier_free(
   x~ = (1 + w) x_hat(z, c) - w x_hat(z) is the same combination (x is affine
   in eps at fixed z), taken directly so that v/x models keep their precision;
   w = 0 returns the conditional prediction. The unconditional branch is the
-  model with cond['label'] set to `null_label`.
+  model with cond['label'] set to `null_label` (when given) and, when cond
+  holds a 'text', with 'text_null' set (the model's learned null text).
 
   Args:
     denoise_fn: (z, logsnr, cond) -> prediction.
     target: the model's parameterization.
-    cond: must hold 'label' int32[B]; other entries go to both branches.
+    cond: 'label' int32[B] (with null_label) and/or 'text'; other entries
+      go to both branches.
     weight: scalar w.
-    null_label: the null label (num_classes).
+    null_label: the null label (num_classes); None: labels stay.
     batched: evaluate both branches as one call on a batch of 2B.
 
   Returns:
     (z, logsnr) -> (x~, eps~), each [B, T, H, W, C].
   """
-  if 'label' not in cond:
-    raise ValueError("Classifier-free guidance needs cond['label'].")
-  label = jnp.asarray(cond['label'], jnp.int32)
-  uncond = dict(cond, label=jnp.full_like(label, null_label))
+  cond, uncond = dict(cond), dict(cond)
+  if null_label is not None:
+    if 'label' not in cond:
+      raise ValueError("Classifier-free guidance needs cond['label'].")
+    label = jnp.asarray(cond['label'], jnp.int32)
+    uncond['label'] = jnp.full_like(label, null_label)
+  if 'text' in cond:
+    b = cond['text'].shape[0]
+    cond.setdefault('text_null', jnp.zeros((b,), bool))
+    uncond['text_null'] = jnp.ones_like(cond['text_null'])
+  elif null_label is None:
+    raise ValueError('Classifier-free guidance needs a label or a text.')
 
   def fn(z, logsnr):
     if batched:
@@ -413,7 +432,7 @@ def guided_predictor(
   x_hat is not clipped here.
   """
   g = guidance
-  if g.null_label is not None:
+  if g.null_label is not None or g.null_text:
     xeps_fn = classifier_free(denoise_fn, target, cond, g.cfg_weight,
                               g.null_label)
   else:

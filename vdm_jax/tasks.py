@@ -118,7 +118,8 @@ class BlockSampler:
     s = self.spec
     null_label = self.null_label if 'label' in self.cond else None
     guidance = sampling.make_guidance(
-        cfg_weight=s.guidance_weight, null_label=null_label, x_a=x_a,
+        cfg_weight=s.guidance_weight, null_label=null_label,
+        null_text='text' in self.cond, x_a=x_a,
         mask=mask, x_lowres=x_lowres, recon_weight=s.recon_weight,
         remat=s.remat_guidance)
     rng, noise = jax.random.fold_in(self.rng, i), self.noise
@@ -590,6 +591,7 @@ def run(
     video: Optional[jnp.ndarray] = None,
     num_videos: Optional[int] = None,
     labels: Optional[jnp.ndarray] = None,
+    text: Optional[dict] = None,
 ) -> jnp.ndarray:
   """Runs `task` end to end.
 
@@ -604,6 +606,9 @@ def run(
     num_videos: B when there is no input video.
     labels: int32 [B] class labels of a class-conditional model; with
       spec.guidance_weight != 0 classifier-free guidance is applied.
+    text: {'text': [B, L, D], 'text_mask': [B, L]} prompt embeddings of a
+      text model (every block of every task is conditioned on them; with
+      spec.guidance_weight != 0 guided against the null text).
 
   Returns:
     x: [B, T_out, H, W, C] float32, T_out = task.num_output_frames.
@@ -618,7 +623,7 @@ def run(
     raise ValueError(f'Task {task.name!r} without an input video needs'
                      ' num_videos.')
   setup.noise.check_frames(model.num_frames)
-  cond = denoiser.sampling_cond(model.num_classes, labels)
+  cond = denoiser.sampling_cond(model.num_classes, labels, text)
   if isinstance(task, Class) and 'label' not in cond:
     raise ValueError("Task 'class' needs labels.")
   block = BlockSampler(

@@ -53,6 +53,8 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         'training.label_dropout > 0 needs a class-conditional model'
         ' (model.num_classes > 0).'
     )
+  if not 0.0 <= config.text.dropout < 1.0:
+    raise ValueError('text.dropout must lie in [0, 1).')
   checkpoint.check_compatible(config, workdir)
 
 
@@ -103,11 +105,13 @@ def _make_loss_fn(model, config):
   per_example = config.diffusion.time_sampling == 'uniform'
   logsnr_fn = schedules.get_logsnr_fn(config.diffusion, config.data.image_size)
   noise = noise_lib.from_config(config.diffusion, config.data.num_frames)
+  text_dropout = config.text.dropout if denoiser.has_text(config) else 0.0
 
   def loss_fn(params, mb, drop_rng):
-    cond = denoiser.training_cond(mb, num_classes,
-                                  config.training.label_dropout,
-                                  mb['label_u'], mb['image_label_u'])
+    cond = denoiser.training_cond(
+        mb, num_classes, config.training.label_dropout, mb['label_u'],
+        mb['image_label_u'], text_dropout=text_dropout,
+        text_drop_u=mb.get('text_u'), image_text_drop_u=mb.get('image_text_u'))
     out = diffusion.loss(
         denoiser.training_denoise_fn(model, params, drop_rng),
         to_model_range(mb['video']),
@@ -171,6 +175,11 @@ def train_step(
       'image_label_u': jax.random.uniform(
           jax.random.fold_in(rng_label, 1), (batch_size, max(num_images, 0))),
   }
+  if 'text' in batch:  # Caption dropout draws, per clip and image frame.
+    inputs['text_u'] = jax.random.uniform(jax.random.fold_in(rng_label, 2),
+                                          (batch_size,))
+    inputs['image_text_u'] = jax.random.uniform(
+        jax.random.fold_in(rng_label, 3), (batch_size, max(num_images, 0)))
   grad_fn = jax.value_and_grad(_make_loss_fn(model, config), has_aux=True)
 
   def microbatch_grads(params, mb, j):
@@ -232,6 +241,7 @@ def create_pipeline(config: ml_collections.ConfigDict,
       image_frames=config.data.image_frames,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      text_encoder=denoiser.text_encoder(config),
       **sources.pipeline_options(config.data),
   )
 
@@ -298,16 +308,32 @@ def preview_videos(config: ml_collections.ConfigDict, model: nn.Module,
   The task is 'class' (labels sample.label, or cycling through the
   classes, with sample.guidance_weight) for a class-conditional model and
   'unconditional' otherwise; every other setting is config.sample's
-  (sampler, clip_x, ...) with `num_steps` steps.
+  (sampler, clip_x, ...) with `num_steps` steps. A text model is prompted
+  with sample.prompt, or else the captions of the first training examples.
   """
   setup = tasks.Setup.from_config(config, num_steps=num_steps)
   m = setup.model
   task = (tasks.Class(label=config.sample.label) if m.num_classes
           else tasks.Unconditional())
+  text = None
+  if denoiser.has_text(config):
+    prompts = preview_prompts(config, num_videos)
+    emb = denoiser.text_encoder(config).encode(prompts)
+    text = {'text': emb.tokens, 'text_mask': emb.mask}
   x = tasks.run(task, denoiser.make_denoise_fn(model, params), rng, setup,
                 num_videos=num_videos,
-                labels=task.labels(m.num_classes, None, num_videos))
+                labels=task.labels(m.num_classes, None, num_videos),
+                text=text)
   return video_io.to_uint8(np.asarray(x))
+
+
+def preview_prompts(config: ml_collections.ConfigDict,
+                    num_videos: int) -> list[str]:
+  """sample.prompt, or the captions of the first training examples."""
+  if config.sample.prompt:
+    return [config.sample.prompt] * num_videos
+  source = sources.get_source(config.data, seed=config.seed)
+  return [str(source[i]['caption']) for i in range(num_videos)]
 
 
 def write_preview(config, model, params, step, writer) -> None:

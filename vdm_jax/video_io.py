@@ -9,12 +9,13 @@ moved into place), so readers never see partial files.
 
 import math
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 import zipfile
 
 import imageio_ffmpeg
 import numpy as np
 from PIL import Image
+from PIL import ImageDraw
 from PIL import ImageSequence
 
 from vdm_jax import fileio
@@ -23,6 +24,8 @@ from vdm_jax import fileio
 MIN_VIEW_SIZE = 128
 # png grid cells are upscaled until their shorter side is at least this.
 MIN_GRID_CELL = 64
+# Pixels of the text line under each row of a PNG grid with captions.
+CAPTION_HEIGHT = 14
 FFMPEG_EXTENSIONS = ('.mp4', '.webm', '.avi')
 READ_EXTENSIONS = FFMPEG_EXTENSIONS + ('.gif', '.npz')
 
@@ -118,7 +121,8 @@ def write_gif(path: str, video: Any, fps: int = 8) -> None:
                    loop=0, optimize=False)
 
 
-def write_png_grid(path: str, videos: Any, pad: int = 2) -> None:
+def write_png_grid(path: str, videos: Any, pad: int = 2,
+                   captions: Optional[Sequence[str]] = None) -> None:
   """Writes a PNG with one row per video and one column per frame.
 
   Frames are upscaled (nearest) to a shorter side >= MIN_GRID_CELL; cells
@@ -128,17 +132,28 @@ def write_png_grid(path: str, videos: Any, pad: int = 2) -> None:
     path: output file (.png).
     videos: uint8 [N, T, H, W, C], C in (1, 3).
     pad: pixels between cells and around the grid.
+    captions: N texts (e.g. the prompts), each drawn under its row.
   """
   videos = _rgb(_upscale(_check_video(videos, ndim=5), MIN_GRID_CELL))
   n, t, h, w, _ = videos.shape
-  grid = np.full((n * (h + pad) + pad, t * (w + pad) + pad, 3), 255,
+  if captions is not None and len(captions) != n:
+    raise ValueError(f'{len(captions)} captions for {n} videos.')
+  text_h = CAPTION_HEIGHT if captions is not None else 0
+  row = h + pad + text_h
+  grid = np.full((n * row + pad, t * (w + pad) + pad, 3), 255,
                  dtype=np.uint8)
   for i in range(n):
     for j in range(t):
-      y, x = pad + i * (h + pad), pad + j * (w + pad)
+      y, x = pad + i * row, pad + j * (w + pad)
       grid[y:y + h, x:x + w] = videos[i, j]
+  image = Image.fromarray(grid)
+  if captions is not None:
+    draw = ImageDraw.Draw(image)
+    for i, text in enumerate(captions):
+      draw.text((pad, pad + i * row + h + 1), text or '(empty prompt)',
+                fill=(0, 0, 0))
   with fileio.atomic_path(path) as tmp:
-    Image.fromarray(grid).save(tmp, format='PNG')
+    image.save(tmp, format='PNG')
 
 
 def save_npz(path: str, videos: Any, **extra: Any) -> None:

@@ -41,6 +41,7 @@ is read with the frame anyway.
 
 import collections
 import queue
+import re
 import threading
 from typing import Any, Iterator, Optional
 
@@ -48,6 +49,15 @@ import numpy as np
 
 # Stream tags keep the seeded random streams of the pipeline apart.
 _PERMUTATION, _POSITION = 0, 1
+
+
+_SWAP = {'left': 'right', 'right': 'left', 'Left': 'Right', 'Right': 'Left'}
+
+
+def flip_caption(text: str) -> str:
+  """The caption of the left-right mirrored video: 'left' <-> 'right'."""
+  return re.sub(r'\b(left|right|Left|Right)\b',
+                lambda m: _SWAP[m.group(0)], text)
 
 
 class Pipeline:
@@ -59,7 +69,7 @@ class Pipeline:
                seed: int, frame_stride: int = 1, image_frames: int = 0,
                process_index: int = 0, process_count: int = 1,
                random_start: bool = True, random_flip: bool = False,
-               random_crop: bool = False):
+               random_crop: bool = False, text_encoder: Any = None):
     """Checks the arguments against the source.
 
     Args:
@@ -75,6 +85,9 @@ class Pipeline:
       random_flip: flip each example left-right with probability 1/2.
       random_crop: pass a random crop window to `source.read_frames` (which
         the source must have); else the source crops its centre.
+      text_encoder: a `text.encoders.TextEncoder`: batches then carry the
+        embeddings of each clip's caption and of each image frame's own
+        video's caption (the source's items must hold 'caption').
 
     Raises:
       ValueError: on inconsistent arguments or a source too small for them.
@@ -119,8 +132,16 @@ class Pipeline:
     self.random_crop = random_crop
     self._permutations = collections.OrderedDict()
     self._lock = threading.Lock()
-    first = np.asarray(source[0]['video'])
+    item = source[0]
+    first = np.asarray(item['video'])
     self._check_length(first, 0)
+    if text_encoder is not None and 'caption' not in item:
+      raise ValueError(
+          f'Text conditioning (text.encoder={text_encoder.name!r}) needs'
+          f' captions, but the source {type(source).__name__} gives none:'
+          ' use the synthetic data, or video files with data.captions=True'
+          ' (docs/data.md).')
+    self.text_encoder = text_encoder
     # Video length of sources with `render_batch` (one length for all).
     self._source_frames = first.shape[0]
 
@@ -194,11 +215,12 @@ class Pipeline:
 
   def _read(self, example: int, u_start: float, u_images: np.ndarray,
             others: np.ndarray, u_crop: Optional[np.ndarray]
-            ) -> tuple[np.ndarray, int, list[int]]:
+            ) -> tuple[np.ndarray, int, list[int], list[Optional[str]]]:
     """One example through `source.read_frames`.
 
     Returns:
-      (uint8 [T + N, H, W, C], the clip's label, the N image labels).
+      (uint8 [T + N, H, W, C], the clip's label, the N image labels, the
+      1 + N captions of the clip and its image frames).
     """
 
     def clip_frames(length: int) -> np.ndarray:
@@ -211,18 +233,22 @@ class Pipeline:
     crop = None if u_crop is None else tuple(u_crop)
     item = self.source.read_frames(example, clip_frames, crop=crop)
     parts, image_labels = [np.asarray(item['video'])], []
+    captions = [item.get('caption')]
     for other, u in zip(others, u_images):
       image = self.source.read_frames(
           int(other), lambda length, u=u: np.array([int(u * length)]),
           crop=crop)
       parts.append(np.asarray(image['video']))
       image_labels.append(int(image['label']))
-    return np.concatenate(parts), int(item['label']), image_labels
+      captions.append(image.get('caption'))
+    return (np.concatenate(parts), int(item['label']), image_labels,
+            captions)
 
   def _gather(self, examples: np.ndarray, others: np.ndarray,
               u_start: np.ndarray, u_images: np.ndarray,
               u_crop: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Frames uint8 [b, T + N, H, W, C], labels [b], image labels [b, N]."""
+    """Frames uint8 [b, T + N, H, W, C], labels [b], image labels [b, N]
+    and the captions (b lists of 1 + N: the clip's, then its images')."""
     b, num_images = others.shape
     image_labels = np.zeros((b, num_images), dtype=np.int64)
     if hasattr(self.source, 'render_batch'):
@@ -231,6 +257,7 @@ class Pipeline:
       clips = self.source.render_batch(
           examples, frames=self._clip_frames(length, u_start))
       video, labels = clips['video'], clips['label']
+      captions = [[c] for c in clips.get('caption', [None] * b)]
       if num_images:
         image_frames = (u_images * self._source_frames).astype(np.int64)
         rendered = self.source.render_batch(
@@ -240,46 +267,78 @@ class Pipeline:
             [video, images.reshape((b, num_images) + images.shape[2:])],
             axis=1)
         image_labels = np.asarray(rendered['label']).reshape(b, num_images)
-      return video, labels, image_labels
+        image_captions = rendered.get('caption', [None] * b * num_images)
+        for j in range(b):
+          captions[j] += image_captions[j * num_images:(j + 1) * num_images]
+      return video, labels, image_labels, captions
     if hasattr(self.source, 'read_frames'):
       items = [
           self._read(int(examples[j]), u_start[j], u_images[j], others[j],
                      u_crop[j] if self.random_crop else None)
           for j in range(b)]
       if num_images:
-        image_labels = np.asarray([i for _, _, i in items])
-      return (np.stack([v for v, _, _ in items]),
-              np.asarray([l for _, l, _ in items]), image_labels)
-    examples_out, labels = [], []
+        image_labels = np.asarray([item[2] for item in items])
+      return (np.stack([item[0] for item in items]),
+              np.asarray([item[1] for item in items]), image_labels,
+              [item[3] for item in items])
+    examples_out, labels, captions = [], [], []
     for j in range(b):
       item = self.source[int(examples[j])]
       clip = np.asarray(item['video'])
       self._check_length(clip, examples[j])
       frames = self._clip_frames(np.array([clip.shape[0]]), u_start[j:j + 1])
       parts = [clip[frames[0]]]
+      captions.append([item.get('caption')])
       for k in range(num_images):
         other = self.source[int(others[j, k])]
         image = np.asarray(other['video'])
         parts.append(image[int(u_images[j, k] * image.shape[0])][None])
         image_labels[j, k] = int(other['label'])
+        captions[j].append(other.get('caption'))
       examples_out.append(np.concatenate(parts))
       labels.append(int(item['label']))
-    return np.stack(examples_out), np.asarray(labels), image_labels
+    return (np.stack(examples_out), np.asarray(labels), image_labels,
+            captions)
 
-  def batch_for_step(self, step: int) -> dict[str, np.ndarray]:
+  def _text(self, captions: list[list[Optional[str]]], flips: np.ndarray
+            ) -> dict[str, np.ndarray]:
+    """The caption embeddings of a batch (text_encoder given).
+
+    A left-right flipped example's caption has 'left' and 'right' swapped
+    (`flip_caption`): the flip reverses horizontal motion.
+    """
+    b, n = len(captions), self.image_frames
+    texts = []
+    for j, row in enumerate(captions):
+      if any(c is None for c in row):
+        raise ValueError('An example of the batch has no caption.')
+      texts += [flip_caption(c) if flips[j] else c for c in row]
+    emb = self.text_encoder.encode(texts)
+    tokens = emb.tokens.reshape((b, 1 + n) + emb.tokens.shape[1:])
+    mask = emb.mask.reshape((b, 1 + n) + emb.mask.shape[1:])
+    return {'text': tokens[:, 0], 'text_mask': mask[:, 0],
+            'image_text': tokens[:, 1:], 'image_text_mask': mask[:, 1:]}
+
+  def batch_for_step(self, step: int,
+                     captions: bool = False) -> dict[str, np.ndarray]:
     """The host-local batch of `step`; a pure function of (seed, step, p).
 
     Args:
       step: training step, >= 0.
+      captions: also return 'caption', str [b]: each clip's caption (as
+        flipped; for sampling and evaluation, not for the train step).
 
     Returns:
       {'video': uint8[b, T + N, H, W, C], 'label': int32[b] (the clip's),
        'image_label': int32[b, N] (the label of each image frame's video),
        'frame_mask': bool[b, T + N]} with b = global_batch_size //
-      process_count.
+      process_count; with a text encoder also 'text' float32 [b, L, D] and
+      'text_mask' bool [b, L] (the clip's caption), 'image_text' [b, N, L,
+      D] and 'image_text_mask' [b, N, L] (each image frame's own video's).
     """
     if step < 0:
       raise ValueError(f'step={step} must be >= 0.')
+    captions_out = captions
     n, b = len(self.source), self.batch_size
     first = step * self.global_batch_size + self.process_index * b
     positions = np.arange(first, first + b, dtype=np.int64)
@@ -288,18 +347,28 @@ class Pipeline:
       here = positions // n == epoch
       examples[here] = self._permutation(int(epoch))[positions[here] % n]
     others, u_start, u_images, flips, u_crop = self._draw(positions, examples)
-    video, labels, image_labels = self._gather(
+    video, labels, image_labels, captions = self._gather(
         examples, others, u_start, u_images, u_crop)
     if flips.any():
       video[flips] = video[flips][:, :, :, ::-1]
     frame_mask = np.zeros((b, self.num_frames_total), dtype=bool)
     frame_mask[:, :self.num_frames] = True
-    return {
+    batch = {
         'video': video.astype(np.uint8, copy=False),
         'label': labels.astype(np.int32),
         'image_label': image_labels.astype(np.int32),
         'frame_mask': frame_mask,
     }
+    if self.text_encoder is not None:
+      batch.update(self._text(captions, flips))
+    if captions_out:
+      if any(row[0] is None for row in captions):
+        raise ValueError(f'The source {type(self.source).__name__} has no'
+                         ' captions.')
+      batch['caption'] = np.asarray(
+          [flip_caption(row[0]) if flips[j] else row[0]
+           for j, row in enumerate(captions)], dtype=str)
+    return batch
 
   def iterate(self, start_step: int = 0,
               prefetch: int = 3) -> 'BatchIterator':

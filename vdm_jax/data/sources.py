@@ -80,6 +80,8 @@ def get_source(data_config: ml_collections.ConfigDict, seed: int) -> Any:
         num_objects=data_config.num_objects,
         num_classes=num_classes if num_classes > 0 else 3,
         seed=seed,
+        motion=data_config.motion,
+        caption_holdout=data_config.caption_holdout,
     )
   pipeline_options(data_config)  # Checks data.crop early.
   if name in TFDS_PRESETS or name == 'tfds':
@@ -100,7 +102,9 @@ def get_source(data_config: ml_collections.ConfigDict, seed: int) -> Any:
         path, image_size=data_config.image_size,
         channels=data_config.channels,
         min_frames=num_source_frames(data_config),
-        cache_size=data_config.cache_size)
+        cache_size=data_config.cache_size,
+        captions=data_config.captions,
+        allow_empty_captions=data_config.allow_empty_captions)
   else:
     raise ValueError(
         f'Unknown data.name {name!r}; available sources: {SOURCES}.'

@@ -13,6 +13,18 @@ Geometry, in units of the frame size S (= image_size):
 Edges are antialiased from signed distance functions: a pixel's coverage is
 `clip(0.5 - d, 0, 1)`, d the signed distance (in pixels) of its centre to the
 shape's edge.
+
+Captions (text-to-video): every clip has one, written from what is rendered:
+colour, shape and motion of each object, in one of several templates ("a red
+triangle moving left", "the circle is blue and moves up", ...), so the text
+is not one string per class. With `motion='straight'` each shape moves in a
+straight line in one of four directions (right, down, left, up) without
+touching a border during the clip, so that its caption's direction holds on
+every frame; the default `motion='bounce'` keeps the bouncing shapes (their
+captions say "bouncing"). `caption_holdout=m > 0` leaves out of the dataset
+the (shape, colour, direction) combinations with
+(shape + 2 colour + direction) % m == 0 (`held_out`), whose prompts then test
+composition: each attribute is seen in training, the combination never.
 """
 
 import math
@@ -41,6 +53,32 @@ PALETTE = np.array(
 # some shapes dim).
 GREYS = np.linspace(110, 245, len(PALETTE), dtype=np.float32)[:, None]
 BACKGROUND = np.array([14, 14, 22], dtype=np.float32)
+
+# Caption words of KINDS and PALETTE.
+SHAPE_WORDS = ('square', 'circle', 'triangle', 'diamond', 'cross', 'ring',
+               'x', 'frame')
+COLOUR_WORDS = ('red', 'green', 'blue', 'yellow', 'cyan', 'magenta',
+                'orange', 'white')
+# 'straight' motion: unit (dx, dy) per direction, y pointing down.
+DIRECTIONS = ('right', 'down', 'left', 'up')
+_DIRECTION_XY = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], np.float64)
+MOTIONS = ('bounce', 'straight')
+# Caption templates (one per clip, drawn from the clip's hash).
+TEMPLATES = (
+    'a {colour} {shape} moving {direction}',
+    'a {colour} {shape} moves {direction}',
+    '{colour} {shape} going {direction}',
+    'the {shape} is {colour} and moves {direction}',
+    'a {shape}, {colour}, sliding {direction}',
+)
+BOUNCE_TEMPLATES = (
+    'a {colour} {shape} bouncing around',
+    'a {colour} {shape} bounces off the walls',
+    'the {shape} is {colour} and bounces',
+)
+# 'straight' motion: the shape travels this share of the free span over
+# the clip (so it never reaches a border).
+MIN_TRAVEL, MAX_TRAVEL = 0.45, 0.9
 
 MIN_RADIUS, MAX_RADIUS = 0.16, 0.22  # Half-extent, fraction of the frame.
 MIN_SPEED, MAX_SPEED = 1 / 8, 1 / 4  # Fraction of the frame per frame.
@@ -128,6 +166,24 @@ def _sdf(kind: int, px: np.ndarray, py: np.ndarray, r: np.ndarray):
   raise ValueError(f'Unknown shape kind {kind}.')
 
 
+def held_out(kind: np.ndarray, colour: np.ndarray, direction: np.ndarray,
+             modulus: int) -> np.ndarray:
+  """Whether (shape kind, colour, direction) combinations are held out."""
+  if modulus <= 0:
+    return np.zeros(np.shape(kind), bool)
+  return (np.asarray(kind) + 2 * np.asarray(colour)
+          + np.asarray(direction)) % modulus == 0
+
+
+def caption(kind: int, colour: int, direction: int, template: int,
+            motion: str = 'straight') -> str:
+  """The caption of one object: e.g. 'a red triangle moving left'."""
+  words = dict(shape=SHAPE_WORDS[kind], colour=COLOUR_WORDS[colour],
+               direction=DIRECTIONS[direction])
+  templates = TEMPLATES if motion == 'straight' else BOUNCE_TEMPLATES
+  return templates[template % len(templates)].format(**words)
+
+
 def _bounce(p0: np.ndarray, v: np.ndarray, lo: np.ndarray, hi: np.ndarray,
             t: np.ndarray) -> np.ndarray:
   """Positions of points moving at velocity v, reflected inside [lo, hi].
@@ -154,7 +210,8 @@ class SyntheticVideos:
 
   def __init__(self, num_frames: int, image_size: int, channels: int = 3,
                num_examples: int = 100_000, num_objects: int = 1,
-               num_classes: int = 3, seed: int = 0):
+               num_classes: int = 3, seed: int = 0, motion: str = 'bounce',
+               caption_holdout: int = 0):
     """Initialises the dataset.
 
     Args:
@@ -166,6 +223,10 @@ class SyntheticVideos:
       num_classes: shape kinds used (labels 0..num_classes-1), at most
         len(KINDS); <= 0 means 3 kinds (labels are still returned).
       seed: dataset seed.
+      motion: 'bounce' (shapes bounce off the borders) or 'straight' (one
+        of four directions, no border reached within the clip).
+      caption_holdout: m > 0 leaves out the combinations `held_out` names
+        (their colour is moved to the next palette colour).
     """
     num_kinds = num_classes if num_classes > 0 else 3
     if num_kinds > len(KINDS):
@@ -189,6 +250,13 @@ class SyntheticVideos:
     self.num_objects = num_objects
     self.num_kinds = num_kinds
     self.seed = seed
+    if motion not in MOTIONS:
+      raise ValueError(f'Unknown data.motion {motion!r}; choose one of'
+                       f' {MOTIONS}.')
+    if caption_holdout < 0:
+      raise ValueError('data.caption_holdout must be >= 0.')
+    self.motion = motion
+    self.caption_holdout = caption_holdout
 
   def __len__(self) -> int:
     return self.num_examples
@@ -202,13 +270,50 @@ class SyntheticVideos:
       raise IndexError(
           f'Index {index} out of range for {self.num_examples} examples.')
     batch = self.render_batch([index])
-    return {'video': batch['video'][0], 'label': batch['label'][0]}
+    return {'video': batch['video'][0], 'label': batch['label'][0],
+            'caption': batch['caption'][0]}
 
   def labels(self, indices: Sequence[int]) -> np.ndarray:
     """int32 [B] labels of the clips `indices`, without rendering them."""
     u = uniform_hash(self.seed, np.asarray(indices), 1)
     return np.minimum(u[:, 0] * self.num_kinds,
                       self.num_kinds - 1).astype(np.int32)
+
+  def attributes(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """Per clip and object: int 'kind' [B], 'colour', 'direction' [B, O].
+
+    'direction' indexes DIRECTIONS ('straight' motion; for 'bounce' the
+    direction of the initial velocity, rounded to the nearest axis).
+    Held-out combinations are already moved away (see `held_out`).
+    """
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    u = uniform_hash(self.seed, indices,
+                     1 + _SLOTS_PER_OBJECT * self.num_objects)
+    kind = self.labels(indices)
+    colours, directions = [], []
+    for o in range(self.num_objects):
+      uo = u[:, 1 + _SLOTS_PER_OBJECT * o:1 + _SLOTS_PER_OBJECT * (o + 1)]
+      colour = (uo[:, 1] * len(PALETTE)).astype(np.int64)
+      direction = np.mod(np.round(uo[:, 2] * 4), 4).astype(np.int64)
+      if self.motion == 'straight':
+        direction = np.minimum(uo[:, 2] * 4, 3).astype(np.int64)
+      held = held_out(kind, colour, direction, self.caption_holdout)
+      colour = np.where(held, (colour + 1) % len(PALETTE), colour)
+      colours.append(colour)
+      directions.append(direction)
+    return {'kind': kind, 'colour': np.stack(colours, 1),
+            'direction': np.stack(directions, 1)}
+
+  def captions(self, indices: Sequence[int]) -> list[str]:
+    """The caption of each clip (objects joined by ' and ')."""
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    a = self.attributes(indices)
+    template = (uniform_hash(self.seed, indices, 2 + _SLOTS_PER_OBJECT
+                             * self.num_objects)[:, -1] * 60).astype(int)
+    return [' and '.join(
+        caption(int(a['kind'][i]), int(a['colour'][i, o]),
+                int(a['direction'][i, o]), int(template[i]), self.motion)
+        for o in range(self.num_objects)) for i in range(indices.size)]
 
   # Over 60 lines: the vectorised fast path of `render`, kept in one piece so
   # it can be checked line by line against it (tests/test_synthetic.py).
@@ -225,7 +330,7 @@ class SyntheticVideos:
 
     Returns:
       {'video': uint8[B, K, H, W, C] (K = T without `frames`),
-       'label': int32[B]}.
+       'label': int32[B], 'caption': list of B str}.
     """
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     if indices.size and (indices.min() < 0
@@ -249,6 +354,7 @@ class SyntheticVideos:
     u = uniform_hash(self.seed, indices,
                      1 + _SLOTS_PER_OBJECT * self.num_objects)
     labels = self.labels(indices)
+    attributes = self.attributes(indices)
     palette, background = PALETTE, BACKGROUND
     if self.channels == 1:
       palette, background = GREYS, BACKGROUND[:1]
@@ -256,6 +362,8 @@ class SyntheticVideos:
     # Render clips grouped by kind (contiguous slices), then restore order.
     order = np.argsort(labels, kind='stable')
     u, sorted_labels, times = u[order], labels[order], times[order]
+    colour_index = attributes['colour'][order]
+    direction_xy = _DIRECTION_XY[attributes['direction'][order]]
     bounds = np.searchsorted(sorted_labels, np.arange(self.num_kinds + 1))
     # One float32 [B, T, H, W] plane per channel: numpy is much faster on
     # these than on a channels-last array with a size-3 inner axis.
@@ -263,14 +371,17 @@ class SyntheticVideos:
     for o in range(self.num_objects):
       uo = u[:, 1 + _SLOTS_PER_OBJECT * o:1 + _SLOTS_PER_OBJECT * (o + 1)]
       r = s * (MIN_RADIUS + (MAX_RADIUS - MIN_RADIUS) * uo[:, 0])
-      colour = palette[(uo[:, 1] * len(palette)).astype(np.int64)]
-      angle = 2 * math.pi * uo[:, 2]
-      speed = s * (MIN_SPEED + (MAX_SPEED - MIN_SPEED) * uo[:, 3])
+      colour = palette[colour_index[:, o]]
       lo, hi = r, s - r
-      x = _bounce(lo + (hi - lo) * uo[:, 4], speed * np.cos(angle), lo, hi,
-                  times).astype(np.float32)
-      y = _bounce(lo + (hi - lo) * uo[:, 5], speed * np.sin(angle), lo, hi,
-                  times).astype(np.float32)
+      if self.motion == 'straight':
+        x, y = self._straight(uo, direction_xy[:, o], lo, hi, times)
+      else:
+        angle = 2 * math.pi * uo[:, 2]
+        speed = s * (MIN_SPEED + (MAX_SPEED - MIN_SPEED) * uo[:, 3])
+        x = _bounce(lo + (hi - lo) * uo[:, 4], speed * np.cos(angle), lo,
+                    hi, times).astype(np.float32)
+        y = _bounce(lo + (hi - lo) * uo[:, 5], speed * np.sin(angle), lo,
+                    hi, times).astype(np.float32)
       px = centres[None, None, None, :] - x[:, :, None, None]  # [B,T,1,W]
       py = centres[None, None, :, None] - y[:, :, None, None]  # [B,T,H,1]
       r = r.astype(np.float32)[:, None, None, None]
@@ -297,4 +408,26 @@ class SyntheticVideos:
       plane += 0.5
       video[..., c] = plane
     video[order] = video.copy()
-    return {'video': video, 'label': labels}
+    return {'video': video, 'label': labels,
+            'caption': self.captions(indices)}
+
+  def _straight(self, uo: np.ndarray, dxy: np.ndarray, lo: np.ndarray,
+                hi: np.ndarray, times: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Centres [B, T] of shapes moving straight, never reaching a border.
+
+    The shape travels MIN_TRAVEL..MAX_TRAVEL of its free span over the
+    clip's T frames, starting where the whole path fits.
+    """
+    span = hi - lo
+    travel = span * (MIN_TRAVEL + (MAX_TRAVEL - MIN_TRAVEL) * uo[:, 3])
+    speed = travel / max(self.num_frames - 1, 1)
+    out = []
+    for axis, u in ((0, uo[:, 4]), (1, uo[:, 5])):
+      d = dxy[:, axis]
+      # Moving: start in [lo, hi - travel] (+) or [lo + travel, hi] (-).
+      free = np.where(d != 0, span - travel, span)
+      start = lo + np.where(d < 0, travel, 0.0) + free * u
+      out.append((start[:, None] + (d * speed)[:, None] * times).astype(
+          np.float32))
+    return out[0], out[1]

@@ -7,6 +7,9 @@ Each decoded video is resized once (short side to `image_size`, antialiased)
 and kept in a small LRU cache; clips are cropped from it to `image_size`
 squared, at the centre or where the pipeline's random crop puts them.
 
+Captions (data.captions=True): a sidecar .txt beside each video or one
+captions.csv / captions.json in the folder (data/captions.py).
+
 Labels come from sub-folder names, as in the UCF101 and Kinetics layouts
 (`root/<class>/<video>`, or `root/<class>/<group>/<video>`: the first
 folder below the root names the class). Classes are numbered in sorted
@@ -35,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from vdm_jax import video_io
+from vdm_jax.data import captions as captions_lib
 
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.webm', '.gif')
 
@@ -176,7 +180,8 @@ class VideoFiles:
 
   def __init__(self, path: str, *, image_size: int, channels: int = 3,
                min_frames: int = 1, cache_size: int = 32,
-               read_fn: Callable[[str], np.ndarray] = video_io.read_video):
+               read_fn: Callable[[str], np.ndarray] = video_io.read_video,
+               captions: bool = False, allow_empty_captions: bool = False):
     """Lists the files (decoding nothing yet).
 
     Args:
@@ -188,6 +193,9 @@ class VideoFiles:
         `sources.num_source_frames(config.data)`).
       cache_size: decoded, resized videos kept in memory.
       read_fn: decodes a file into uint8 [T, H, W, C]; raises on failure.
+      captions: read each video's caption (data/captions.py); items then
+        hold 'caption'.
+      allow_empty_captions: a missing caption is '' instead of an error.
 
     Raises:
       FileNotFoundError: `path` does not exist.
@@ -205,6 +213,12 @@ class VideoFiles:
     else:
       self.label_names = None
       self.labels = np.zeros(1, dtype=np.int32)
+    self.captions = None
+    if captions:
+      root = self.path if os.path.isdir(self.path) else os.path.dirname(
+          self.path)
+      self.captions = captions_lib.load_captions(root, self.files,
+                                                 allow_empty_captions)
     self.image_size = image_size
     self.channels = channels
     self.min_frames = min_frames
@@ -237,14 +251,15 @@ class VideoFiles:
     return resize_short_side(video, self.image_size, self.channels)
 
   def _load(self, index: int) -> tuple[np.ndarray, int]:
-    """(video [T, S, L, C], label) of example `index`, skipping bad files."""
+    """(video [T, S, L, C], file index) of example `index`, skipping bad
+    files (the file index names the file that serves it)."""
     n = len(self.files)
     for k in range(n):
       i = (index + k) % n
       with self._lock:
         if i in self._cache:
           self._cache.move_to_end(i)
-          return self._cache[i], int(self.labels[i])
+          return self._cache[i], i
         if i in self._bad:
           continue
       try:
@@ -260,7 +275,7 @@ class VideoFiles:
         self._cache[i] = video
         while len(self._cache) > self.cache_size:
           self._cache.popitem(last=False)
-      return video, int(self.labels[i])
+      return video, i
     raise ValueError(
         f'None of the {n} video files under {self.path!r} could be used '
         f'(each needs >= {self.min_frames} decodable frames); first problem: '
@@ -276,14 +291,18 @@ class VideoFiles:
       crop: None (centre) or (u_y, u_x) in [0, 1) placing the window.
 
     Returns:
-      {'video': uint8[K, S, S, C], 'label': int}.
+      {'video': uint8[K, S, S, C], 'label': int} and, with captions,
+      'caption': str (of the file that served the example).
     """
     if not 0 <= index < len(self.files):
       raise IndexError(f'Index {index} out of range for {len(self)} videos.')
-    video, label = self._load(int(index))
+    video, i = self._load(int(index))
     frames = np.asarray(select(video.shape[0]))
-    return {'video': _crop(video[frames], self.image_size, crop),
-            'label': label}
+    item = {'video': _crop(video[frames], self.image_size, crop),
+            'label': int(self.labels[i])}
+    if self.captions is not None:
+      item['caption'] = self.captions[i]
+    return item
 
   def __getitem__(self, index: int) -> dict:
     """All frames of video `index`: {'video': uint8[T, S, S, C], 'label'}."""

@@ -329,3 +329,85 @@ class TemporalAttention(nn.Module):
     out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                    name='out')(out.reshape(n, hgt, wid, c))
     return x.astype(self.dtype) + out
+
+
+class CrossAttention(nn.Module):
+  """Attention from the pixels of each frame to the tokens of a text.
+
+  Imagen Video's text conditioning (Ho et al. 2022b, frozen T5 embeddings):
+  queries from the frame's pixels, keys and values from the (layer-normed)
+  token embeddings, masked to each text's tokens. The output projection is
+  zero-initialised, so a new cross-attention starts as the identity.
+
+  Attributes:
+    head_dim: target head width; heads = channels // head_dim (>= 1).
+    dtype: compute dtype.
+  """
+
+  head_dim: int = 64
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array, context_mask: Array) -> Array:
+    """Applies cross-attention.
+
+    Args:
+      x: [B*T, H, W, C] frames as batch.
+      context: [B, Tc, L, D] token embeddings, Tc = 1 (one text per video)
+        or T (a text per frame: joint training's image frames).
+      context_mask: [B, Tc, L] bool, True on tokens; every row has one.
+
+    Returns:
+      [B*T, H, W, C] (residual included).
+    """
+    n, hgt, wid, c = x.shape
+    b, tc, length = context.shape[:3]
+    t = n // b
+    heads = num_heads(c, self.head_dim)
+    d = c // heads
+    h = GroupNorm(dtype=self.dtype, name='norm')(x)
+    q = nn.Dense(c, dtype=self.dtype, name='q')(h)
+    q = q.reshape(b, t, hgt * wid, heads, d) * jnp.asarray(d**-0.5, q.dtype)
+    ctx = nn.LayerNorm(dtype=self.dtype, name='norm_context')(context)
+    kv = nn.Dense(2 * c, dtype=self.dtype, name='kv')(ctx)
+    kv = jnp.broadcast_to(kv.reshape(b, tc, 1, length, 2 * c),
+                          (b, tc, t // tc, length, 2 * c)).reshape(
+                              b, t, length, 2, heads, d)
+    k, v = kv[:, :, :, 0], kv[:, :, :, 1]
+    mask = jnp.broadcast_to(context_mask.reshape(b, tc, 1, length),
+                            (b, tc, t // tc, length)).reshape(b, t, length)
+    out = _attention(q, k, v, ('btshd', 'btlhd', 'bthsl'), None,
+                     mask[:, :, None, None, :])
+    out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                   name='out')(out.reshape(n, hgt, wid, c))
+    return x.astype(self.dtype) + out
+
+
+class AttentionPool(nn.Module):
+  """A text's tokens pooled by attention from a learned query (VDM 4.3).
+
+  Attributes:
+    features: output width (the conditioning embedding's).
+    head_dim: target head width of the pooling attention.
+  """
+
+  features: int
+  head_dim: int = 64
+
+  @nn.compact
+  def __call__(self, tokens: Array, mask: Array) -> Array:
+    """[..., L, D] tokens, [..., L] mask -> [..., features]."""
+    heads = num_heads(self.features, self.head_dim)
+    d = self.features // heads
+    h = nn.LayerNorm(name='norm')(tokens.astype(jnp.float32))
+    kv = nn.Dense(2 * heads * d, name='kv')(h)
+    kv = kv.reshape(kv.shape[:-1] + (2, heads, d))
+    k, v = kv[..., 0, :, :], kv[..., 1, :, :]  # [..., L, heads, d]
+    query = self.param('query', nn.initializers.normal(1.0), (heads, d))
+    logits = jnp.einsum('...lhd,hd->...hl', k, query) * d**-0.5
+    logits = jnp.where(mask[..., None, :], logits,
+                       jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    pooled = jnp.einsum('...hl,...lhd->...hd', weights, v)
+    return nn.Dense(self.features, name='out')(
+        pooled.reshape(pooled.shape[:-2] + (heads * d,)))

@@ -12,6 +12,12 @@ a learned per-head relative position bias clipped at `max_temporal_distance`;
 temporal attention also in the middle block; heads = channels // head_dim;
 attention output projections are zero-initialised like the last conv of
 every residual block.
+
+Text conditioning (text_length > 0): the token embeddings of a frozen text
+encoder condition the network through cross-attention after each spatial
+attention (Imagen Video's choice, Ho et al. 2022b) and/or an attention-pooled
+vector added to the conditioning embedding (VDM 4.3); a learned null text
+stands in for dropped or empty captions (classifier-free guidance).
 """
 
 import dataclasses
@@ -95,6 +101,13 @@ def validate_model_config(image_size: int, num_frames: int,
   if kw['num_classes'] < 0 or kw['max_temporal_distance'] < 0:
     raise ValueError('model.num_classes and model.max_temporal_distance '
                      'must be >= 0.')
+  if kw['text_length'] < 0:
+    raise ValueError('text.max_length must be >= 1 for a text model.')
+  if kw['text_length'] and not (kw['text_cross_attention']
+                                or kw['text_pooling']):
+    raise ValueError(
+        'A text model needs model.text_cross_attention or model.text_pooling'
+        " (else the text reaches nothing); or text.encoder='none'.")
   if not 0.0 <= kw['dropout'] < 1.0:
     raise ValueError(f'model.dropout must lie in [0, 1), got {kw["dropout"]}.')
   factor = 2**(len(mults) - 1)
@@ -162,10 +175,13 @@ class _Level(nn.Module):
   deterministic: bool
   remat_blocks: bool
   dtype: Any
+  cross_attn: bool = False
 
   @nn.compact
   def __call__(self, h: Array, emb: Array, mask: Array,
-               skips: Sequence[Array] = ()) -> tuple[Array, list[Array]]:
+               skips: Sequence[Array] = (), context: Optional[Array] = None,
+               context_mask: Optional[Array] = None
+               ) -> tuple[Array, list[Array]]:
     """Runs the blocks; down levels return their outputs for the skips.
 
     Args:
@@ -174,11 +190,14 @@ class _Level(nn.Module):
       mask: [B, T, T] temporal attention mask.
       skips: up levels: the num_blocks [B*T, H, W, C_i] skips to consume,
         last one first.
+      context, context_mask: text tokens [B, Tc, L, D] and mask [B, Tc, L]
+        of the cross-attention (cross_attn only).
 
     Returns:
       ([B*T, H, W, channels] output, the outputs of each block (down only)).
     """
-    res_cls, sattn_cls, tattn_cls = _block_classes(self.remat_blocks)
+    res_cls, sattn_cls, tattn_cls, xattn_cls = _block_classes(
+        self.remat_blocks)
     skips = list(skips)
     outs = []
     for i in range(self.num_blocks):
@@ -188,6 +207,9 @@ class _Level(nn.Module):
                   name=f'res_{i}')(h, emb)
       if self.use_attn:
         h = sattn_cls(self.head_dim, self.dtype, name=f'sattn_{i}')(h)
+        if self.cross_attn:
+          h = xattn_cls(self.head_dim, self.dtype, name=f'xattn_{i}')(
+              h, context, context_mask)
         h = tattn_cls(self.num_frames, self.head_dim, self.max_distance,
                       self.dtype, name=f'tattn_{i}')(h, mask)
       outs.append(h)
@@ -196,7 +218,7 @@ class _Level(nn.Module):
 
 def _block_classes(remat: bool):
   classes = (layers.ResBlock, layers.SpatialAttention,
-             layers.TemporalAttention)
+             layers.TemporalAttention, layers.CrossAttention)
   if remat:
     return tuple(nn.remat(c) for c in classes)
   return classes
@@ -224,6 +246,11 @@ class UNet3D(nn.Module):
     remat: 'none', 'block' (rematerialise each residual/attention block) or
       'full' (also each whole level).
     out_channels: output channels; None means the input channels.
+    text_length: L, tokens per text of the text encoder; 0: no text.
+    text_cross_attention: cross-attention to the text tokens after every
+      spatial attention (text_length > 0).
+    text_pooling: add the attention-pooled text to the conditioning
+      embedding (text_length > 0).
   """
 
   base_channels: int
@@ -239,16 +266,59 @@ class UNet3D(nn.Module):
   dtype: str = 'float32'
   remat: str = 'none'
   out_channels: Optional[int] = None
+  text_length: int = 0
+  text_cross_attention: bool = True
+  text_pooling: bool = True
 
   def _config(self) -> dict[str, Any]:
     fields = set(UNet3D.__dataclass_fields__) - {'parent', 'name'}
     return {f: getattr(self, f) for f in fields}
 
-  def _embed(self, logsnr: Array, label: Optional[Array], b: int,
-             t: int) -> Array:
-    """Conditioning embedding [B*T, E] from logsnr and label.
+  def _text(self, text: Optional[Array], text_mask: Optional[Array],
+            text_null: Optional[Array], b: int, t: int
+            ) -> tuple[Optional[Array], Optional[Array]]:
+    """Text tokens [B, Tc, L, D] and mask [B, Tc, L] (Tc = 1 or T).
 
-    Each of logsnr and label is per example ([B]) or per frame ([B, T]).
+    Rows that are null (text_null, or no token at all: the empty text)
+    take the learned null text, whose L tokens are all attended to.
+    """
+    if not self.text_length:
+      if text is not None:
+        raise ValueError(
+            'A text was given but this model has no text conditioning'
+            " (trained with text.encoder='none').")
+      return None, None
+    if text is None:
+      raise ValueError('This text-conditioned model needs cond text and'
+                       ' text_mask (the empty text for none).')
+    per_frame = text.ndim == 4
+    if text.shape[:1 + per_frame] not in ((b,), (b, t)) or (
+        text.shape[-2] != self.text_length):
+      raise ValueError(
+          f'text must be [B, L, D] or [B, T, L, D] with B={b}, T={t},'
+          f' L=text_length={self.text_length}; got {text.shape}.')
+    if not per_frame:
+      text, text_mask = text[:, None], text_mask[:, None]
+    text_mask = jnp.asarray(text_mask, bool)
+    null = ~jnp.any(text_mask, axis=-1)  # [B, Tc]
+    if text_null is not None:
+      text_null = jnp.asarray(text_null, bool)
+      null = null | (text_null[:, None] if text_null.ndim == 1
+                     else text_null)
+    null_text = self.param('null_text', nn.initializers.normal(1.0),
+                           (self.text_length, text.shape[-1]))
+    text = jnp.where(null[..., None, None], null_text,
+                     jnp.asarray(text, jnp.float32))
+    text_mask = jnp.where(null[..., None], True, text_mask)
+    return text, text_mask
+
+  def _embed(self, logsnr: Array, label: Optional[Array], b: int,
+             t: int, text: Optional[Array] = None,
+             text_mask: Optional[Array] = None) -> Array:
+    """Conditioning embedding [B*T, E] from logsnr, label and text.
+
+    Each of logsnr and label is per example ([B]) or per frame ([B, T]);
+    text [B, Tc, L, D] (from `_text`) adds its attention-pooled vector.
     """
     emb_dim = self.emb_dim or 4 * self.base_channels
     logsnr = jnp.asarray(logsnr, jnp.float32)
@@ -278,6 +348,9 @@ class UNet3D(nn.Module):
       raise ValueError('A label was given but model.num_classes is 0.')
     if emb.ndim == 2:
       emb = jnp.broadcast_to(emb[:, None], (b, t, emb_dim))
+    if text is not None and self.text_pooling:
+      emb = emb + layers.AttentionPool(emb_dim, self.head_dim,
+                                       name='text_pool')(text, text_mask)
     return emb.reshape(b * t, emb_dim)
 
   @nn.compact
@@ -285,6 +358,9 @@ class UNet3D(nn.Module):
   # up levels, head) as in the DDPM UNet it follows; split, it would not.
   def __call__(self, z: Array, logsnr: Array, label: Optional[Array] = None,
                frame_mask: Optional[Array] = None, *,
+               text: Optional[Array] = None,
+               text_mask: Optional[Array] = None,
+               text_null: Optional[Array] = None,
                train: bool = False) -> Array:
     """Predicts eps / v / x from a noisy video.
 
@@ -296,6 +372,12 @@ class UNet3D(nn.Module):
         with its own class); None = the null label.
       frame_mask: [B, T] bool, True = video frame, False = independent image
         frame; None = all video frames.
+      text: [B, L, D] float token embeddings of each video's text, or
+        [B, T, L, D] (a text per frame: joint training's image frames).
+      text_mask: [B, L] or [B, T, L] bool, True on tokens (none: the empty
+        text, i.e. the null text).
+      text_null: [B] or [B, T] bool: use the learned null text instead
+        (caption dropout; the unconditional branch of guidance).
       train: enables dropout (needs a 'dropout' rng).
 
     Returns:
@@ -305,17 +387,22 @@ class UNet3D(nn.Module):
     validate_model_config(hgt, t, **self._config())
     dtype = jnp.dtype(self.dtype)
     out_ch = self.out_channels or c
-    emb = self._embed(logsnr, label, b, t)
+    text, text_mask = self._text(text, text_mask, text_null, b, t)
+    emb = self._embed(logsnr, label, b, t, text, text_mask)
+    cross = text is not None and self.text_cross_attention
     if frame_mask is None:
       frame_mask = jnp.ones((b, t), bool)
     mask = temporal_attention_mask(frame_mask.astype(bool))
 
     level_cls = nn.remat(_Level) if self.remat == 'full' else _Level
-    res_cls, sattn_cls, tattn_cls = _block_classes(self.remat != 'none')
+    res_cls, sattn_cls, tattn_cls, xattn_cls = _block_classes(
+        self.remat != 'none')
     common = dict(num_frames=t, head_dim=self.head_dim,
                   max_distance=self.max_temporal_distance,
                   dropout=self.dropout, deterministic=not train,
-                  remat_blocks=self.remat != 'none', dtype=dtype)
+                  remat_blocks=self.remat != 'none', dtype=dtype,
+                  cross_attn=cross)
+    ctx = dict(context=text, context_mask=text_mask) if cross else {}
     chans = [self.base_channels * m for m in self.channel_mults]
     last = len(chans) - 1
 
@@ -325,7 +412,7 @@ class UNet3D(nn.Module):
     for i, ch in enumerate(chans):
       h, outs = level_cls(ch, self.num_res_blocks,
                           hgt >> i in self.attn_resolutions, up=False,
-                          name=f'down_{i}', **common)(h, emb, mask)
+                          name=f'down_{i}', **common)(h, emb, mask, **ctx)
       skips += outs
       if i != last:
         h = layers.Conv3x3(ch, strides=2, dtype=dtype, name=f'downsample_{i}')(
@@ -335,6 +422,9 @@ class UNet3D(nn.Module):
     h = res_cls(chans[-1], self.dropout, not train, dtype, name='mid_res_0')(
         h, emb)
     h = sattn_cls(self.head_dim, dtype, name='mid_sattn')(h)
+    if cross:
+      h = xattn_cls(self.head_dim, dtype, name='mid_xattn')(
+          h, text, text_mask)
     h = tattn_cls(t, self.head_dim, self.max_temporal_distance, dtype,
                   name='mid_tattn')(h, mask)
     h = res_cls(chans[-1], self.dropout, not train, dtype, name='mid_res_1')(
@@ -346,7 +436,7 @@ class UNet3D(nn.Module):
       del skips[-n_up:]
       h, _ = level_cls(chans[i], n_up, hgt >> i in self.attn_resolutions,
                        up=True, name=f'up_{i}', **common)(
-                           h, emb, mask, level_skips)
+                           h, emb, mask, level_skips, **ctx)
       if i:
         n, hh, ww, cc = h.shape
         h = jnp.broadcast_to(h[:, :, None, :, None],
