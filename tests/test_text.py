@@ -392,6 +392,13 @@ def test_text_settings_must_match_the_checkpoint(tmp_path):
                      " requested 'wordllama'"):
     checkpoint.check_compatible(config, workdir)
   checkpoint.check_compatible(tiny.get_config(), workdir)
+  # An embeddings run of another dimension than the model's.
+  checkpoint.save_text_encoder(workdir, 'wordllama', 256, L)
+  checkpoint.check_text_dim(workdir, 256, 'text.encoder')
+  with pytest.raises(ValueError, match=r"text.hf_model='t5' gives 768-d"
+                     r' text embeddings, but the model .* was trained on'
+                     r' 256-d'):
+    checkpoint.check_text_dim(workdir, 768, "text.hf_model='t5'")
 
 
 def test_text_model_trains_and_samples_from_prompts(tmp_path):
@@ -402,6 +409,9 @@ def test_text_model_trains_and_samples_from_prompts(tmp_path):
                            'data.image_frames': 2,
                            'sample.guidance_weight': 1.0})
   train.train(config, workdir)
+  with open(os.path.join(workdir, checkpoint.TEXT_FILE)) as f:
+    assert json.load(f) == {'encoder': 'wordllama', 'dim': 256,
+                            'max_length': L}
   config.sample.prompt = 'a blue circle moving right'
   paths = sample.sample_and_save(config, workdir)
   assert all('a_blue_circle_moving_right' in p for p in paths['mp4'])

@@ -165,6 +165,34 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
                     json.loads(config.to_json_best_effort()), sort_keys=True)
 
 
+TEXT_FILE = 'text.json'
+
+
+def save_text_encoder(workdir: str, name: str, dim: int,
+                      max_length: int) -> None:
+  """Records the text encoder a model trains on (workdir/text.json)."""
+  if jax.process_index() != 0:
+    return
+  fileio.write_json(str(epath.Path(workdir) / TEXT_FILE),
+                    {'encoder': name, 'dim': int(dim),
+                     'max_length': int(max_length)})
+
+
+def check_text_dim(workdir: str, dim: int, what: str) -> None:
+  """Raises ValueError if `what` gives dim-d embeddings but the workdir's
+  model was trained on others (nothing is checked without text.json)."""
+  path = epath.Path(workdir) / TEXT_FILE
+  if not path.exists():
+    return
+  saved = json.loads(path.read_text())
+  if int(saved['dim']) != int(dim):
+    raise ValueError(
+        f'{what} gives {dim}-d text embeddings, but the model in {workdir}'
+        f' was trained on {saved["dim"]}-d ones (text.encoder'
+        f' {saved["encoder"]!r}, {path}): use the encoder (or embeddings'
+        ' file) it was trained with, or a new --workdir.')
+
+
 def load_config(workdir: str) -> dict | None:
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():

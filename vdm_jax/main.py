@@ -6,7 +6,8 @@
 Modes: train (resumes from the workdir's last checkpoint), sample (EMA
 parameters -> videos in workdir/samples), eval (samples scored with FVD),
 embed_captions (a Hugging Face text encoder's caption embeddings ->
-config.text.path, for text.encoder='files'; no workdir).
+config.text.path, for text.encoder='files'; with --workdir of a trained
+model, its text dimension is checked first).
 On several hosts, run the same command on each; jax.distributed is set up
 automatically on TPU pods and SLURM, or from --coordinator_address,
 --num_processes and --process_id.
@@ -47,7 +48,7 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   if _MODE.value == 'embed_captions':
     from vdm_jax.text import hf  # pylint: disable=g-import-not-at-top
-    hf.embed_captions(config)
+    hf.embed_captions(config, workdir)
     return
   if not workdir:
     raise app.UsageError(f'--mode={_MODE.value} needs --workdir.')

@@ -46,6 +46,10 @@ def restore_ema_params(
   """Returns (model, EMA params replicated on the mesh, checkpoint step)."""
   denoiser.validate(config)
   checkpoint.check_compatible(config, workdir)
+  encoder = denoiser.text_encoder(config)
+  if encoder is not None:
+    checkpoint.check_text_dim(workdir, encoder.dim,
+                              f'text.encoder={encoder.name!r}')
   mesh = mesh or sharding.make_mesh(config.mesh)
   model = denoiser.create_model(config)
   repl = sharding.replicated(mesh)

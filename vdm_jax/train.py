@@ -287,6 +287,12 @@ def train(config: ml_collections.ConfigDict,
   if ckpt.latest_step() is None:
     logging.info('Model has %d parameters.',
                  denoiser.count_params(state.params))
+  encoder = denoiser.text_encoder(config)
+  if encoder is not None:
+    checkpoint.check_text_dim(workdir, encoder.dim, f'text.encoder='
+                              f'{encoder.name!r}')
+    checkpoint.save_text_encoder(workdir, encoder.name, encoder.dim,
+                                 encoder.max_length)
 
   def preview(step, current, tb_writer):
     write_preview(config, model, current.ema_params, step, tb_writer)

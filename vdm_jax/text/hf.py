@@ -130,11 +130,13 @@ def prepare(encoder: Any, texts: Sequence[str], out: str,
   logging.info('Wrote %s.', out)
 
 
-def embed_captions(config: Any) -> str:
+def embed_captions(config: Any, workdir: Optional[str] = None) -> str:
   """--mode=embed_captions: writes config.text.path from text.hf_model.
 
   The captions are config.data's (the synthetic source: its first
-  data.num_examples clips) and the lines of sample.prompts_file.
+  data.num_examples clips) and the lines of sample.prompts_file. With a
+  workdir of a trained model, the encoder's dimension must be the one the
+  model was trained on (checked before encoding anything).
 
   Returns:
     The path written.
@@ -151,5 +153,9 @@ def embed_captions(config: Any) -> str:
   if config.sample.prompts_file:
     texts += encoders.read_prompts(config.sample.prompts_file)
   encoder = HuggingFace.from_pretrained(t.hf_model, int(t.max_length))
+  if workdir:
+    from vdm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    checkpoint.check_text_dim(workdir, encoder.dim,
+                              f'text.hf_model={t.hf_model!r}')
   prepare(encoder, texts, t.path)
   return t.path
