@@ -177,11 +177,13 @@ def test_config_validates_resolves_and_traces(name, kinetics_root, tmp_path):
   video = (None if inputs is None
            else jax.ShapeDtypeStruct(inputs.shape, jnp.float32))
   labels = request.labels
+  text = None if request.text is None else {
+      'text': request.text.tokens, 'text_mask': request.text.mask}
 
   def run_task(params, video):
     return tasks.run(task, denoiser.make_denoise_fn(model, params),
                      jax.random.key(1), setup, video=video, num_videos=2,
-                     labels=labels)
+                     labels=labels, text=text)
 
   out = jax.eval_shape(run_task, params, video)
   num_out = task.num_output_frames(setup.model,
