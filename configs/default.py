@@ -58,6 +58,8 @@ def get_config(arg=None):
   # captions.csv / captions.json in the folder; docs/data.md). Synthetic
   # clips always have captions.
   config.data.captions = False
+  # data.name='tfds': a Text feature holding each video's caption.
+  config.data.caption_key = ''
   # Video folders: a missing or empty caption is the empty (null) text
   # instead of an error.
   config.data.allow_empty_captions = False

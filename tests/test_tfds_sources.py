@@ -203,6 +203,7 @@ class TinyVideos(tfds.core.GeneratorBasedBuilder):
             'clip': tfds.features.Video((None, None, None, 3),
                                         encoding_format='jpeg'),
             'action': tfds.features.ClassLabel(names=['run', 'jump']),
+            'caption': tfds.features.Text(),
         }))
 
   def _split_generators(self, dl_manager):
@@ -215,7 +216,8 @@ class TinyVideos(tfds.core.GeneratorBasedBuilder):
       video = np.zeros((8 + i, 24, 40, 3), dtype=np.uint8)
       video[..., 0] = 40 * i  # Tags the example.
       video[..., 1] = 20 * np.arange(8 + i)[:, None, None]  # Tags the frame.
-      yield i, {'clip': video, 'action': i % 2}
+      yield i, {'clip': video, 'action': i % 2,
+                'caption': f'clip  number {i}'}
 
 
 def test_a_prepared_array_record_dataset(tmp_path):
@@ -238,6 +240,13 @@ def test_a_prepared_array_record_dataset(tmp_path):
     np.testing.assert_allclose(clip['video'][:, 8, 8, 1], [20 * (7 + i), 40],
                                atol=6)
   assert found == set(range(5))
+  # A Text feature gives the captions of text-to-video training.
+  captioned = sources.get_source(_data(
+      'tfds', tfds_name='tiny_videos', video_key='clip', label_key='action',
+      caption_key='caption', split='train+test', data_dir=data_dir), seed=0)
+  captions = {captioned[i]['caption'] for i in range(5)}
+  assert captions == {f'clip number {i}' for i in range(5)}
+  assert 'caption' not in source[0]
   # 24x40 frames: the short side becomes 16, the window slides along x.
   left = source.read_frames(0, np.arange, crop=(0.0, 0.0))['video']
   right = source.read_frames(0, np.arange, crop=(0.99, 0.99))['video']

@@ -100,7 +100,7 @@ class TfdsVideos:
 
   def __init__(self, tfds_name: str, *, split: str, video_key: str,
                label_key: str = '', image_size: int, channels: int = 3,
-               data_dir: Optional[str] = None):
+               data_dir: Optional[str] = None, caption_key: str = ''):
     """Opens the prepared dataset (nothing is downloaded).
 
     Args:
@@ -112,6 +112,8 @@ class TfdsVideos:
       image_size: S, the side of the square output frames.
       channels: 1 (luminance) or 3 (RGB).
       data_dir: TFDS data directory (None: the TFDS default).
+      caption_key: a Text feature holding each video's caption ('' none);
+        items then hold 'caption'.
 
     Raises:
       ValueError: unknown keys, or the dataset is not prepared for random
@@ -133,7 +135,8 @@ class TfdsVideos:
           _not_ready_message(tfds_name, data_dir, e, prepared)) from e
     features = builder.info.features
     serialized = _flatten(features.get_serialized_info())
-    for what, key in (('video_key', video_key), ('label_key', label_key)):
+    for what, key in (('video_key', video_key), ('label_key', label_key),
+                      ('caption_key', caption_key)):
       if key and key not in serialized:
         raise ValueError(
             f'config.data.{what}={key!r} is not a feature of {tfds_name}; '
@@ -148,6 +151,7 @@ class TfdsVideos:
     self.split = split
     self.video_key = video_key
     self.label_key = label_key
+    self.caption_key = caption_key
     self.image_size = image_size
     self.channels = channels
     self.label_names = None
@@ -185,7 +189,12 @@ class TfdsVideos:
     label = 0
     if self.label_key:
       label = int(feature[self.label_key].int64_list.value[0])
-    return {'video': video, 'label': label}
+    item = {'video': video, 'label': label}
+    if self.caption_key:
+      text = feature[self.caption_key].bytes_list.value
+      item['caption'] = ' '.join(text[0].decode('utf-8').split()) if text \
+          else ''
+    return item
 
   def __getitem__(self, index: int) -> dict:
     """All frames of example `index`: {'video': uint8[T, S, S, C], ...}."""
@@ -255,4 +264,5 @@ def from_config(data_config) -> TfdsVideos:
   return TfdsVideos(
       spec.tfds_name, split=split, video_key=video_key,
       label_key=spec.label_key, image_size=d.image_size,
-      channels=d.channels, data_dir=d.data_dir or None)
+      channels=d.channels, data_dir=d.data_dir or None,
+      caption_key=d.caption_key if name == 'tfds' else '')
