@@ -306,3 +306,19 @@ def test_label_dropout_reaches_image_frames_in_train_step():
       image_frames=2).batch_for_step(0)
   _run_label_step(config, batch)
   np.testing.assert_array_equal(np.asarray(_SEEN[0][0]), 3)
+
+
+def test_library_info_lines_stay_out_of_the_terminal():
+  """main's filter: other packages' INFO goes, warnings and ours stay."""
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  from vdm_jax import main  # pylint: disable=g-import-not-at-top
+
+  def record(path, level):
+    return py_logging.LogRecord('absl', level, path, 1, 'msg', (), None)
+
+  noise = main._LibraryNoise()
+  orbax = '/venv/site-packages/orbax/checkpoint/checkpoint_manager.py'
+  assert not noise.filter(record(orbax, py_logging.INFO))
+  assert noise.filter(record(orbax, py_logging.WARNING))
+  assert noise.filter(record(os.path.join(main.VDM_PACKAGE, 'training.py'),
+                             py_logging.INFO))

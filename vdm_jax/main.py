@@ -13,6 +13,9 @@ automatically on TPU pods and SLURM, or from --coordinator_address,
 --num_processes and --process_id.
 """
 
+import logging as py_logging
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -38,9 +41,26 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'This process\'s index (multi-process).')
 flags.mark_flags_as_required(['config'])
 
+VDM_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+class _LibraryNoise(py_logging.Filter):
+  """Drops other packages' INFO lines (orbax writes kilobytes per save,
+  clu repeats every metrics line); their warnings and errors stay."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return (record.levelno >= py_logging.WARNING
+            or record.pathname.startswith(VDM_PACKAGE))
+
+
+def quiet_libraries() -> None:
+  """Keeps vdm_jax's progress lines and every warning in the terminal."""
+  logging.get_absl_handler().addFilter(_LibraryNoise())
+
 
 def main(argv):
   del argv
+  quiet_libraries()
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value)
   logging.info('JAX process %d/%d, devices: %s', jax.process_index(),
