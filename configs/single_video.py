@@ -83,6 +83,18 @@ def get_config(arg=None):
   config.training = ml_collections.ConfigDict()
   # Crops per model per step (each step updates all three models).
   config.training.batch_size = 8
+  # Each model's batch runs as this many microbatches (lax.scan, gradients
+  # averaged): the same update, with the activations of batch_size /
+  # grad_accum_steps crops. The activations are SinFusion's memory (~44 KB
+  # per crop pixel and example: ~1.4 GiB per 137x243 crop of 144x256
+  # frames); the whole batch of 8 at once needs ~23 GiB at 144x176 and ~33
+  # GiB at 144x256 (docs/benchmarks.md). Must divide batch_size.
+  config.training.grad_accum_steps = 4
+  # Memory the train step may use, checked once before training from XLA's
+  # estimate of the compiled step (sinfusion/memory.py): 0 detects it (the
+  # accelerator's free memory, or free host RAM on CPU); > 0 GiB given;
+  # < 0 skips the check.
+  config.training.memory_limit_gib = 0.0
   config.training.num_train_steps = 50_000
   config.training.checkpoint_every_steps = 2000
   config.training.keep_checkpoints = 2
@@ -102,6 +114,9 @@ def get_config(arg=None):
   config.sample.delta = 0.1
   # Videos per mode ('diverse' and 'extrapolate'); sampled as one batch.
   config.sample.num_videos = 4
+  # Frame pairs per Interpolator call in 'upsample_x*' (its memory: ~0.13
+  # GiB per 144x256 frame; all 61 pairs of x4 at once would need ~8 GiB).
+  config.sample.max_batch = 8
   # 'diverse': frames per video; 'extrapolate': frames added to the input.
   config.sample.num_frames_out = 32
   # 'forward' (k > 0) or 'backward' (k < 0: generated back in time).
@@ -154,11 +169,13 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
   config.optimizer.warmup_steps = 0
   config.optimizer.ema_decay = 0.5
   config.training.batch_size = 4
+  config.training.grad_accum_steps = 2
   config.training.num_train_steps = 6
   config.training.checkpoint_every_steps = 3
   config.training.log_every_steps = 3
   config.sample.num_steps = 4
   config.sample.num_videos = 2
+  config.sample.max_batch = 3
   config.sample.num_frames_out = 5
   config.eval.num_videos = 2
   config.eval.num_frames = 6

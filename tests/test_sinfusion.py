@@ -30,6 +30,7 @@ from vdm_jax import video_io
 from vdm_jax.models import nextnet
 from vdm_jax.sinfusion import data
 from vdm_jax.sinfusion import generate
+from vdm_jax.sinfusion import memory
 from vdm_jax.sinfusion import metrics
 from vdm_jax.sinfusion import train as sf_train
 
@@ -167,9 +168,10 @@ def test_backward_generation_and_upsampling_with_oracles():
                          start='input', start_frame=-1, direction='backward',
                          offset=2, projector_t=0.0)
   np.testing.assert_array_equal(out[0], video[5::2])
-  for factor in (2, 4):
+  # max_batch 3: the Interpolator's pairs in chunks, the last one padded.
+  for factor, max_batch in ((2, 8), (4, 8), (2, 3), (4, 3)):
     out = generate.upsample(sampler, rng, jnp.asarray(fine[::factor]),
-                            factor=factor, offset=1)
+                            factor=factor, offset=1, max_batch=max_batch)
     np.testing.assert_array_equal(out[0], fine)
 
 
@@ -192,6 +194,75 @@ def test_each_model_learns(video_path):
   assert np.isfinite(float(train_metrics['loss']))
   for name in data.MODEL_NAMES:
     assert after[name] < 0.8 * before[name], (name, before, after)
+
+
+def test_microbatches_give_the_batch_loss_and_gradient(video_path):
+  config = _config(video_path, **{'training.batch_size': 4})
+  video, hw = sf_train.prepare(config, '/nonexistent_workdir')
+  models = sf_train.create_models(config)
+  params = sf_train.init_state(models, training.create_optimizer(config)[0],
+                               jax.random.key(0)).params
+  for name in data.MODEL_NAMES:
+    ex = sf_train._examples(name, jnp.asarray(video), jax.random.key(3),
+                            config=config, hw=hw)
+    out = {}
+    for k in (1, 2, 4):
+      config.training.grad_accum_steps = k
+      out[k] = sf_train.model_loss_and_grads(
+          params[name], ex, model=models[name], config=config, hw=hw)
+    for k in (2, 4):
+      for a, b in zip(jax.tree.leaves(out[1]), jax.tree.leaves(out[k])):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+
+
+def test_memory_check_refuses_before_the_state_exists(video_path, tmp_path,
+                                                      monkeypatch):
+  workdir = str(tmp_path / 'work')
+  config = _config(video_path, **{'training.memory_limit_gib': 1e-4})
+
+  def no_workdir(*args, **kwargs):
+    raise AssertionError('Training went on after the memory check.')
+
+  monkeypatch.setattr(training, 'open_workdir', no_workdir)
+  with pytest.raises(memory.InsufficientMemoryError) as info:
+    sf_train.train(config, workdir)
+  message = str(info.value)
+  for part in ('GiB', 'training.memory_limit_gib=0.0001',
+               f'data.max_size (now 16: frames {SIZE}x{SIZE}',
+               'training.batch_size (now 4)', 'model.width (now 16)',
+               'training.grad_accum_steps'):
+    assert part in message, (part, message)
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
+
+
+def test_memory_estimate_and_limits(video_path, monkeypatch):
+  config = _config(video_path, **{'training.memory_limit_gib': 64.0})
+  video, hw = sf_train.prepare(config, '/nonexistent_workdir')
+  models = sf_train.create_models(config)
+  tx, lr_fn = training.create_optimizer(config)
+  step_fn = sf_train.make_train_step(config, models, tx, lr_fn, hw)
+  estimate = sf_train.check_memory(config, step_fn, models, tx, lr_fn,
+                                   video.shape, hw, jax.random.key(1))
+  # Parameters, EMA, Adam's two moments (+ the step counters).
+  params_bytes = memory.tree_bytes(jax.eval_shape(
+      lambda: sf_train.init_state(models, tx, jax.random.key(0)).params))
+  assert 4 * params_bytes <= estimate.state <= 4 * params_bytes + 64
+  assert estimate.video == video.size * 4
+  assert estimate.temp > 0 and estimate.total > estimate.state
+  # The limit: given, disabled, or detected (host RAM on CPU).
+  assert memory.available_memory(config) == (64 * 2**30,
+                                             'training.memory_limit_gib=64')
+  config.training.memory_limit_gib = -1.0
+  assert memory.available_memory(config)[0] is None
+  config.training.memory_limit_gib = 0.0
+  monkeypatch.setattr(memory, '_host_available', lambda: (123, 'host RAM'))
+  if jax.default_backend() == 'cpu':
+    assert memory.available_memory(config) == (123, 'host RAM')
+  # Activations scale with the microbatch: the fewest microbatches that fit.
+  gib = memory.GIB
+  big = memory.MemoryEstimate(temp=8 * gib, state=gib, video=0, other=0)
+  assert memory._fitting_accum_steps(big, int(3.5 * gib), 8, 1) == 4
+  assert memory._fitting_accum_steps(big, gib, 8, 1) is None
 
 
 def test_train_sample_eval_end_to_end(video_path, tmp_path):
@@ -309,7 +380,7 @@ def test_patch_metrics_reference_points():
 
 @pytest.mark.parametrize('case', ['missing', 'corrupt', 'no_path',
                                   'too_few_frames', 'crop_too_large',
-                                  'bad_offset'])
+                                  'bad_accum', 'bad_offset'])
 def test_bad_inputs_raise_before_training(case, tmp_path, video_path):
   workdir = str(tmp_path / 'work')
   overrides = {}
@@ -331,6 +402,9 @@ def test_bad_inputs_raise_before_training(case, tmp_path, video_path):
   elif case == 'crop_too_large':
     overrides = {'data.crop_size': (SIZE + 1, SIZE)}
     match = 'does not fit'
+  elif case == 'bad_accum':
+    overrides = {'training.grad_accum_steps': 3}
+    match = 'grad_accum_steps=3 must be >= 1 and divide'
   else:
     overrides = {'sample.predict_offset': 4}
     match = 'predict_offset'
