@@ -281,6 +281,19 @@ class I3DTest(absltest.TestCase):
       np.testing.assert_allclose(feats[key][1], feats[key][2], atol=1e-4)
     self.assertEqual(feats['pool'].shape, (4, 1024))
 
+  def test_streamed_features_equal_one_array(self):
+    # The same four videos as a stream of batches of 1 and 3 (as
+    # --mode=eval feeds them): regrouped into the same 2-video steps, so
+    # the features are exactly those of the whole array.
+    videos = np.zeros((4, 15, 64, 64, 3), np.uint8)
+    videos[1:3] = 255
+    streamed = fvd.extract_features(
+        iter([videos[:1], videos[1:]]), batch_size=2, mesh=_mesh(2),
+        progress=False, num_videos=4)
+    whole = _reference_example_features()
+    for key in fvd.FEATURES:
+      np.testing.assert_array_equal(streamed[key], whole[key])
+
   def test_set_against_itself(self):
     # The same two videos, extracted in another order and batch position.
     feats = _reference_example_features()['logits_mean']

@@ -18,16 +18,21 @@ samples, real split, resolution at scoring, MAGVIT's 64x64 intermediate
 resize, folds. `PROTOCOLS` names each one; `evaluate_videos` reports the
 protocol name with the score. docs/fvd.md has the provenance.
 
+Videos may come as arrays or as iterators of batches (`extract_features`):
+a stream is consumed lazily and only its I3D features are kept, so a
+50,000-video protocol runs in bounded memory.
+
 The module is over 500 lines on purpose: the whole reference pipeline (resize,
 features, feature cache, Frechet and kernel distances, folds) sits in one
 file so it can be read step by step against frechet_video_distance.py.
 """
 
+import collections.abc
 import functools
 import hashlib
 import io
 import logging
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from etils import epath
 import jax
@@ -214,6 +219,52 @@ def default_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ('data',))
 
 
+def _is_stream(videos: Any) -> bool:
+  """An iterator (e.g. a generator) of batches, not an array of videos."""
+  return isinstance(videos, collections.abc.Iterator)
+
+
+def _uint8_batches(
+    videos: Any, input_range: Optional[tuple[float, float]], size: int
+) -> Iterator[np.ndarray]:
+  """Checked [b, T, H, W, 3] batches in [0, 255] of an array or a stream."""
+  if not _is_stream(videos):
+    videos = to_uint8_range(videos, input_range)
+    for start in range(0, len(videos), size):
+      yield videos[start : start + size]
+    return
+  for batch in videos:
+    yield to_uint8_range(batch, input_range)
+
+
+def rebatch(batches: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+  """Regroups batches of any sizes into batches of `size` (the last: less).
+
+  Every video lands in the batch it would have in one array cut into
+  `size`-video slices, so streamed features equal whole-array ones
+  bitwise; at most `size` videos are held back between inputs.
+
+  Args:
+    batches: [b_i, ...] arrays.
+    size: videos per output batch.
+
+  Yields:
+    [size, ...] arrays, then the rest [<= size, ...].
+  """
+  pending, count = [], 0
+  for batch in batches:
+    while len(batch):
+      take = batch[: size - count]
+      batch = batch[len(take) :]
+      pending.append(take)
+      count += len(take)
+      if count == size:
+        yield pending[0] if len(pending) == 1 else np.concatenate(pending)
+        pending, count = [], 0
+  if count:
+    yield np.concatenate(pending)
+
+
 def extract_features(
     videos: Any,
     *,
@@ -222,51 +273,64 @@ def extract_features(
     batch_size: int = 16,
     mesh: Optional[Mesh] = None,
     progress: bool = True,
+    keys: Sequence[str] = FEATURES,
+    num_videos: Optional[int] = None,
 ) -> dict[str, np.ndarray]:
   """I3D features of videos, in fixed-size batches sharded over the mesh.
 
-  Every process passes the same `videos`; batches are split over the 'data'
-  axis and the outputs replicated back. The last batch is padded with black
-  videos whose features are dropped.
+  `videos` is an array or a stream (an iterator of batches of any sizes,
+  e.g. a generator that samples them): a stream is consumed lazily, each
+  batch dropped once its features are out, so only the features grow with
+  the number of videos. Every process passes the same videos; batches are
+  split over the 'data' axis and the outputs replicated back. The last
+  batch is padded with black videos whose features are dropped.
 
   Args:
-    videos: [N, T, H, W, 3] (see `to_uint8_range`).
+    videos: [N, T, H, W, 3] (see `to_uint8_range`), or an iterator of
+      [b, T, H, W, 3] batches.
     input_range: value range of float videos.
     resize: 'reference' or 'magvit'.
     batch_size: videos per step, rounded up to a multiple of the devices.
     mesh: a mesh with a 'data' axis; default: all devices.
     progress: show a tqdm bar (process 0 only).
+    keys: the features to keep, of `FEATURES`.
+    num_videos: N of a stream, for the progress bar (None: unknown).
 
   Returns:
-    'logits_mean': [N, 400] and 'pool': [N, 1024] float32.
+    'logits_mean': [N, 400] and 'pool': [N, 1024] float32 (those of
+    `keys`).
   """
   _check_resize(resize)
-  videos = to_uint8_range(videos, input_range)
-  if not len(videos):
-    raise ValueError('No videos to extract features from.')
   mesh = default_mesh() if mesh is None else mesh
   n_dev = mesh.shape['data']
   batch_size = -(-batch_size // n_dev) * n_dev
   fn, variables = _feature_fn(resize, mesh), _variables(mesh)
   sharding = NamedSharding(mesh, P('data'))
+  if not _is_stream(videos):
+    num_videos = len(videos)
   outputs = []
-  starts = range(0, len(videos), batch_size)
   show = progress and jax.process_index() == 0
-  for start in tqdm.tqdm(starts, desc='I3D features', disable=not show):
-    batch = videos[start : start + batch_size]
-    n = len(batch)
-    if n < batch_size:
-      pad = np.zeros((batch_size - n,) + batch.shape[1:], batch.dtype)
-      batch = np.concatenate([batch, pad])
-    batch = jax.make_array_from_callback(
-        batch.shape, sharding, lambda idx, b=batch: b[idx]
-    )
-    out = fn(variables, batch)
-    # Replicated outputs: the local copy is the whole array on every host.
-    outputs.append(
-        {k: np.asarray(v.addressable_data(0))[:n] for k, v in out.items()}
-    )
-  return {k: np.concatenate([o[k] for o in outputs]) for k in FEATURES}
+  with tqdm.tqdm(total=num_videos, desc='I3D features', unit='video',
+                 disable=not show) as bar:
+    for batch in rebatch(_uint8_batches(videos, input_range, batch_size),
+                         batch_size):
+      n = len(batch)
+      if n < batch_size:
+        pad = np.zeros((batch_size - n,) + batch.shape[1:], batch.dtype)
+        batch = np.concatenate([batch, pad])
+      batch = jax.make_array_from_callback(
+          batch.shape, sharding, lambda idx, b=batch: b[idx]
+      )
+      out = fn(variables, batch)
+      del batch
+      # Replicated outputs: the local copy is the whole array on every host.
+      outputs.append(
+          {k: np.asarray(out[k].addressable_data(0))[:n] for k in keys}
+      )
+      bar.update(n)
+  if not outputs:
+    raise ValueError('No videos to extract features from.')
+  return {k: np.concatenate([o[k] for o in outputs]) for k in keys}
 
 
 def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -409,21 +473,26 @@ def real_features(
     *,
     cache_dir: Optional[str] = None,
     fingerprint: Optional[str] = None,
+    num_real: Optional[int] = None,
     **extract_kwargs,
 ) -> np.ndarray:
   """Features of the real clips, read from / written to an npz cache.
 
   Args:
-    real_videos: [M, T, H, W, 3] real clips; may be None on a cache hit.
+    real_videos: [M, T, H, W, 3] real clips, or an iterator of batches
+      (only consumed on a cache miss); may be None on a cache hit.
     protocol: the protocol (its name keys the cache).
     cache_dir: directory of the cache (local or gs://); None: no cache.
     fingerprint: a string that identifies the real clips (dataset, split,
       view, seed, count, ...); the caller's responsibility.
+    num_real: M of an iterator (checked against a cache entry).
     **extract_kwargs: passed to `extract_features`.
 
   Returns:
     [M, D] features of `protocol.feature`.
   """
+  if real_videos is not None and not _is_stream(real_videos):
+    num_real = len(real_videos)
   path = None
   if cache_dir is not None:
     if not fingerprint:
@@ -432,7 +501,7 @@ def real_features(
     if path.exists():
       with io.BytesIO(path.read_bytes()) as f, np.load(f) as data:
         if str(data['fingerprint']) == fingerprint and (
-            real_videos is None or len(data['features']) == len(real_videos)
+            num_real is None or len(data['features']) == num_real
         ):
           logging.info('Real FVD features from %s', path)
           return data['features']
@@ -442,6 +511,7 @@ def real_features(
         'real_videos is None and no cache entry matches; pass the videos.'
     )
   feats = extract_features(real_videos, resize=protocol.resize,
+                           keys=(protocol.feature,), num_videos=num_real,
                            **extract_kwargs)[protocol.feature]
   if path is not None and jax.process_index() == 0:
     with fileio.atomic_path(path) as tmp:
@@ -469,13 +539,34 @@ def _check_protocol_shape(
     )
 
 
+def _checked(
+    videos: Any, protocol: Protocol, what: str
+) -> Any:
+  """`videos` with the protocol's frames and resolution checked.
+
+  Arrays are checked at once; an iterator batch by batch, as it is read.
+  """
+  if not _is_stream(videos):
+    videos = np.asarray(videos)
+    _check_protocol_shape(protocol, videos.shape, what)
+    return videos
+
+  def stream():
+    for batch in videos:
+      batch = np.asarray(batch)
+      _check_protocol_shape(protocol, batch.shape, what)
+      yield batch
+
+  return stream()
+
+
 def _protocol_mismatches(
-    protocol: Protocol, gen_shape: Sequence[int], num_real: int
+    protocol: Protocol, num_generated: int, num_real: int
 ) -> list[str]:
   """Differences between the inputs and the protocol, for the report."""
   notes = []
-  if gen_shape[0] != protocol.num_generated:
-    notes.append(f'{gen_shape[0]} generated != {protocol.num_generated}')
+  if num_generated != protocol.num_generated:
+    notes.append(f'{num_generated} generated != {protocol.num_generated}')
   if num_real != protocol.num_real:
     notes.append(f'{num_real} real != {protocol.num_real}')
   return notes
@@ -490,48 +581,59 @@ def evaluate_videos(
     *,
     batch_size: int = 16,
     mesh: Optional[Mesh] = None,
+    num_generated: Optional[int] = None,
+    num_real: Optional[int] = None,
 ) -> dict[str, Any]:
   """Scores generated against real videos under a named protocol.
 
+  Either set may be an iterator of batches instead of an array (see
+  `extract_features`): the real clips are streamed first, then the
+  generated ones, and only their I3D features are kept, so memory does not
+  grow with the number of videos beyond the features ([N, 400] float32).
+
   Args:
     gen_videos: [N, T, H, W, 3] uint8 generated videos, conditioning frames
-      included as the protocol says.
-    real_videos: [M, T, H, W, 3] uint8 real clips (None if cached).
+      included as the protocol says, or an iterator of [b, T, H, W, 3].
+    real_videos: [M, T, H, W, 3] uint8 real clips or an iterator of
+      batches (None if cached).
     protocol: a key of `PROTOCOLS`.
     cache_dir: where real-feature caches live (None: no cache).
     fingerprint: identifies the real clips for the cache.
     batch_size: videos per I3D step.
     mesh: a mesh with a 'data' axis (default: all devices).
+    num_generated: N of an iterator (progress bar only).
+    num_real: M of an iterator (progress bar, cache check).
 
   Returns:
     {'protocol', 'fvd', 'fvd_std', 'kvd', 'kvd_std', 'num_generated',
     'num_real', 'folds', 'feature', 'resize', 'protocol_compliant',
     'deviations'}; a score with deviations is not comparable with the
-    published numbers of the protocol.
+    published numbers of the protocol. The counts are those of the
+    features.
   """
   if protocol not in PROTOCOLS:
     raise ValueError(
         f'Unknown FVD protocol {protocol!r}; choose one of {list(PROTOCOLS)}.'
     )
   proto = PROTOCOLS[protocol]
-  gen_videos = np.asarray(gen_videos)
-  _check_protocol_shape(proto, gen_videos.shape, 'generated')
+  gen_videos = _checked(gen_videos, proto, 'generated')
   if real_videos is not None:
-    real_videos = np.asarray(real_videos)
-    _check_protocol_shape(proto, real_videos.shape, 'real')
+    real_videos = _checked(real_videos, proto, 'real')
   kwargs = dict(batch_size=batch_size, mesh=mesh)
   real = real_features(real_videos, proto, cache_dir=cache_dir,
-                       fingerprint=fingerprint, **kwargs)
-  gen = extract_features(gen_videos, resize=proto.resize, **kwargs)
-  scores = compute_fvd(gen[proto.feature], real, folds=proto.folds)
-  deviations = _protocol_mismatches(proto, gen_videos.shape, len(real))
+                       fingerprint=fingerprint, num_real=num_real, **kwargs)
+  gen = extract_features(gen_videos, resize=proto.resize,
+                         keys=(proto.feature,), num_videos=num_generated,
+                         **kwargs)[proto.feature]
+  scores = compute_fvd(gen, real, folds=proto.folds)
+  deviations = _protocol_mismatches(proto, len(gen), len(real))
   if deviations:
     logging.warning('FVD deviates from protocol %s: %s', protocol,
                     '; '.join(deviations))
   return {
       'protocol': protocol,
       **scores,
-      'num_generated': int(gen_videos.shape[0]),
+      'num_generated': int(len(gen)),
       'num_real': int(len(real)),
       'folds': proto.folds,
       'feature': proto.feature,
