@@ -284,12 +284,6 @@ def _rgb_stream(videos: Any) -> Any:
   return (_rgb(np.asarray(v)) for v in videos)
 
 
-def _to_global(x: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
-  """The same host array on every process -> a batch-sharded global array."""
-  return jax.make_array_from_callback(
-      x.shape, sharding.batch_sharding(mesh), lambda idx: x[idx])
-
-
 class _Conditioning:
   """Per-batch inputs of the generated videos (what sample.prepare builds
   for all N at once): video i is conditioned on real clip i mod num_real,
@@ -300,8 +294,7 @@ class _Conditioning:
                request: sample.Request, real: RealClips,
                mesh: jax.sharding.Mesh):
     s, task, model = config.sample, request.task, request.setup.model
-    self._config, self._run, self._request, self._real = (
-        config, run, request, real)
+    self._run, self._request, self._real = run, request, real
     self._mesh = mesh
     self._file = None
     if task.needs_video and s.input:
@@ -317,6 +310,8 @@ class _Conditioning:
     if denoiser.has_text(config) and not self._captions:
       self._prompts = sample.prompts_for(
           config, sample_inputs.TaskInputs(None), run.num_generated)
+    # Built once: a 'files' encoder reads its whole embeddings file.
+    self._encoder = denoiser.text_encoder(config)
 
   def __call__(self, idx: np.ndarray) -> dict[str, Any]:
     """The tasks.run keyword arguments of generated videos idx (int [b])."""
@@ -336,14 +331,15 @@ class _Conditioning:
     if self._prompts is not None:
       prompts = [self._prompts[i] for i in idx]
     if video is not None:
-      kwargs['video'] = _to_global(video.astype(np.float32) / 127.5 - 1.0,
-                                   mesh)
+      kwargs['video'] = sharding.full_to_global(
+          video.astype(np.float32) / 127.5 - 1.0, mesh)
     if labels is not None:
-      kwargs['labels'] = _to_global(labels, mesh)
+      kwargs['labels'] = sharding.full_to_global(labels, mesh)
     if prompts is not None:
-      text = denoiser.text_encoder(self._config).encode(prompts)
-      kwargs['text'] = {'text': _to_global(text.tokens, mesh),
-                        'text_mask': _to_global(text.mask, mesh)}
+      text = self._encoder.encode(prompts)
+      kwargs['text'] = {
+          'text': sharding.full_to_global(text.tokens, mesh),
+          'text_mask': sharding.full_to_global(text.mask, mesh)}
     return kwargs
 
 

@@ -145,12 +145,6 @@ def prepare(config: ml_collections.ConfigDict, num_videos: int, *,
                  prompts, text)
 
 
-def _to_global(x: np.ndarray, mesh) -> jax.Array:
-  """The same host array on every process -> a batch-sharded global array."""
-  return jax.make_array_from_callback(
-      x.shape, sharding.batch_sharding(mesh), lambda idx: x[idx])
-
-
 def sample_videos(
     request: Request,
     denoise_fn: diffusion.DenoiseFn,
@@ -180,14 +174,15 @@ def sample_videos(
     idx = np.minimum(np.arange(i * batch, (i + 1) * batch), num_videos - 1)
     kwargs = {}
     if video is not None:
-      kwargs['video'] = _to_global(
+      kwargs['video'] = sharding.full_to_global(
           video[idx].astype(np.float32) / 127.5 - 1.0, mesh)
     if labels is not None:
-      kwargs['labels'] = _to_global(labels[idx], mesh)
+      kwargs['labels'] = sharding.full_to_global(labels[idx], mesh)
     if request.text is not None:
       kwargs['text'] = {
-          'text': _to_global(request.text.tokens[idx], mesh),
-          'text_mask': _to_global(request.text.mask[idx], mesh)}
+          'text': sharding.full_to_global(request.text.tokens[idx], mesh),
+          'text_mask': sharding.full_to_global(request.text.mask[idx],
+                                               mesh)}
     x = tasks.run(request.task, denoise_fn, jax.random.fold_in(rng, i),
                   request.setup, num_videos=batch, **kwargs)
     x = multihost_utils.process_allgather(x, tiled=True)

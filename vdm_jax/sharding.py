@@ -156,6 +156,14 @@ def host_to_global(batch: Any, mesh: Mesh) -> Any:
   )
 
 
+def full_to_global(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """The same whole host array on every process -> a batch-sharded global
+  array (each device takes its slice; cf. `host_to_global` for per-process
+  shares)."""
+  return jax.make_array_from_callback(
+      x.shape, batch_sharding(mesh), lambda idx: x[idx])
+
+
 def check_batch_size(
     global_batch: int, mesh: Mesh, what: str = 'training.batch_size'
 ) -> None:
