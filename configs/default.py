@@ -119,6 +119,13 @@ def get_config(arg=None):
   # attention-pooled caption added to the conditioning vector (VDM 4.3).
   config.model.text_cross_attention = True
   config.model.text_pooling = True
+  # False: no temporal attention, frames are independent images (a
+  # text-to-image model: configs/t2i_quickstart.py, the base of
+  # Tune-A-Video's --mode=tune).
+  config.model.temporal_attention = True
+  # Spatial attention: 'self' (each frame's own pixels) or 'sparse_causal'
+  # (frame i attends to frames 0 and i - 1: Tune-A-Video's inflated model).
+  config.model.spatial_attention = 'self'
 
   config.text = ml_collections.ConfigDict()
   # Frozen text encoder of captions and prompts (vdm_jax/text): 'none'
@@ -208,7 +215,8 @@ def get_config(arg=None):
   # Reconstruction guidance weight w_r.
   config.sample.recon_weight = 0.0
   # 'unconditional' | 'class' | 'predict' | 'extend' | 'interpolate' |
-  # 'keyframes' | 'upsample' (vdm_jax/conditioning.py, docs/sampling.md).
+  # 'keyframes' | 'upsample' | 'edit' (a --mode=tune workdir's video under
+  # sample.prompt; vdm_jax/conditioning.py, docs/sampling.md).
   config.sample.task = 'unconditional'
   # Input videos of the video tasks: '' takes clips from config.data; else a
   # .mp4/.gif/.webm/.avi file (one video) or an .npz of videos [N, T, H, W, C]
@@ -251,6 +259,22 @@ def get_config(arg=None):
   config.sample.batch_size = 8
   # Frames per second of written videos.
   config.sample.fps = 8
+
+  config.tune = ml_collections.ConfigDict()
+  # --mode=tune (Tune-A-Video, Wu et al. 2022; configs/tune_a_video.py):
+  # the workdir of the text-to-image model to inflate (its last checkpoint).
+  config.tune.base_workdir = ''
+  # The video to tune on (.mp4/.gif/.webm/.avi) and its caption.
+  config.tune.video = ''
+  config.tune.caption = ''
+  # Frames taken from tune.video: num_frames (= data.num_frames) frames,
+  # frame_stride apart, from start_frame (their code: 24 frames, stride 2).
+  config.tune.num_frames = 8
+  config.tune.frame_stride = 1
+  config.tune.start_frame = 0
+  # What is tuned: 'attention_queries' (Tune-A-Video: the query projections
+  # of spatial and cross-attention, and the temporal attentions) or 'all'.
+  config.tune.trainable = 'attention_queries'
 
   config.eval = ml_collections.ConfigDict()
   # FVD protocol preset (vdm_jax/evaluation/protocols.py) of --mode=eval.

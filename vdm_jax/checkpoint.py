@@ -38,6 +38,8 @@ COMPATIBILITY_FIELDS = (
     ('model', 'max_temporal_distance'),
     ('model', 'text_cross_attention'),
     ('model', 'text_pooling'),
+    ('model', 'temporal_attention'),
+    ('model', 'spatial_attention'),
     ('diffusion', 'target'),
     # A model trained on one encoder's embeddings needs that encoder.
     ('text', 'encoder'),
@@ -47,6 +49,8 @@ COMPATIBILITY_FIELDS = (
 _ABSENT = {
     ('model', 'text_cross_attention'): True,
     ('model', 'text_pooling'): True,
+    ('model', 'temporal_attention'): True,
+    ('model', 'spatial_attention'): 'self',
     ('text', 'encoder'): 'none',
     ('text', 'max_length'): 16,
 }

@@ -7,7 +7,9 @@ Modes: train (resumes from the workdir's last checkpoint), sample (EMA
 parameters -> videos in workdir/samples), eval (samples scored with FVD),
 embed_captions (a Hugging Face text encoder's caption embeddings ->
 config.text.path, for text.encoder='files'; with --workdir of a trained
-model, its text dimension is checked first).
+model, its text dimension is checked first), tune (Tune-A-Video's one-shot
+tuning of a text-to-image model on config.tune.video; then --mode=sample
+with sample.task='edit' edits it).
 On several hosts, run the same command on each; jax.distributed is set up
 automatically on TPU pods and SLURM, or from --coordinator_address,
 --num_processes and --process_id.
@@ -31,7 +33,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints,'
                                ' logs and samples (local path or gs://).')
 _MODE = flags.DEFINE_enum('mode', 'train',
-                          ['train', 'sample', 'eval', 'embed_captions'],
+                          ['train', 'sample', 'eval', 'embed_captions',
+                           'tune'],
                           'What to run.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0 (multi-process).')
@@ -72,6 +75,10 @@ def main(argv):
     return
   if not workdir:
     raise app.UsageError(f'--mode={_MODE.value} needs --workdir.')
+  if _MODE.value == 'tune':
+    from vdm_jax.adapt import tune  # pylint: disable=g-import-not-at-top
+    tune.tune(config, workdir)
+    return
   if config.method == 'sinfusion':
     if _MODE.value == 'train':  # The package never imports the optimizer.
       from vdm_jax.sinfusion import train as program  # pylint: disable=g-import-not-at-top

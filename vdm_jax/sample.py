@@ -34,6 +34,7 @@ from vdm_jax import sample_inputs
 from vdm_jax import sharding
 from vdm_jax import tasks
 from vdm_jax import video_io
+from vdm_jax.adapt import tuned
 from vdm_jax.text import encoders
 
 # Frame colours of the side-by-side display: given frames, generated ones.
@@ -43,7 +44,11 @@ KNOWN_COLOUR, OTHER_COLOUR = (0, 200, 0), (96, 96, 96)
 def restore_ema_params(
     config: ml_collections.ConfigDict, workdir: str, mesh=None
 ) -> tuple[Any, Any, int]:
-  """Returns (model, EMA params replicated on the mesh, checkpoint step)."""
+  """Returns (model, EMA params replicated on the mesh, checkpoint step).
+
+  A --mode=tune workdir holds only the tuned parameters: the frozen rest
+  comes from its base workdir (adapt/tuned.py).
+  """
   denoiser.validate(config)
   checkpoint.check_compatible(config, workdir)
   encoder = denoiser.text_encoder(config)
@@ -51,6 +56,8 @@ def restore_ema_params(
     checkpoint.check_text_dim(workdir, encoder.dim,
                               f'text.encoder={encoder.name!r}')
   mesh = mesh or sharding.make_mesh(config.mesh)
+  if tuned.is_tuned_workdir(workdir):
+    return tuned.restore(config, workdir, mesh)
   model = denoiser.create_model(config)
   repl = sharding.replicated(mesh)
   abstract = jax.tree.map(
@@ -104,6 +111,12 @@ def prompts_for(config: ml_collections.ConfigDict,
           " no text conditioning (text.encoder='none'): train a text model"
           ' (e.g. configs/t2v_quickstart.py) or drop the prompt.')
     return None
+  if s.task == 'edit':  # The reconstruction first, then each edit.
+    prompts = [''] + tuned.edit_prompts(config)
+    if len(prompts) != num:
+      raise ValueError(f"sample.task='edit' makes {len(prompts)} videos (the"
+                       f' reconstruction and each edit prompt), not {num}.')
+    return prompts
   if s.prompts_file:
     prompts = encoders.read_prompts(s.prompts_file)
     return [prompts[i % len(prompts)] for i in range(num)]
@@ -281,6 +294,8 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The paths written (process 0; {} elsewhere): {'mp4': [...], 'gif':
     [...], 'grid': ..., 'npz': ..., 'dir': ...}.
   """
+  if config.sample.task == 'edit':
+    config = tuned.edit_config(config, workdir)
   s = config.sample
   request = prepare(config, s.num_videos, seed=config.seed)
   mesh = sharding.make_mesh(config.mesh)

@@ -113,8 +113,8 @@ class BlockSampler:
   null_label: Optional[int] = None
   fixed_base: bool = False
 
-  def __call__(self, i: int, x_a=None, mask=None, x_lowres=None
-               ) -> jnp.ndarray:
+  def __call__(self, i: int, x_a=None, mask=None, x_lowres=None,
+               z_init=None) -> jnp.ndarray:
     s = self.spec
     null_label = self.null_label if 'label' in self.cond else None
     guidance = sampling.make_guidance(
@@ -128,7 +128,25 @@ class BlockSampler:
     return sampling.sample(
         self.denoise_fn, rng, self.shape, logsnr_fn=self.logsnr_fn,
         target=self.target, spec=s, noise=noise, cond=self.cond,
-        guidance=guidance)
+        guidance=guidance, z_init=z_init)
+
+  def invert(self, x: jnp.ndarray) -> jnp.ndarray:
+    """DDIM inversion of x [B, T, H, W, C] to z_1 with the spec's steps.
+
+    Unguided and unconditioned: the null text (text models) and the null
+    label (class models), Tune-A-Video's inversion with the empty prompt
+    (Wu et al. 2022, Sec. 4.3). x_hat is clipped as the sampler clips it,
+    so sampling from z_1 with the empty prompt retraces the inversion.
+    """
+    cond = dict(self.cond)
+    b = x.shape[0]
+    if 'text' in cond:
+      cond['text_null'] = jnp.ones((b,), bool)
+    if 'label' in cond:
+      cond['label'] = jnp.full((b,), self.null_label, jnp.int32)
+    return sampling.ddim_invert(
+        self.denoise_fn, x, logsnr_fn=self.logsnr_fn, target=self.target,
+        num_steps=self.spec.num_steps, cond=cond, clip_x=self.spec.clip_x)
 
 
 def class_labels(num_classes: int, label: int, n: int) -> np.ndarray:
@@ -521,9 +539,42 @@ class Upsample(Task):
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Edit(Task):
+  """Tune-A-Video's editing (Wu et al. 2022, Sec. 4.3): a video redrawn
+  under another prompt.
+
+  The input video (sample.input; by default the clip a --mode=tune workdir
+  was tuned on) is DDIM-inverted with the empty prompt and no guidance
+  (BlockSampler.invert), then every video's prompt is sampled with DDIM
+  (eta = 0) from that latent, with the spec's classifier-free guidance. A
+  video whose prompt is empty retraces the inversion: its reconstruction.
+  """
+
+  name: ClassVar[str] = 'edit'
+
+  def validate(self, model, video_shape, spec):
+    super().validate(model, video_shape, spec)
+    if spec.sampler != 'ddim' or spec.eta != 0:
+      raise ValueError(
+          "sample.task='edit' samples from a DDIM inversion: set"
+          " sample.sampler='ddim' and sample.eta=0 (got"
+          f' {spec.sampler!r}, eta={spec.eta}).')
+
+  def min_input_frames(self, model):
+    return model.num_frames
+
+  def display_reference(self, video, known, num_out):
+    return video[:, :num_out]
+
+  def run(self, sample_block, video, model):
+    video = video[:, :model.num_frames]
+    return sample_block(0, z_init=sample_block.invert(video))
+
+
 REGISTRY: dict[str, type[Task]] = {
     cls.name: cls for cls in (Unconditional, Class, Predict, Extend,
-                              Interpolate, Keyframes, Upsample)
+                              Interpolate, Keyframes, Upsample, Edit)
 }
 TASKS = tuple(REGISTRY)
 

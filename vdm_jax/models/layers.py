@@ -248,16 +248,43 @@ def _attention(q: Array, k: Array, v: Array, spec: str, bias: Optional[Array],
   return jnp.einsum(f'{ls},{ks}->{qs}', weights, v)
 
 
+PATTERNS = ('self', 'sparse_causal')
+
+
+def sparse_causal_frames(num_frames: int) -> tuple[Any, Any]:
+  """The two key frames of each query frame in sparse-causal attention.
+
+  Tune-A-Video (Wu et al. 2022, Sec. 4.1, Eq. 3): frame i attends to the
+  pixels of frame 0 and frame i - 1 (frame 0 to frame 0 twice).
+
+  Returns:
+    (first, previous): int arrays [T], the frame indices.
+  """
+  frames = jnp.arange(num_frames)
+  return jnp.zeros_like(frames), jnp.maximum(frames - 1, 0)
+
+
 class SpatialAttention(nn.Module):
-  """Self-attention over the pixels of each frame (frames as batch).
+  """Self-attention over the pixels of a frame (frames as batch).
+
+  pattern='self': each frame attends to its own pixels (VDM). pattern=
+  'sparse_causal': the queries of frame i attend to the keys and values of
+  frames 0 and i - 1, concatenated (Tune-A-Video's inflated attention;
+  `sparse_causal_frames`); the query projection is then its own 'q'
+  parameter beside 'kv' (one-shot tuning trains the queries alone;
+  adapt/inflate.py splits an image model's fused 'qkv' into the two).
 
   Attributes:
     head_dim: target head width; heads = channels // head_dim (>= 1).
     dtype: compute dtype.
+    pattern: 'self' or 'sparse_causal'.
+    num_frames: T (sparse_causal: to fold the frames-as-batch axis back).
   """
 
   head_dim: int = 64
   dtype: Dtype = jnp.float32
+  pattern: str = 'self'
+  num_frames: int = 1
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -266,11 +293,27 @@ class SpatialAttention(nn.Module):
     heads = num_heads(c, self.head_dim)
     d = c // heads
     h = GroupNorm(dtype=self.dtype, name='norm')(x)
-    qkv = nn.Dense(3 * c, dtype=self.dtype, name='qkv')(h)
-    qkv = qkv.reshape(n, hgt * wid, 3, heads, d)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = q * jnp.asarray(d**-0.5, q.dtype)
-    out = _attention(q, k, v, ('nqhd', 'nkhd', 'nhqk'), None, None)
+    if self.pattern == 'self':
+      qkv = nn.Dense(3 * c, dtype=self.dtype, name='qkv')(h)
+      qkv = qkv.reshape(n, hgt * wid, 3, heads, d)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      q = q * jnp.asarray(d**-0.5, q.dtype)
+      out = _attention(q, k, v, ('nqhd', 'nkhd', 'nhqk'), None, None)
+    elif self.pattern == 'sparse_causal':
+      t = self.num_frames
+      b = n // t
+      q = nn.Dense(c, dtype=self.dtype, name='q')(h)
+      q = q.reshape(b, t, hgt * wid, heads, d) * jnp.asarray(d**-0.5,
+                                                             q.dtype)
+      kv = nn.Dense(2 * c, dtype=self.dtype, name='kv')(h)
+      kv = kv.reshape(b, t, hgt * wid, 2, heads, d)
+      first, previous = sparse_causal_frames(t)
+      kv = jnp.concatenate([kv[:, first], kv[:, previous]], axis=2)
+      out = _attention(q, kv[:, :, :, 0], kv[:, :, :, 1],
+                       ('btqhd', 'btkhd', 'bthqk'), None, None)
+    else:
+      raise ValueError(f'Unknown attention pattern {self.pattern!r}; choose'
+                       f' one of {PATTERNS}.')
     out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                    name='out')(out.reshape(n, hgt, wid, c))
     return x.astype(self.dtype) + out

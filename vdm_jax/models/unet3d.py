@@ -33,6 +33,7 @@ Array = jax.Array
 
 DTYPES = ('float32', 'bfloat16')
 REMAT = ('none', 'block', 'full')
+SPATIAL_ATTENTION = layers.PATTERNS
 
 
 def _channel_plan(base_channels: int, channel_mults: Sequence[int],
@@ -86,6 +87,10 @@ def validate_model_config(image_size: int, num_frames: int,
   if kw['dtype'] not in DTYPES:
     raise ValueError(f'Unknown model.dtype {kw["dtype"]!r}; choose one of '
                      f'{DTYPES}.')
+  if kw['spatial_attention'] not in SPATIAL_ATTENTION:
+    raise ValueError(
+        f'Unknown model.spatial_attention {kw["spatial_attention"]!r};'
+        f' choose one of {SPATIAL_ATTENTION}.')
   if kw['remat'] not in REMAT:
     raise ValueError(f'Unknown model.remat {kw["remat"]!r}; choose one of '
                      f'{REMAT}.')
@@ -176,6 +181,8 @@ class _Level(nn.Module):
   remat_blocks: bool
   dtype: Any
   cross_attn: bool = False
+  temporal: bool = True
+  spatial_pattern: str = 'self'
 
   @nn.compact
   def __call__(self, h: Array, emb: Array, mask: Array,
@@ -206,12 +213,14 @@ class _Level(nn.Module):
       h = res_cls(self.channels, self.dropout, self.deterministic, self.dtype,
                   name=f'res_{i}')(h, emb)
       if self.use_attn:
-        h = sattn_cls(self.head_dim, self.dtype, name=f'sattn_{i}')(h)
+        h = sattn_cls(self.head_dim, self.dtype, self.spatial_pattern,
+                      self.num_frames, name=f'sattn_{i}')(h)
         if self.cross_attn:
           h = xattn_cls(self.head_dim, self.dtype, name=f'xattn_{i}')(
               h, context, context_mask)
-        h = tattn_cls(self.num_frames, self.head_dim, self.max_distance,
-                      self.dtype, name=f'tattn_{i}')(h, mask)
+        if self.temporal:
+          h = tattn_cls(self.num_frames, self.head_dim, self.max_distance,
+                        self.dtype, name=f'tattn_{i}')(h, mask)
       outs.append(h)
     return h, outs
 
@@ -251,6 +260,12 @@ class UNet3D(nn.Module):
       spatial attention (text_length > 0).
     text_pooling: add the attention-pooled text to the conditioning
       embedding (text_length > 0).
+    temporal_attention: False leaves out every temporal attention: frames
+      are independent images (a text-to-image model, the base that
+      Tune-A-Video inflates; adapt/inflate.py).
+    spatial_attention: 'self' (each frame's own pixels) or 'sparse_causal'
+      (frame i attends to frames 0 and i - 1: Tune-A-Video,
+      layers.SpatialAttention).
   """
 
   base_channels: int
@@ -269,6 +284,8 @@ class UNet3D(nn.Module):
   text_length: int = 0
   text_cross_attention: bool = True
   text_pooling: bool = True
+  temporal_attention: bool = True
+  spatial_attention: str = 'self'
 
   def _config(self) -> dict[str, Any]:
     fields = set(UNet3D.__dataclass_fields__) - {'parent', 'name'}
@@ -401,7 +418,8 @@ class UNet3D(nn.Module):
                   max_distance=self.max_temporal_distance,
                   dropout=self.dropout, deterministic=not train,
                   remat_blocks=self.remat != 'none', dtype=dtype,
-                  cross_attn=cross)
+                  cross_attn=cross, temporal=self.temporal_attention,
+                  spatial_pattern=self.spatial_attention)
     ctx = dict(context=text, context_mask=text_mask) if cross else {}
     chans = [self.base_channels * m for m in self.channel_mults]
     last = len(chans) - 1
@@ -421,12 +439,14 @@ class UNet3D(nn.Module):
 
     h = res_cls(chans[-1], self.dropout, not train, dtype, name='mid_res_0')(
         h, emb)
-    h = sattn_cls(self.head_dim, dtype, name='mid_sattn')(h)
+    h = sattn_cls(self.head_dim, dtype, self.spatial_attention, t,
+                  name='mid_sattn')(h)
     if cross:
       h = xattn_cls(self.head_dim, dtype, name='mid_xattn')(
           h, text, text_mask)
-    h = tattn_cls(t, self.head_dim, self.max_temporal_distance, dtype,
-                  name='mid_tattn')(h, mask)
+    if self.temporal_attention:
+      h = tattn_cls(t, self.head_dim, self.max_temporal_distance, dtype,
+                    name='mid_tattn')(h, mask)
     h = res_cls(chans[-1], self.dropout, not train, dtype, name='mid_res_1')(
         h, emb)
 
