@@ -25,7 +25,8 @@ def test_registry_names_and_configs():
     assert isinstance(tasks.from_config(config.sample), cls)
   assert tasks.TASKS == tuple(tasks.REGISTRY)
   assert set(tasks.TASKS) == {'unconditional', 'class', 'predict', 'extend',
-                              'interpolate', 'keyframes', 'upsample'}
+                              'interpolate', 'keyframes', 'upsample',
+                              'edit'}
   config.sample.task = 'outpaint'
   with pytest.raises(ValueError, match='Unknown sample.task'):
     tasks.from_config(config.sample)

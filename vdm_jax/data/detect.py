@@ -198,6 +198,7 @@ def detect(videos: np.ndarray, num_kinds: int = 3) -> dict[str, np.ndarray]:
       'kind_iou': float [N, K] soft IoU per kind, averaged over frames;
       'kind_margin': best minus second-best IoU;
       'travel': float [N, 2] (dx, dy) centroid travel over the clip, pixels;
+      'centroid': float [N, T, 2] (x, y) of the main blob on each frame;
       'direction_ratio': |travel| on the chosen axis over the L1 travel;
       'blob_share': the smallest per-frame share of the main blob;
       'explained': the share of far pixels explained by the colour.
@@ -260,7 +261,7 @@ def detect(videos: np.ndarray, num_kinds: int = 3) -> dict[str, np.ndarray]:
           'valid': valid, 'colour_distance': colour_distance,
           'kind_iou': kind_iou, 'kind_margin': margin, 'travel': travel,
           'direction_ratio': ratio, 'blob_share': share,
-          'explained': explained}
+          'explained': explained, 'centroid': centroid}
 
 
 def chance() -> dict[str, float]:
