@@ -27,7 +27,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROGRAMS = ('vdm_jax.main', 'vdm_jax.train', 'vdm_jax.training',
-            'vdm_jax.sample', 'vdm_jax.evaluate', 'vdm_jax.sinfusion.train')
+            'vdm_jax.sample', 'vdm_jax.evaluate', 'vdm_jax.sinfusion.train',
+            'vdm_jax.adapt.tune')
 
 
 def _package(name):
@@ -43,8 +44,8 @@ METRIC = _package('evaluation')
 LIBRARIES = tuple(f'vdm_jax.{m}' for m in (
     'schedules', 'noise', 'diffusion', 'sampling', 'conditioning', 'tasks',
     'denoiser', 'sample_inputs', 'sharding', 'checkpoint', 'video_io',
-    'fileio')) + _package('models') + _package('data') + _package(
-        'text') + METRIC
+    'fileio', 'adapt.inflate', 'adapt.tuned')) + _package('models') + (
+        _package('data') + _package('text') + METRIC)
 
 # The metric needs none of the diffusion model or the programs.
 NOT_IN_METRIC = ('vdm_jax.sampling', 'vdm_jax.tasks', 'vdm_jax.conditioning',
@@ -173,5 +174,5 @@ def test_no_forbidden_import_statements_even_inside_functions():
 def test_static_check_sees_imports_inside_functions():
   names = imported_names('vdm_jax.main')  # Dispatches inside main().
   assert _forbidden(names, PROGRAMS) == [
-      'vdm_jax.evaluate', 'vdm_jax.sample', 'vdm_jax.sinfusion.train',
-      'vdm_jax.train']
+      'vdm_jax.adapt.tune', 'vdm_jax.evaluate', 'vdm_jax.sample',
+      'vdm_jax.sinfusion.train', 'vdm_jax.train']
