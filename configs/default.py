@@ -255,6 +255,9 @@ def get_config(arg=None):
   # Text models: a file of prompts, one per line (one video each, cycled
   # up to sample.num_videos); overrides sample.prompt.
   config.sample.prompts_file = ''
+  # task='edit': invert up to t = edit_strength, regenerate from there (1:
+  # Tune-A-Video's full DDIM inversion; lower keeps more of the layout).
+  config.sample.edit_strength = 1.0
   # Videos per sampling batch.
   config.sample.batch_size = 8
   # Frames per second of written videos.

@@ -8,8 +8,9 @@ The base is a text-to-image model of configs/t2i_quickstart.py (train it
 first). Each source is a synthetic clip (8 frames, one shape moving
 straight) with its caption; each gets two edit prompts, its colour changed
 and its shape changed, direction kept. Four methods, all sampled with DDIM
-(--num_steps, eta 0) and classifier-free guidance --cfg (this library's w;
-Tune-A-Video's 12.5 is w = 11.5):
+(--num_steps, eta 0) and classifier-free guidance at each w of --cfg
+(this library's w; Tune-A-Video's 12.5 is w = 11.5), the tuned methods at
+each learning rate of --lr:
   tune_a_video   inflate, tune the attention queries and temporal
                  attentions on the clip (configs/tune_a_video.py), DDIM
                  inversion with the empty prompt, sample each edit from it;
@@ -100,7 +101,8 @@ def run_edit(config, model, params, clip, prompts, rng, invert=True):
   fn = denoiser.make_denoise_fn(model, params)
   n = 1 + len(prompts)
   video = np.repeat(clip[None], n, 0).astype(np.float32) / 127.5 - 1.0
-  task = tasks.Edit() if invert else tasks.Unconditional()
+  task = (tasks.Edit(edit_strength=config.sample.edit_strength) if invert
+          else tasks.Unconditional())
   x = tasks.run(task, fn, rng, setup, video=video if invert else None,
                 num_videos=n, text=text)
   return video_io.to_uint8(np.asarray(x))
@@ -163,11 +165,18 @@ def main():
   p.add_argument('--base', default='runs/t2i')
   p.add_argument('--num_sources', type=int, default=4)
   p.add_argument('--tune_steps', type=int, default=500)
-  p.add_argument('--lr', type=float, default=3e-5)
+  p.add_argument('--lr', default='3e-5', help='comma-separated')
   p.add_argument('--num_steps', type=int, default=50)
-  p.add_argument('--cfg', type=float, default=11.5)
+  p.add_argument('--cfg', default='11.5', help='comma-separated')
+  p.add_argument('--strength', default='1',
+                 help='comma-separated sample.edit_strength values')
+  p.add_argument('--methods', default=','.join(METHODS))
   p.add_argument('--out', default='runs/tav_edits')
   args = p.parse_args()
+  lrs = [float(v) for v in args.lr.split(',')]
+  cfgs = [float(v) for v in args.cfg.split(',')]
+  strengths = [float(v) for v in args.strength.split(',')]
+  methods = args.methods.split(',')
   os.makedirs(args.out, exist_ok=True)
   base_cfg = t2i_quickstart.get_config()
   frames = tune_a_video.get_config().data.num_frames
@@ -175,11 +184,17 @@ def main():
   base_cfg.sample.sampler = 'ddim'
   base_cfg.sample.eta = 0.0
   base_cfg.sample.num_steps = args.num_steps
-  base_cfg.sample.guidance_weight = args.cfg
   image_model, image_params, base_step = sample.restore_ema_params(
       base_cfg, args.base)
   srcs = sources(args.num_sources, frames, base_cfg.data.image_size)
-  results = {m: {'ok': [], 'motion': [], 'recon': []} for m in METHODS}
+  # Rows: (method, lr or None, cfg, strength).
+  keys = [('image_per_frame', None, w, e) for w in cfgs for e in strengths
+          if 'image_per_frame' in methods] + [
+              (m, lr, w, e) for m in METHODS
+              if m != 'image_per_frame' and m in methods
+              for lr in lrs for w in cfgs
+              for e in (strengths if m != 'no_inversion' else [1.0])]
+  results = {k: {'ok': [], 'motion': [], 'recon': []} for k in keys}
   tune_time = {}
   t_start = time.time()
   for s, src in enumerate(srcs):
@@ -192,60 +207,70 @@ def main():
     targets = [(e[1], e[2]) for e in prompt_targets]
     rng = jax.random.key(s)
     rows = {}
-    for method in METHODS:
+    models = {}
+    for method, lr, w, strength in keys:
       if method == 'image_per_frame':
-        out = run_edit(base_cfg, image_model, image_params, src['clip'],
-                       prompts, rng)
+        config, model, params = base_cfg, image_model, image_params
       else:
         trainable = 'all' if method == 'full_finetune' else (
             'attention_queries')
-        workdir = os.path.join(args.out, f'{trainable}_{s}')
+        workdir = os.path.join(args.out, f'{trainable}_lr{lr:g}_{s}')
         config = tune_config(args.base, video, caption, trainable,
-                             args.tune_steps, args.lr)
+                             args.tune_steps, lr)
         config.sample.num_steps = args.num_steps
-        config.sample.guidance_weight = args.cfg
-        if method != 'no_inversion':
+        if workdir not in models:
           t0 = time.time()
           tune_lib.tune(config, workdir)
           tune_time.setdefault(trainable, []).append(time.time() - t0)
-        model, params, _ = sample.restore_ema_params(config, workdir)
-        out = run_edit(config, model, params, src['clip'], prompts, rng,
-                       invert=method != 'no_inversion')
+          models[workdir] = sample.restore_ema_params(config, workdir)[:2]
+        model, params = models[workdir]
+      config = config.copy_and_resolve_references()
+      config.sample.guidance_weight = w
+      config.sample.edit_strength = strength
+      out = run_edit(config, model, params, src['clip'], prompts, rng,
+                     invert=method != 'no_inversion')
       ok, motion, recon = measure(out, src, targets)
-      results[method]['ok'] += ok
-      results[method]['motion'] += motion
+      r = results[(method, lr, w, strength)]
+      r['ok'] += ok
+      r['motion'] += motion
       if method != 'no_inversion':
-        results[method]['recon'].append(recon)
-      rows[method] = out
-      print(f'source {s} {method}: edits {ok} motion {np.round(motion, 2)}'
-            f' recon {recon:.3f}', flush=True)
-    grid = np.concatenate([src['clip'][None]] + [rows[m] for m in METHODS])
+        r['recon'].append(recon)
+      rows[(method, lr, w, strength)] = out
+      print(f'source {s} {method} lr {lr} w {w} strength {strength}: edits'
+            f' {ok} motion'
+            f' {np.round(motion, 2)} recon {recon:.3f}', flush=True)
+    shown = [k for k in keys if k[1] in (None, lrs[0])]
+    grid = np.concatenate([src['clip'][None]] + [rows[k] for k in shown])
     labels = ['source: ' + caption] + [
-        f'{m}: ' + (q or 'reconstruction')
-        for m in METHODS for q in [''] + prompts]
+        f'{k[0]} w={k[2]:g} s={k[3]:g}: ' + (q or 'reconstruction')
+        for k in shown for q in [''] + prompts]
     video_io.write_png_grid(os.path.join(args.out, f'edits_{s}.png'), grid,
                             captions=labels)
   costs = {}
   for trainable in ('attention_queries', 'all'):
     config = tune_config(args.base, os.path.join(args.out, 'source_0.gif'),
-                         'x', trainable, 1, args.lr)
+                         'x', trainable, 1, lrs[0])
     rate, nbytes, count = step_cost(config, srcs[0]['clip'])
     costs[trainable] = {'steps_per_s': rate, 'compiled_mib': nbytes / 2**20,
                         'tuned_params': count}
   print(f'\nBase {args.base} step {base_step}; {len(srcs)} sources x 2 edits;'
-        f' tune {args.tune_steps} steps at lr {args.lr}; DDIM'
-        f' {args.num_steps} steps, w = {args.cfg}\n')
-  print('| method | edit success | motion error (px) | reconstruction |')
-  print('|---|---|---|---|')
-  summary = {}
-  for m in METHODS:
-    r = results[m]
-    summary[m] = {'edit_success': float(np.mean(r['ok'])),
-                  'motion_px': float(np.mean(r['motion'])),
-                  'recon': float(np.mean(r['recon'])) if r['recon'] else None}
-    rec = f'{summary[m]["recon"]:.3f}' if r['recon'] else '-'
-    print(f'| {m} | {summary[m]["edit_success"]:.2f} |'
-          f' {summary[m]["motion_px"]:.2f} | {rec} |')
+        f' tune {args.tune_steps} steps; DDIM {args.num_steps} steps\n')
+  print('| method | tune lr | CFG w | edit strength | edit success |'
+        ' motion error (px) | reconstruction |')
+  print('|---|---|---|---|---|---|---|')
+  summary = []
+  for k in keys:
+    r = results[k]
+    row = {'method': k[0], 'lr': k[1], 'cfg': k[2], 'strength': k[3],
+           'edit_success': float(np.mean(r['ok'])),
+           'motion_px': float(np.mean(r['motion'])),
+           'recon': float(np.mean(r['recon'])) if r['recon'] else None}
+    summary.append(row)
+    rec = f'{row["recon"]:.3f}' if r['recon'] else '-'
+    lr = f'{k[1]:g}' if k[1] is not None else '-'
+    print(f'| {k[0]} | {lr} | {k[2]:g} | {k[3]:g} |'
+          f' {row["edit_success"]:.2f} |'
+          f' {row["motion_px"]:.2f} | {rec} |')
   print('\n| tuned | parameters | steps/s | compiled MiB |')
   print('|---|---|---|---|')
   for k, c in costs.items():

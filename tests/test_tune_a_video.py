@@ -303,6 +303,15 @@ def test_edit_task_with_an_exact_denoiser():
                         'text_mask': mask})
   np.testing.assert_allclose(out[:n], x0, atol=0.03)
   np.testing.assert_allclose(out[n:], x0 + shift, atol=0.03)
+  # Half the trajectory (sample.edit_strength=0.5): the empty prompt still
+  # gives the source back; the other prompt moves it only part of the way.
+  out = tasks.run(tasks.Edit(edit_strength=0.5), denoise_fn,
+                  jax.random.key(0), setup, video=np.concatenate([x0, x0]),
+                  text={'text': np.ones((2 * n, 3, 4), np.float32),
+                        'text_mask': mask})
+  np.testing.assert_allclose(out[:n], x0, atol=0.03)
+  moved = float(np.mean(out[n:] - x0))
+  assert 0.05 < moved < 0.35, moved
   with pytest.raises(ValueError, match="sampler='ddim'"):
     tasks.run(tasks.Edit(), denoise_fn, jax.random.key(0),
               dataclasses.replace(setup, spec=setup.spec.replace(

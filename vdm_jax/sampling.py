@@ -568,6 +568,13 @@ def timestep_logsnrs(
   return jnp.asarray(logsnr_fn(t), jnp.float32)
 
 
+def start_index(num_steps: int, t_start: float) -> int:
+  """The grid index i of t_i = 1 - i / N nearest to t_start (< N)."""
+  if not 0.0 < t_start <= 1.0:
+    raise ValueError(f't_start must lie in (0, 1], got {t_start}.')
+  return min(int(round((1.0 - t_start) * num_steps)), num_steps - 1)
+
+
 def _as_partial(fn):
   """A jit-able pytree for fn: params of a tree_util.Partial stay traced.
 
@@ -594,6 +601,7 @@ def sample(
     cond: Mapping[str, Any] | None = None,
     guidance: Guidance | None = None,
     z_init: jnp.ndarray | None = None,
+    t_start: float = 1.0,
 ) -> jnp.ndarray:
   """Draws x ~ p(x | cond) with spec.sampler in spec.num_steps steps.
 
@@ -620,7 +628,11 @@ def sample(
     guidance: a `Guidance` from `make_guidance` (replacement /
       reconstruction / super-resolution and classifier-free guidance);
       None: the plain conditional model.
-    z_init: [B, T, H, W, C] starting z_1 (e.g. from `ddim_invert`).
+    z_init: [B, T, H, W, C] starting z_1 (e.g. from `ddim_invert`), or
+      z at t_start.
+    t_start: start at t = t_start of the num_steps grid instead of t = 1
+      (the steps of t > t_start are skipped; `start_index`), from z_init:
+      SDEdit-style partial regeneration of an inverted video.
 
   Returns:
     x: [B, T, H, W, C] float32.
@@ -634,9 +646,14 @@ def sample(
     z_init = jnp.asarray(z_init, jnp.float32)
     if z_init.shape != shape:
       raise ValueError(f'z_init shape {z_init.shape} != shape {shape}.')
+  logsnrs = timestep_logsnrs(logsnr_fn, spec.num_steps)
+  if t_start != 1.0:
+    if z_init is None:
+      raise ValueError('t_start < 1 starts from z_init (z at t_start).')
+    logsnrs = logsnrs[start_index(spec.num_steps, t_start):]
   return _sample_scan(
       _as_partial(denoise_fn), _as_partial(noise), rng, z_init,
-      timestep_logsnrs(logsnr_fn, spec.num_steps), cond, guidance,
+      logsnrs, cond, guidance,
       spec.gamma, spec.eta, spec.delta, shape=shape, target=target,
       sampler=spec.sampler, clip_x=spec.clip_x)
 
@@ -665,6 +682,7 @@ def ddim_invert(
     num_steps: int = 256,
     cond: Mapping[str, Any] | None = None,
     clip_x: bool = False,
+    t_end: float = 1.0,
 ) -> jnp.ndarray:
   """DDIM inversion x -> z_1: the eta = 0 sampler run from t = 0 to t = 1.
 
@@ -679,11 +697,13 @@ def ddim_invert(
     logsnr_fn, target, num_steps, cond: as in `sample`.
     clip_x: clip x_hat to [-1, 1] (off by default: inversion should follow
       the model's ODE).
+    t_end: stop at t = t_end of the grid (the mirror of sample's t_start).
 
   Returns:
-    z_1: [B, T, H, W, C] float32.
+    z_1 (z at t_end): [B, T, H, W, C] float32.
   """
   diffusion.check_target(target)
-  logsnrs = timestep_logsnrs(logsnr_fn, num_steps)[::-1]
+  logsnrs = timestep_logsnrs(logsnr_fn, num_steps)
+  logsnrs = logsnrs[start_index(num_steps, t_end):][::-1]
   return _invert_scan(_as_partial(denoise_fn), jnp.asarray(x, jnp.float32),
                       logsnrs, dict(cond or {}), target=target, clip_x=clip_x)

@@ -114,7 +114,7 @@ class BlockSampler:
   fixed_base: bool = False
 
   def __call__(self, i: int, x_a=None, mask=None, x_lowres=None,
-               z_init=None) -> jnp.ndarray:
+               z_init=None, t_start: float = 1.0) -> jnp.ndarray:
     s = self.spec
     null_label = self.null_label if 'label' in self.cond else None
     guidance = sampling.make_guidance(
@@ -128,10 +128,11 @@ class BlockSampler:
     return sampling.sample(
         self.denoise_fn, rng, self.shape, logsnr_fn=self.logsnr_fn,
         target=self.target, spec=s, noise=noise, cond=self.cond,
-        guidance=guidance, z_init=z_init)
+        guidance=guidance, z_init=z_init, t_start=t_start)
 
-  def invert(self, x: jnp.ndarray) -> jnp.ndarray:
-    """DDIM inversion of x [B, T, H, W, C] to z_1 with the spec's steps.
+  def invert(self, x: jnp.ndarray, t_end: float = 1.0) -> jnp.ndarray:
+    """DDIM inversion of x [B, T, H, W, C] to z_1 (or z at t_end) with
+    the spec's steps.
 
     Unguided and unconditioned: the null text (text models) and the null
     label (class models), Tune-A-Video's inversion with the empty prompt
@@ -146,7 +147,8 @@ class BlockSampler:
       cond['label'] = jnp.full((b,), self.null_label, jnp.int32)
     return sampling.ddim_invert(
         self.denoise_fn, x, logsnr_fn=self.logsnr_fn, target=self.target,
-        num_steps=self.spec.num_steps, cond=cond, clip_x=self.spec.clip_x)
+        num_steps=self.spec.num_steps, cond=cond, clip_x=self.spec.clip_x,
+        t_end=t_end)
 
 
 def class_labels(num_classes: int, label: int, n: int) -> np.ndarray:
@@ -549,9 +551,15 @@ class Edit(Task):
   (BlockSampler.invert), then every video's prompt is sampled with DDIM
   (eta = 0) from that latent, with the spec's classifier-free guidance. A
   video whose prompt is empty retraces the inversion: its reconstruction.
+
+  Attributes:
+    edit_strength: invert up to t = edit_strength and regenerate from there
+      (1: Tune-A-Video's full inversion; lower keeps more of the source's
+      layout, as in SDEdit, Meng et al. 2022).
   """
 
   name: ClassVar[str] = 'edit'
+  edit_strength: float = 1.0
 
   def validate(self, model, video_shape, spec):
     super().validate(model, video_shape, spec)
@@ -560,6 +568,9 @@ class Edit(Task):
           "sample.task='edit' samples from a DDIM inversion: set"
           " sample.sampler='ddim' and sample.eta=0 (got"
           f' {spec.sampler!r}, eta={spec.eta}).')
+    if not 0.0 < self.edit_strength <= 1.0:
+      raise ValueError('sample.edit_strength must lie in (0, 1], got'
+                       f' {self.edit_strength}.')
 
   def min_input_frames(self, model):
     return model.num_frames
@@ -569,7 +580,9 @@ class Edit(Task):
 
   def run(self, sample_block, video, model):
     video = video[:, :model.num_frames]
-    return sample_block(0, z_init=sample_block.invert(video))
+    t = self.edit_strength
+    return sample_block(0, z_init=sample_block.invert(video, t_end=t),
+                        t_start=t)
 
 
 REGISTRY: dict[str, type[Task]] = {
