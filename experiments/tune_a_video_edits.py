@@ -134,8 +134,8 @@ def tune_config(base, video, caption, trainable, steps, lr):
 
 def step_cost(config, clip, steps=10):
   """(steps/s, compiled bytes) of the tune step of config.tune.trainable."""
-  record = tuned_lib.make_record(config, checkpoint.Checkpointer(
-      config.tune.base_workdir, async_save=False).latest_step())
+  record = tuned_lib.make_record(
+      config, checkpoint.latest_step(config.tune.base_workdir))
   mesh = tune_lib._mesh(config)  # pylint: disable=protected-access
   model, inflated = tuned_lib.inflated_params(config, record, mesh,
                                               jax.random.key(0))
@@ -156,7 +156,7 @@ def step_cost(config, clip, steps=10):
   for _ in range(steps):
     state, m = compiled(state, frozen, batch, jax.random.key(1))
   jax.block_until_ready(m)
-  return steps / (time.time() - t0), nbytes, inflate.count(tuned)
+  return steps / (time.time() - t0), nbytes, denoiser.count_params(tuned)
 
 
 def main():

@@ -177,12 +177,12 @@ def test_tuned_parameters_are_the_queries_and_temporal_attention():
   assert any('sattn_0/q/' in p for p in paths)
   assert any('xattn_0/q/' in p for p in paths)
   assert not any('/kv/' in p or 'res_' in p for p in paths)
-  assert inflate.count(tuned_half) + inflate.count(frozen) == (
-      inflate.count(params))
+  assert denoiser.count_params(tuned_half) + denoiser.count_params(frozen) == (
+      denoiser.count_params(params))
   jax.tree.map(np.testing.assert_array_equal,
                inflate.merge(tuned_half, frozen), params)
   everything, none = inflate.split(params, 'all')
-  assert inflate.count(none) == 0
+  assert denoiser.count_params(none) == 0
   with pytest.raises(ValueError, match='tune.trainable'):
     inflate.split(params, 'queries')
 

@@ -161,6 +161,39 @@ class Checkpointer:
     self.manager.close()
 
 
+def latest_step(workdir: str) -> int | None:
+  """The last checkpoint step of a workdir (None: no checkpoint)."""
+  ckpt = Checkpointer(workdir, async_save=False)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
+
+
+def restore_ema_params(workdir: str, abstract_params: Any,
+                       step: int | None = None,
+                       sharding: jax.sharding.Sharding | None = None
+                       ) -> tuple[Any, int]:
+  """A workdir's EMA parameters at `step` (default: the last): (params, step).
+
+  Args:
+    workdir: the run's directory.
+    abstract_params: the parameter shapes and dtypes to restore into.
+    step: the checkpoint step; None: the last.
+    sharding: placement of every restored array (e.g. replicated on a
+      mesh); None: abstract_params' own.
+  """
+  if sharding is not None:
+    abstract_params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        abstract_params)
+  ckpt = Checkpointer(workdir, async_save=False)
+  try:
+    return ckpt.restore_ema_params(abstract_params, step)
+  finally:
+    ckpt.close()
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes config.json into the workdir (process 0 only, atomically)."""
   if jax.process_index() != 0:

@@ -59,15 +59,9 @@ def restore_ema_params(
   if tuned.is_tuned_workdir(workdir):
     return tuned.restore(config, workdir, mesh)
   model = denoiser.create_model(config)
-  repl = sharding.replicated(mesh)
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-      denoiser.abstract_params(config, model))
-  ckpt = checkpoint.Checkpointer(workdir, async_save=False)
-  try:
-    params, step = ckpt.restore_ema_params(abstract)
-  finally:
-    ckpt.close()
+  params, step = checkpoint.restore_ema_params(
+      workdir, denoiser.abstract_params(config, model),
+      sharding=sharding.replicated(mesh))
   return model, params, step
 
 

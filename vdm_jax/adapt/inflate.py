@@ -22,7 +22,6 @@ import re
 from typing import Any, Mapping
 
 import flax
-import jax
 import jax.numpy as jnp
 
 # What `trainable` in tuned_mask may be.
@@ -143,6 +142,3 @@ def inflate_params(image_params: Any, video_params: Any) -> dict:
         ' differs in more than the inflated fields.')
   return flax.traverse_util.unflatten_dict(out)
 
-
-def count(tree: Any) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -40,8 +40,13 @@ from vdm_jax.adapt import inflate
 from vdm_jax.adapt import tuned as tuned_lib
 
 
-def validate(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
-  """Every check of a tune, before anything compiles; returns the clip.
+def validate(config: ml_collections.ConfigDict, workdir: str
+             ) -> tuple[np.ndarray, int]:
+  """Every check of a tune, before anything compiles.
+
+  Returns:
+    (the source clip, the base's last checkpoint step).
+
 
   Raises:
     ValueError / FileNotFoundError: a model without text, no caption, a
@@ -65,12 +70,12 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
   training.check_optimizer(config.optimizer)
   training.LoopSettings.from_config(config.training)
   tuned_lib.check_base(config, t.base_workdir)
-  if checkpoint.Checkpointer(t.base_workdir, async_save=False
-                             ).latest_step() is None:
+  base_step = checkpoint.latest_step(t.base_workdir)
+  if base_step is None:
     raise FileNotFoundError(f'tune.base_workdir={t.base_workdir} has no'
                             ' checkpoint; train the base model first.')
   checkpoint.check_compatible(config, workdir)
-  return tuned_lib.source_clip(config)
+  return tuned_lib.source_clip(config), base_step
 
 
 def tune_step(state: training.TrainState, frozen, batch, rng, *, model, tx,
@@ -128,10 +133,8 @@ def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 def tune(config: ml_collections.ConfigDict, workdir: str
          ) -> training.TrainState:
   """Tunes config.tune's video into workdir (resuming); returns the state."""
-  clip = validate(config, workdir)
+  clip, base_step = validate(config, workdir)
   t = config.tune
-  base_step = checkpoint.Checkpointer(
-      t.base_workdir, async_save=False).latest_step()
   record = tuned_lib.make_record(config, base_step)
   tuned_lib.check_same_source(workdir, record)
   mesh = _mesh(config)
@@ -144,8 +147,9 @@ def tune(config: ml_collections.ConfigDict, workdir: str
   state = jax.jit(lambda p: training.TrainState.create(p, tx),
                   out_shardings=repl)(tuned)
   logging.info('Tuning %d of %d parameters (%s).',
-               inflate.count(state.params),
-               inflate.count(state.params) + inflate.count(frozen),
+               denoiser.count_params(state.params),
+               denoiser.count_params(state.params)
+               + denoiser.count_params(frozen),
                t.trainable)
   step_fn = jax.jit(
       functools.partial(tune_step, model=model, tx=tx, lr_fn=lr_fn,

@@ -185,15 +185,9 @@ def inflated_params(config: ml_collections.ConfigDict, record: dict,
   image_model = denoiser.create_model(base)
   model = denoiser.create_model(config)
   repl = sharding.replicated(mesh) if mesh is not None else None
-  abstract_image = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-      denoiser.abstract_params(base, image_model))
-  ckpt = checkpoint.Checkpointer(record['base_workdir'], async_save=False)
-  try:
-    image_params, _ = ckpt.restore_ema_params(abstract_image,
-                                              record['base_step'])
-  finally:
-    ckpt.close()
+  image_params, _ = checkpoint.restore_ema_params(
+      record['base_workdir'], denoiser.abstract_params(base, image_model),
+      record['base_step'], sharding=repl)
   if rng is None:
     template = denoiser.abstract_params(config, model)
   else:
@@ -209,15 +203,9 @@ def restore(config: ml_collections.ConfigDict, workdir: str, mesh=None
   check_base(config, record['base_workdir'])
   model, inflated = inflated_params(config, record, mesh)
   abstract_tuned, frozen = inflate.split(inflated, record['trainable'])
-  repl = sharding.replicated(mesh) if mesh is not None else None
-  abstract_tuned = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-      abstract_tuned)
-  ckpt = checkpoint.Checkpointer(workdir, async_save=False)
-  try:
-    tuned, step = ckpt.restore_ema_params(abstract_tuned)
-  finally:
-    ckpt.close()
+  tuned, step = checkpoint.restore_ema_params(
+      workdir, abstract_tuned,
+      sharding=sharding.replicated(mesh) if mesh is not None else None)
   return model, inflate.merge(tuned, frozen), step
 
 

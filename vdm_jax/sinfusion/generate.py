@@ -278,11 +278,7 @@ def restore_sampler(config: ml_collections.ConfigDict, workdir: str,
   abstract = jax.eval_shape(
       lambda rng: denoiser.init_nextnet_params(models, rng),
       jax.random.key(0))
-  ckpt = checkpoint.Checkpointer(workdir)
-  try:
-    params, step = ckpt.restore_ema_params(abstract)
-  finally:
-    ckpt.close()
+  params, step = checkpoint.restore_ema_params(workdir, abstract)
   fns = {name: denoiser.make_denoise_fn(model, params[name])
          for name, model in models.items()}
   logsnr_fn = schedules.get_logsnr_fn(config.diffusion, frame_size)
