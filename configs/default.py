@@ -126,6 +126,12 @@ def get_config(arg=None):
   # Spatial attention: 'self' (each frame's own pixels) or 'sparse_causal'
   # (frame i attends to frames 0 and i - 1: Tune-A-Video's inflated model).
   config.model.spatial_attention = 'self'
+  # Image-to-video (Stable Video Diffusion's conditioning, Blattmann et al.
+  # 2023): the clip's first frame, noise-augmented, is concatenated to the
+  # noisy input (repeated over frames, with a mask channel) and its noise
+  # level embedded; sample.task='image_to_video' and, with a backward
+  # model (--mode=tune_backward), 'inbetween' (configs/i2v_quickstart.py).
+  config.model.image_condition = False
 
   config.text = ml_collections.ConfigDict()
   # Frozen text encoder of captions and prompts (vdm_jax/text): 'none'
@@ -192,6 +198,13 @@ def get_config(arg=None):
   config.training.preview_every_steps = 0
   # Label dropout probability for classifier-free guidance.
   config.training.label_dropout = 0.0
+  # Image-to-video models: probability of dropping the first frame
+  # (classifier-free guidance on the image), and the log-normal
+  # distribution of its noise-augmentation level sigma (SVD: log sigma ~
+  # N(-3.0, 0.5^2)).
+  config.training.image_dropout = 0.1
+  config.training.image_noise_mean = -3.0
+  config.training.image_noise_std = 0.5
   # Gradient accumulation: the global batch is processed in this many
   # microbatches per update (same update as the full batch, less memory).
   config.training.grad_accum_steps = 1
@@ -258,6 +271,26 @@ def get_config(arg=None):
   # task='edit': invert up to t = edit_strength, regenerate from there (1:
   # Tune-A-Video's full DDIM inversion; lower keeps more of the layout).
   config.sample.edit_strength = 1.0
+  # Image-to-video models: the first frame's noise-augmentation level at
+  # sampling (SVD's noise_aug_strength: 0.02).
+  config.sample.image_noise = 0.02
+  # Image-to-video models: classifier-free guidance on the image, per frame
+  # a linear ramp of the guidance scale s = 1 + w from image_guidance_min on
+  # the given frame to image_guidance_max on the last (SVD: 1 to 3); both 1
+  # switch it off.
+  config.sample.image_guidance_min = 1.0
+  config.sample.image_guidance_max = 3.0
+  # 'inbetween' (Generative Inbetweening, Wang et al. 2024): the two
+  # keyframes as image files 'first.png,last.png' ('' takes a video's first
+  # and last frames: sample.input, or dataset clips); the fusion weight of
+  # the forward prediction, 'half' (w = 0.5) or 'ramp' (1 -> 0 over the
+  # frames); noise re-injection: each step of the first
+  # inbetween_reinject_fraction of the steps is redone
+  # inbetween_reinject_repeats times after re-noising its result.
+  config.sample.keyframes = ''
+  config.sample.inbetween_weight = 'half'
+  config.sample.inbetween_reinject_fraction = 0.5
+  config.sample.inbetween_reinject_repeats = 5
   # Videos per sampling batch.
   config.sample.batch_size = 8
   # Frames per second of written videos.
@@ -278,6 +311,14 @@ def get_config(arg=None):
   # What is tuned: 'attention_queries' (Tune-A-Video: the query projections
   # of spatial and cross-attention, and the temporal attentions) or 'all'.
   config.tune.trainable = 'attention_queries'
+  # --mode=tune_backward (Generative Inbetweening, Wang et al. 2024, Sec.
+  # 3.3): the backward-motion model of the image-to-video model in
+  # tune.base_workdir, tuned on config.data's clips reversed (only the value
+  # and output projections of its temporal attentions; their code: AdamW lr
+  # 1e-4, batch 1). The run's length and checkpoints follow config.training.
+  config.tune.backward_learning_rate = 1e-4
+  config.tune.backward_batch_size = 1
+  config.tune.backward_steps = 2000
 
   config.eval = ml_collections.ConfigDict()
   # FVD protocol preset (vdm_jax/evaluation/protocols.py) of --mode=eval.

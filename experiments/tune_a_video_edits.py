@@ -136,7 +136,7 @@ def step_cost(config, clip, steps=10):
   """(steps/s, compiled bytes) of the tune step of config.tune.trainable."""
   record = tuned_lib.make_record(
       config, checkpoint.latest_step(config.tune.base_workdir))
-  mesh = tune_lib._mesh(config)  # pylint: disable=protected-access
+  mesh = tune_lib.batch_mesh(config)
   model, inflated = tuned_lib.inflated_params(config, record, mesh,
                                               jax.random.key(0))
   tuned, frozen = inflate.split(inflated, config.tune.trainable)

@@ -40,6 +40,7 @@ COMPATIBILITY_FIELDS = (
     ('model', 'text_pooling'),
     ('model', 'temporal_attention'),
     ('model', 'spatial_attention'),
+    ('model', 'image_condition'),
     ('diffusion', 'target'),
     # A model trained on one encoder's embeddings needs that encoder.
     ('text', 'encoder'),
@@ -51,6 +52,7 @@ _ABSENT = {
     ('model', 'text_pooling'): True,
     ('model', 'temporal_attention'): True,
     ('model', 'spatial_attention'): 'self',
+    ('model', 'image_condition'): False,
     ('text', 'encoder'): 'none',
     ('text', 'max_length'): 16,
 }

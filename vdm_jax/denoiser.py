@@ -5,8 +5,9 @@ under jit), sampling and evaluation (abstract parameters to restore into),
 SinFusion (its three NextNets) and the experiments. `make_denoise_fn` binds
 parameters into the `denoise_fn(z, logsnr, cond) -> prediction` that
 diffusion.loss and sampling.sample take; `cond` is a dict of the model's
-keyword inputs ('label', 'frame_mask', 'text', 'text_mask', 'text_null'
-for the UNet; 'frames', 'k' for a NextNet), built here for training (`training_cond`) and sampling
+keyword inputs ('label', 'frame_mask', 'text', 'text_mask', 'text_null',
+'image', 'image_sigma', 'image_null' for the UNet; 'frames', 'k' for a
+NextNet), built here for training (`training_cond`) and sampling
 (`sampling_cond`): a new conditioning signal is added in these two functions
 and consumed by the model.
 """
@@ -74,6 +75,9 @@ def example_inputs(config: ml_collections.ConfigDict, batch: int = 1
     length, dim = int(config.text.max_length), text_encoder(config).dim
     cond['text'] = jnp.zeros((batch, length, dim), jnp.float32)
     cond['text_mask'] = jnp.zeros((batch, length), bool)
+  if config.model.get('image_condition', False):
+    cond['image'] = jnp.zeros(z.shape[:1] + z.shape[2:], jnp.float32)
+    cond['image_sigma'] = jnp.zeros((batch,), jnp.float32)
   return z, jnp.zeros((batch,), jnp.float32), cond
 
 
@@ -208,6 +212,42 @@ def training_cond(batch: Mapping[str, jnp.ndarray], num_classes: int,
       null = _per_frame(null, image_text_drop_u < text_dropout, num_video)
     cond.update(text=text, text_mask=mask, text_null=null)
   return cond
+
+
+def image_cond(image: jnp.ndarray, sigma: jnp.ndarray, noise: jnp.ndarray,
+               null: Optional[jnp.ndarray] = None) -> dict[str, jnp.ndarray]:
+  """The conditioning inputs of an image-to-video model.
+
+  Stable Video Diffusion's noise augmentation (Blattmann et al. 2023,
+  Sec. 4): the model sees the given frame plus sigma times standard noise,
+  and sigma itself.
+
+  Args:
+    image: [B, H, W, C] the given frame in [-1, 1].
+    sigma: [B] augmentation levels.
+    noise: [B, H, W, C] standard normal.
+    null: [B] bool, drop the image (image dropout; None: keep all).
+  """
+  sigma = jnp.asarray(sigma, jnp.float32)
+  cond = {'image': jnp.asarray(image, jnp.float32)
+                   + sigma[:, None, None, None] * noise,
+          'image_sigma': sigma}
+  if null is not None:
+    cond['image_null'] = jnp.asarray(null, bool)
+  return cond
+
+
+def training_image_cond(image: jnp.ndarray, rng: jax.Array, *,
+                        dropout: float, noise_mean: float,
+                        noise_std: float) -> dict[str, jnp.ndarray]:
+  """`image_cond` of a training batch: log sigma ~ N(noise_mean,
+  noise_std^2) per example (SVD: N(-3.0, 0.5^2)), the image dropped with
+  probability `dropout` (classifier-free guidance on the image)."""
+  b = image.shape[0]
+  k_sigma, k_noise, k_drop = jax.random.split(rng, 3)
+  sigma = jnp.exp(noise_mean + noise_std * jax.random.normal(k_sigma, (b,)))
+  return image_cond(image, sigma, jax.random.normal(k_noise, image.shape),
+                    jax.random.uniform(k_drop, (b,)) < dropout)
 
 
 def sampling_cond(num_classes: int, labels: Optional[jnp.ndarray],

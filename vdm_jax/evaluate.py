@@ -348,6 +348,7 @@ def generated_batches(
     denoise_fn: Any, rng: jax.Array, mesh: jax.sharding.Mesh,
     num_videos: int, keep: Optional[list[np.ndarray]] = None,
     stats: Optional[dict[str, float]] = None,
+    pair_fn: Any = None,
 ) -> Iterator[np.ndarray]:
   """Samples num_videos videos a batch at a time, as sample.sample_videos.
 
@@ -366,6 +367,7 @@ def generated_batches(
       (batch by batch) for eval.save_samples.
     stats: if given, 'sampling_seconds' (sampling alone, without the
       consumer's I3D time) is updated in it after each batch.
+    pair_fn: task 'inbetween': from `sample.restore_sampler`.
 
   Yields:
     uint8 [<= batch, T_out, H, W, C] on every process.
@@ -379,7 +381,8 @@ def generated_batches(
     t0 = time.time()
     idx = np.minimum(np.arange(i * batch, (i + 1) * batch), num_videos - 1)
     x = tasks.run(request.task, denoise_fn, jax.random.fold_in(rng, i),
-                  request.setup, num_videos=batch, **conditioning(idx))
+                  request.setup, num_videos=batch, pair_fn=pair_fn,
+                  **conditioning(idx))
     x = multihost_utils.process_allgather(x, tiled=True)
     n = min(batch, num_videos - i * batch)
     videos = video_io.to_uint8(np.asarray(x)[:n])
@@ -440,15 +443,15 @@ def sample_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       random_start=run.protocol.clip_start == 'random')
   real = RealClips(config, run, captions=denoiser.has_text(config))
   mesh = sharding.make_mesh(config.mesh)
-  model, params, step = sample.restore_ema_params(config, workdir, mesh)
+  denoise_fn, pair_fn, step = sample.restore_sampler(config, workdir, mesh)
   start = time.time()
   rng = jax.random.fold_in(jax.random.key(config.seed), 5)
   saved = [] if config.eval.save_samples else None
   stats = {'sampling_seconds': 0.0}
   videos = generated_batches(
       request, _Conditioning(config, run, request, real, mesh),
-      denoiser.make_denoise_fn(model, params, mesh), rng, mesh,
-      run.num_generated, keep=saved, stats=stats)
+      denoise_fn, rng, mesh, run.num_generated, keep=saved, stats=stats,
+      pair_fn=pair_fn)
   result = score(config, run, videos,
                  real.batches(max(config.eval.batch_size, 1)))
   result.update(

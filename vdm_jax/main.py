@@ -9,7 +9,9 @@ embed_captions (a Hugging Face text encoder's caption embeddings ->
 config.text.path, for text.encoder='files'; with --workdir of a trained
 model, its text dimension is checked first), tune (Tune-A-Video's one-shot
 tuning of a text-to-image model on config.tune.video; then --mode=sample
-with sample.task='edit' edits it).
+with sample.task='edit' edits it), tune_backward (Generative Inbetweening's
+backward-motion tune of the image-to-video model in config.tune.base_workdir;
+then --mode=sample with sample.task='inbetween').
 On several hosts, run the same command on each; jax.distributed is set up
 automatically on TPU pods and SLURM, or from --coordinator_address,
 --num_processes and --process_id.
@@ -34,7 +36,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints,'
                                ' logs and samples (local path or gs://).')
 _MODE = flags.DEFINE_enum('mode', 'train',
                           ['train', 'sample', 'eval', 'embed_captions',
-                           'tune'],
+                           'tune', 'tune_backward'],
                           'What to run.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0 (multi-process).')
@@ -78,6 +80,10 @@ def main(argv):
   if _MODE.value == 'tune':
     from vdm_jax.adapt import tune  # pylint: disable=g-import-not-at-top
     tune.tune(config, workdir)
+    return
+  if _MODE.value == 'tune_backward':
+    from vdm_jax.adapt import tune_backward  # pylint: disable=g-import-not-at-top
+    tune_backward.tune_backward(config, workdir)
     return
   if config.method == 'sinfusion':
     if _MODE.value == 'train':  # The package never imports the optimizer.

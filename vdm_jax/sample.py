@@ -34,6 +34,7 @@ from vdm_jax import sample_inputs
 from vdm_jax import sharding
 from vdm_jax import tasks
 from vdm_jax import video_io
+from vdm_jax.adapt import inbetween
 from vdm_jax.adapt import tuned
 from vdm_jax.text import encoders
 
@@ -47,7 +48,9 @@ def restore_ema_params(
   """Returns (model, EMA params replicated on the mesh, checkpoint step).
 
   A --mode=tune workdir holds only the tuned parameters: the frozen rest
-  comes from its base workdir (adapt/tuned.py).
+  comes from its base workdir (adapt/tuned.py). A --mode=tune_backward
+  workdir gives its forward (image-to-video) model here; `restore_sampler`
+  gives both.
   """
   denoiser.validate(config)
   checkpoint.check_compatible(config, workdir)
@@ -58,11 +61,41 @@ def restore_ema_params(
   mesh = mesh or sharding.make_mesh(config.mesh)
   if tuned.is_tuned_workdir(workdir):
     return tuned.restore(config, workdir, mesh)
+  if inbetween.is_backward_workdir(workdir):
+    record = inbetween.read_record(workdir)
+    inbetween.check_base(config, record['base_workdir'])
+    return inbetween.forward_params(config, record['base_workdir'],
+                                    record['base_step'], mesh)
   model = denoiser.create_model(config)
   params, step = checkpoint.restore_ema_params(
       workdir, denoiser.abstract_params(config, model),
       sharding=sharding.replicated(mesh))
   return model, params, step
+
+
+def restore_sampler(config: ml_collections.ConfigDict, workdir: str,
+                    mesh: jax.sharding.Mesh) -> tuple[Any, Any, int]:
+  """(denoise_fn, pair_fn, step) of a workdir's EMA model(s).
+
+  pair_fn (the forward and backward models of task 'inbetween',
+  adapt/inbetween.make_pair_fn) is None unless workdir holds a backward
+  model (--mode=tune_backward).
+  """
+  if config.sample.task == 'inbetween' and not (
+      inbetween.is_backward_workdir(workdir)):
+    raise ValueError(
+        f"sample.task='inbetween' needs a backward-motion model, but"
+        f' {workdir} holds none: run --mode=tune_backward'
+        f' --config.tune.base_workdir={workdir} --workdir=<new dir>, then'
+        ' sample that workdir.')
+  if inbetween.is_backward_workdir(workdir):
+    denoiser.validate(config)
+    checkpoint.check_compatible(config, workdir)
+    model, fwd, bwd, step = inbetween.restore(config, workdir, mesh)
+    return (denoiser.make_denoise_fn(model, fwd, mesh),
+            inbetween.make_pair_fn(model, fwd, bwd, mesh), step)
+  model, params, step = restore_ema_params(config, workdir, mesh)
+  return denoiser.make_denoise_fn(model, params, mesh), None, step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +191,7 @@ def sample_videos(
     rng: jax.Array,
     mesh: jax.sharding.Mesh,
     num_videos: int,
+    pair_fn: Any = None,
 ) -> np.ndarray:
   """Runs the request's task in padded, sharded batches.
 
@@ -167,6 +201,7 @@ def sample_videos(
     rng: PRNG key; batch i uses fold_in(rng, i).
     mesh: the device mesh.
     num_videos: N.
+    pair_fn: task 'inbetween': from `restore_sampler`.
 
   Returns:
     uint8 [N, T_out, H, W, C] on every process.
@@ -191,7 +226,7 @@ def sample_videos(
           'text_mask': sharding.full_to_global(request.text.mask[idx],
                                                mesh)}
     x = tasks.run(request.task, denoise_fn, jax.random.fold_in(rng, i),
-                  request.setup, num_videos=batch, **kwargs)
+                  request.setup, num_videos=batch, pair_fn=pair_fn, **kwargs)
     x = multihost_utils.process_allgather(x, tiled=True)
     n = min(batch, num_videos - i * batch)
     chunks.append(video_io.to_uint8(np.asarray(x)[:n]))
@@ -293,11 +328,10 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> dict:
   s = config.sample
   request = prepare(config, s.num_videos, seed=config.seed)
   mesh = sharding.make_mesh(config.mesh)
-  model, params, step = restore_ema_params(config, workdir, mesh)
+  denoise_fn, pair_fn, step = restore_sampler(config, workdir, mesh)
   rng = jax.random.fold_in(jax.random.key(config.seed), 3)
-  videos = sample_videos(request, denoiser.make_denoise_fn(model, params,
-                                                           mesh),
-                         rng, mesh, s.num_videos)
+  videos = sample_videos(request, denoise_fn, rng, mesh, s.num_videos,
+                         pair_fn)
   out_dir = os.path.join(workdir, 'samples', f'step_{step}', s.task)
   arrays, display = {}, None
   inputs, task = request.inputs, request.task

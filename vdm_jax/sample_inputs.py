@@ -11,7 +11,11 @@ resolution). They come from `config.sample.input`:
               real video;
   a file      .mp4/.gif/.webm/.avi (one video) or .npz (videos
               [N, T, H, W, C] under 'videos', 'video' or the first array,
-              uint8 or float in [-1, 1] / [0, 1]: another run's samples.npz).
+              uint8 or float in [-1, 1] / [0, 1]: another run's samples.npz),
+              or an image file (.png/.jpg/...: a one-frame video, the
+              input of 'image_to_video');
+  keyframes   task 'inbetween': config.sample.keyframes = 'first.png,
+              last.png', two images of one size (a single pair).
 Frames are resized (short side, antialiased bilinear) and centre-cropped to
 the target size. All checks raise ValueError / FileNotFoundError before any
 compilation.
@@ -62,6 +66,11 @@ def read_input(path: str) -> np.ndarray:
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f'sample.input={path}: no such file.')
+  if path.lower().endswith(video_io.IMAGE_EXTENSIONS):
+    try:
+      return video_io.read_image(path)[None, None]
+    except ValueError as e:
+      raise ValueError(f'sample.input={path}: {e}') from e
   if path.lower().endswith('.npz'):
     try:
       return video_io.read_npz_videos(path)
@@ -71,6 +80,33 @@ def read_input(path: str) -> np.ndarray:
     return video_io.read_video(path)[None]
   except ValueError as e:
     raise ValueError(f'sample.input={path}: {e}') from e
+
+
+def read_keyframes(spec: str) -> np.ndarray:
+  """sample.keyframes 'first.png,last.png' as uint8 [1, 2, H, W, C].
+
+  Raises:
+    ValueError: not two files, or images of different sizes (a keyframe
+      pair is two frames of one video: resize them alike yourself).
+    FileNotFoundError: a file is missing.
+  """
+  paths = [p.strip() for p in spec.split(',') if p.strip()]
+  if len(paths) != 2:
+    raise ValueError(f'sample.keyframes={spec!r}: give two image files,'
+                     " 'first.png,last.png'.")
+  images = []
+  for path in paths:
+    try:
+      images.append(video_io.read_image(path))
+    except (ValueError, FileNotFoundError) as e:
+      raise type(e)(f'sample.keyframes: {e}') from e
+  if images[0].shape != images[1].shape:
+    raise ValueError(
+        f'sample.keyframes: {paths[0]} is {images[0].shape[1]}x'
+        f'{images[0].shape[0]} but {paths[1]} is {images[1].shape[1]}x'
+        f'{images[1].shape[0]}; the two keyframes must have one size (two'
+        ' frames of one video).')
+  return np.stack(images)[None]
 
 
 def dataset_clips(
@@ -159,6 +195,15 @@ def load(config: ml_collections.ConfigDict, task: tasks.Task,
   """
   if not task.needs_video:
     return TaskInputs(None)
+  keyframes = config.sample.get('keyframes', '')
+  if keyframes:
+    if not isinstance(task, tasks.Inbetween):
+      raise ValueError(f'sample.keyframes is the input of task'
+                       f" 'inbetween', not of {task.name!r}.")
+    if config.sample.input:
+      raise ValueError('Give sample.keyframes or sample.input, not both.')
+    video = task.input_from_file(model, read_keyframes(keyframes))
+    return TaskInputs(video[np.arange(num) % len(video)])
   if not config.sample.input:
     return from_dataset(config, task, model, num, seed=seed, split=split,
                         random_start=random_start)

@@ -31,6 +31,12 @@ the Langevin corrector, which becomes Langevin preconditioned by S) onto the
 standard update with i.i.d. noise. A denoiser trained with i.i.d. noise and
 sampled with correlated noise (or the reverse) is a mismatch, not exact.
 
+Image-to-video models are guided on their given frame per frame
+(`image_guided`), and Generative Inbetweening's fused bidirectional sampling
+(Wang et al. 2024) is a denoiser too (`fused_bidirectional`: the forward
+model's prediction fused with the time-flipped backward model's), sampled by
+the same scan with noise re-injection (`sample(reinject=...)`).
+
 Guidance turns `denoise_fn` into the (x_hat, eps_hat) the sampler consumes:
 classifier-free guidance (VDM 2), replacement (imputation) of the known part
 x^a, reconstruction guidance (VDM 3.1, eq. 7) and its spatial super-resolution
@@ -330,6 +336,125 @@ def classifier_free(
   return fn
 
 
+def guidance_ramp(scale_first: float, scale_last: float,
+                  num_frames: int) -> jnp.ndarray:
+  """float32 [T]: per-frame guidance scales s = 1 + w, linear from the
+  given frame to the last (Stable Video Diffusion's image guidance)."""
+  return jnp.linspace(scale_first, scale_last, num_frames, dtype=jnp.float32)
+
+
+def _image_branches(denoise_fn, z, logsnr, cond):
+  """(pred with the image, pred with the null image), one batch of 2B."""
+  b = z.shape[0]
+  cond = dict(cond)
+  cond.setdefault('image_null', jnp.zeros((b,), bool))
+  uncond = dict(cond, image_null=jnp.ones((b,), bool))
+  both = jax.tree.map(lambda a, c: jnp.concatenate([a, c]), cond, uncond)
+  pred = denoise_fn(jnp.concatenate([z, z]), jnp.concatenate([logsnr, logsnr]),
+                    both)
+  return jnp.split(pred, 2)
+
+
+def _per_frame_cfg(pred_c, pred_u, scale):
+  """pred_u + s_f (pred_c - pred_u) with s [T] a scale per frame."""
+  s = scale.reshape((1, -1) + (1,) * (pred_c.ndim - 2))
+  return pred_u + s * (pred_c - pred_u)
+
+
+def _image_guided_apply(denoise_fn, scale, z, logsnr, cond):
+  return _per_frame_cfg(*_image_branches(denoise_fn, z, logsnr, cond), scale)
+
+
+def image_guided(denoise_fn: diffusion.DenoiseFn, scale: jnp.ndarray
+                 ) -> diffusion.DenoiseFn:
+  """Classifier-free guidance of an image-to-video model on its image.
+
+  The prediction is pred(z, null image) + s_f (pred(z, image) - pred(z,
+  null image)) with a scale s_f per frame (`guidance_ramp`; SVD: 1 on the
+  given frame to 3 on the last): frames far from the given one, which
+  depend on it least, are pushed hardest. Combined in the model's
+  parameterization (linear in it at fixed z, like x and eps).
+
+  Args:
+    denoise_fn: (z, logsnr, cond) -> prediction; cond holds 'image'.
+    scale: float [T] per-frame scales.
+
+  Returns:
+    A denoise_fn (a tree_util.Partial: the parameters stay traced).
+  """
+  return jax.tree_util.Partial(_image_guided_apply, denoise_fn,
+                               jnp.asarray(scale, jnp.float32))
+
+
+FUSION_WEIGHTS = ('half', 'ramp')
+
+
+def fusion_weights(kind: str, num_frames: int) -> jnp.ndarray:
+  """float32 [T] weight of the forward prediction per frame: 'half'
+  (0.5) or 'ramp' (1 on the first keyframe to 0 on the last)."""
+  if kind == 'half':
+    return jnp.full((num_frames,), 0.5, jnp.float32)
+  if kind == 'ramp':
+    return jnp.linspace(1.0, 0.0, num_frames, dtype=jnp.float32)
+  raise ValueError(f'Unknown sample.inbetween_weight {kind!r}; choose one of'
+                   f' {FUSION_WEIGHTS}.')
+
+
+def _fused_apply(pair_fn, weight, scale, z, logsnr, cond):
+  z_b = jnp.flip(z, axis=1)
+  cond_f, cond_b = cond['forward'], cond['backward']
+  if scale is None:
+    pred_f, pred_b = pair_fn(z, z_b, logsnr, cond_f, cond_b)
+  else:
+    b = z.shape[0]
+
+    def both(c):
+      c = dict(c)
+      c.setdefault('image_null', jnp.zeros((b,), bool))
+      u = dict(c, image_null=jnp.ones((b,), bool))
+      return jax.tree.map(lambda a, d: jnp.concatenate([a, d]), c, u)
+
+    pf, pb = pair_fn(jnp.concatenate([z, z]), jnp.concatenate([z_b, z_b]),
+                     jnp.concatenate([logsnr, logsnr]), both(cond_f),
+                     both(cond_b))
+    # Each model is guided in its own time: the scale ramps away from its
+    # keyframe, so after the flip the fused scale is the ramp averaged with
+    # its flip (w = 0.5).
+    pred_f = _per_frame_cfg(*jnp.split(pf, 2), scale)
+    pred_b = _per_frame_cfg(*jnp.split(pb, 2), scale)
+  w = weight.reshape((1, -1) + (1,) * (z.ndim - 2))
+  return w * pred_f + (1.0 - w) * jnp.flip(pred_b, axis=1)
+
+
+def fused_bidirectional(pair_fn, weight: jnp.ndarray,
+                        scale: jnp.ndarray | None = None
+                        ) -> diffusion.DenoiseFn:
+  """Generative Inbetweening's fused denoiser (Wang et al. 2024, Sec. 3.4).
+
+  At z, the forward model predicts from z conditioned on the first
+  keyframe, the backward model from flip(z) (time reversed) conditioned on
+  the last keyframe; the fused prediction is
+  w_f pred_fwd + (1 - w_f) flip(pred_bwd), per frame f. Predictions are
+  linear in x and eps at fixed z, so this fuses the x and eps estimates
+  alike, for any parameterization.
+
+  Args:
+    pair_fn: (z_fwd, z_bwd, logsnr, cond_fwd, cond_bwd) -> (pred_fwd,
+      pred_bwd), both models in one call (the backward one uses the forward
+      one's attention: adapt/inbetween.py), a pytree.
+    weight: float [T] forward weights (`fusion_weights`).
+    scale: float [T] per-frame image guidance scales of each model in its
+      own time (`guidance_ramp`), or None (no guidance).
+
+  Returns:
+    denoise_fn(z, logsnr, cond) with cond = {'forward': the forward
+    model's cond, 'backward': the backward model's}.
+  """
+  return jax.tree_util.Partial(
+      _fused_apply, pair_fn, jnp.asarray(weight, jnp.float32),
+      None if scale is None else jnp.asarray(scale, jnp.float32))
+
+
 def replace_known(
     z: jnp.ndarray,
     logsnr: jnp.ndarray,
@@ -507,10 +632,27 @@ def langevin_step(z, eps_hat, noise, logsnr, delta):
   return z - 0.5 * delta * sigma * eps_hat + jnp.sqrt(delta) * sigma * noise
 
 
+def renoise(z_s, noise, logsnr_s, logsnr_t):
+  """A draw of q(z_t | z_s), t before s: z_s taken back to the noise of t.
+
+  z_t = (alpha_t / alpha_s) z_s + sigma_{t|s} eps, sigma_{t|s}^2 =
+  sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2: the variance-preserving form of
+  adding N(0, sigma_t^2 - sigma_s^2) in the variance-exploding
+  parameterization (Generative Inbetweening's noise re-injection).
+  """
+  alpha_t, _ = schedules.alpha_sigma(logsnr_t)
+  alpha_s, _ = schedules.alpha_sigma(logsnr_s)
+  # sigma_{t|s}^2 = sigma_t^2 (1 - e^{lambda_t - lambda_s}).
+  var = -jnp.expm1(logsnr_t - logsnr_s) * jax.nn.sigmoid(-logsnr_t)
+  return (alpha_t / alpha_s) * z_s + jnp.sqrt(var) * noise
+
+
 @functools.partial(
-    jax.jit, static_argnames=('shape', 'target', 'sampler', 'clip_x'))
+    jax.jit, static_argnames=('shape', 'target', 'sampler', 'clip_x',
+                              'reinject'))
 def _sample_scan(denoise_fn, noise, rng, z, logsnrs, cond, guidance, gamma,
-                 eta, delta, *, shape, target, sampler, clip_x):
+                 eta, delta, *, shape, target, sampler, clip_x,
+                 reinject=(0, 1)):
   """The compiled sampler: one lax.scan over the len(logsnrs) - 1 steps."""
   num_steps = logsnrs.shape[0] - 1
   batch = shape[0]
@@ -526,8 +668,8 @@ def _sample_scan(denoise_fn, noise, rng, z, logsnrs, cond, guidance, gamma,
   if sampler == 'pc':
     names += ['langevin'] + ['replace_s'] * replace
 
-  def step(z, i):
-    keys = jax.random.split(jax.random.fold_in(rng, i), len(names))
+  def step(z, i, key):
+    keys = jax.random.split(key, len(names))
     noises = jax.vmap(lambda k: noise.draw(k, shape))(keys)
     noises = dict(zip(names, noises))
     lt, ls = logsnrs[i], logsnrs[i + 1]
@@ -547,9 +689,29 @@ def _sample_scan(denoise_fn, noise, rng, z, logsnrs, cond, guidance, gamma,
         return langevin_step(z_s, eps_s, noises['langevin'], ls, delta)
 
       z_s = jax.lax.cond(last, lambda z_s: z_s, correct, z_s)
-    return jnp.where(last, x_c, z_s), None
+    return jnp.where(last, x_c, z_s)
 
-  x, _ = jax.lax.scan(step, z, jnp.arange(num_steps))
+  reinject_steps, repeats = reinject
+
+  def scan_step(z, i):
+    key = jax.random.fold_in(rng, i)
+    if not reinject_steps or repeats < 2:
+      return step(z, i, key), None
+    # Noise re-injection: the first reinject_steps steps are redone
+    # `repeats` times, each time from their result taken back to t.
+
+    def again(r, z_t):
+      z_s = step(z_t, i, jax.random.fold_in(key, r))
+      z_back = renoise(z_s, noise.draw(jax.random.fold_in(key, -r), shape),
+                       logsnrs[i + 1], logsnrs[i])
+      return z_back
+
+    count = jnp.where(i < reinject_steps, repeats - 1, 0)
+    z = jax.lax.fori_loop(0, count, again, z)
+    return step(z, i, jax.random.fold_in(key, repeats)
+                if reinject_steps else key), None
+
+  x, _ = jax.lax.scan(scan_step, z, jnp.arange(num_steps))
   if guidance.replace:
     x = jnp.where(guidance.mask, guidance.x_a, x)
   return x
@@ -602,6 +764,7 @@ def sample(
     guidance: Guidance | None = None,
     z_init: jnp.ndarray | None = None,
     t_start: float = 1.0,
+    reinject: tuple[int, int] = (0, 1),
 ) -> jnp.ndarray:
   """Draws x ~ p(x | cond) with spec.sampler in spec.num_steps steps.
 
@@ -633,6 +796,9 @@ def sample(
     t_start: start at t = t_start of the num_steps grid instead of t = 1
       (the steps of t > t_start are skipped; `start_index`), from z_init:
       SDEdit-style partial regeneration of an inverted video.
+    reinject: (steps, repeats): each of the first `steps` steps is taken
+      `repeats` times, its result re-noised back to t (`renoise`) between
+      takes (Generative Inbetweening's noise re-injection; (0, 1): none).
 
   Returns:
     x: [B, T, H, W, C] float32.
@@ -655,7 +821,8 @@ def sample(
       _as_partial(denoise_fn), _as_partial(noise), rng, z_init,
       logsnrs, cond, guidance,
       spec.gamma, spec.eta, spec.delta, shape=shape, target=target,
-      sampler=spec.sampler, clip_x=spec.clip_x)
+      sampler=spec.sampler, clip_x=spec.clip_x,
+      reinject=(int(reinject[0]), int(reinject[1])))
 
 
 @functools.partial(jax.jit, static_argnames=('target', 'clip_x'))

@@ -17,6 +17,13 @@ A task says what it conditions on and where (Ho et al. 2022, 3.1):
   'upsample'       spatial super-resolution of a low-resolution video with
                    the high-resolution model (VDM 3.1, the bilinear-downsample
                    variant of reconstruction guidance).
+  'edit'           Tune-A-Video's inversion editing under a new prompt.
+  'image_to_video' an image-to-video model (model.image_condition) moves
+                   forward from a given first frame (Stable Video Diffusion's
+                   conditioning, image guidance per frame).
+  'inbetween'      Generative Inbetweening (Wang et al. 2024): the frames
+                   between two keyframes from the image-to-video model fused
+                   with its backward-motion model (--mode=tune_backward).
 
 Every task implements the `Task` protocol: `validate` (before anything is
 compiled), `num_output_frames`, `known_positions` (output frames that are
@@ -41,6 +48,7 @@ adding a task reads the others side by side.
 import dataclasses
 from typing import Any, ClassVar, Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -65,12 +73,14 @@ class ModelShape:
   image_size: int
   channels: int
   num_classes: int = 0
+  image_condition: bool = False
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'ModelShape':
     d = config.data
     return cls(d.num_frames, d.image_size, d.channels,
-               int(config.model.num_classes))
+               int(config.model.num_classes),
+               bool(config.model.get('image_condition', False)))
 
   @property
   def frame_shape(self) -> tuple[int, int, int]:
@@ -100,6 +110,8 @@ class BlockSampler:
     fixed_base: VideoFusion's long videos: every block samples with the
       same key, so each draw (z_1, step i's noise) has the same base noise
       per video; the block index salts the residuals, fresh per block.
+    pair_fn: the forward and backward models of in-betweening
+      (adapt/inbetween.make_pair_fn); None: there is no backward model.
   """
 
   denoise_fn: Any
@@ -112,23 +124,29 @@ class BlockSampler:
   cond: dict
   null_label: Optional[int] = None
   fixed_base: bool = False
+  pair_fn: Any = None
 
   def __call__(self, i: int, x_a=None, mask=None, x_lowres=None,
-               z_init=None, t_start: float = 1.0) -> jnp.ndarray:
+               z_init=None, t_start: float = 1.0, *, denoise_fn=None,
+               cond=None, reinject=(0, 1)) -> jnp.ndarray:
+    """Block i; denoise_fn and cond replace the sampler's own (a task's
+    wrapped denoiser, e.g. image guidance), reinject as sampling.sample."""
     s = self.spec
-    null_label = self.null_label if 'label' in self.cond else None
+    cond = self.cond if cond is None else cond
+    null_label = self.null_label if 'label' in cond else None
     guidance = sampling.make_guidance(
         cfg_weight=s.guidance_weight, null_label=null_label,
-        null_text='text' in self.cond, x_a=x_a,
+        null_text='text' in cond, x_a=x_a,
         mask=mask, x_lowres=x_lowres, recon_weight=s.recon_weight,
         remat=s.remat_guidance)
     rng, noise = jax.random.fold_in(self.rng, i), self.noise
     if self.fixed_base:
       rng, noise = jax.random.fold_in(self.rng, 0), noise.with_salt(i)
     return sampling.sample(
-        self.denoise_fn, rng, self.shape, logsnr_fn=self.logsnr_fn,
-        target=self.target, spec=s, noise=noise, cond=self.cond,
-        guidance=guidance, z_init=z_init, t_start=t_start)
+        self.denoise_fn if denoise_fn is None else denoise_fn, rng,
+        self.shape, logsnr_fn=self.logsnr_fn, target=self.target, spec=s,
+        noise=noise, cond=cond, guidance=guidance, z_init=z_init,
+        t_start=t_start, reinject=reinject)
 
   def invert(self, x: jnp.ndarray, t_end: float = 1.0) -> jnp.ndarray:
     """DDIM inversion of x [B, T, H, W, C] to z_1 (or z at t_end) with
@@ -585,9 +603,179 @@ class Edit(Task):
                         t_start=t)
 
 
+def check_image_file_size(model: ModelShape, videos: np.ndarray,
+                          task: str) -> None:
+  """Logs a warning when a file's frames are resized to the model's."""
+  if videos.shape[2:] != model.frame_shape:
+    logging.warning(
+        'Task %r: the input frames are %dx%d; the model makes %dx%d, so they'
+        ' are resized (short side) and centre-cropped.', task,
+        videos.shape[2], videos.shape[3], model.image_size, model.image_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageToVideo(Task):
+  """A video moving forward from a given first frame (image-to-video).
+
+  Stable Video Diffusion's recipe (Blattmann et al. 2023): the first frame
+  plus image_noise times standard noise conditions the model, which is
+  guided on it per frame, the scale linear from image_guidance_min on the
+  given frame to image_guidance_max on the last (sampling.image_guided);
+  the given frame is kept as the output's first. The input is an image
+  file (or a video's first frame) or the dataset clips' first frames.
+  """
+
+  name: ClassVar[str] = 'image_to_video'
+  image_noise: float = 0.02
+  image_guidance_min: float = 1.0
+  image_guidance_max: float = 3.0
+
+  def validate(self, model, video_shape, spec):
+    super().validate(model, video_shape, spec)
+    if not model.image_condition:
+      raise ValueError(
+          f'sample.task={self.name!r} needs an image-to-video model'
+          ' (model.image_condition=True, e.g. configs/i2v_quickstart.py);'
+          ' this one has no image input.')
+    if self.image_noise < 0:
+      raise ValueError(f'sample.image_noise must be >= 0, got'
+                       f' {self.image_noise}.')
+
+  def num_input_frames(self, model):
+    return 1
+
+  def known_positions(self, model, num_in, num_out):
+    known = np.zeros(num_out, bool)
+    known[0] = True
+    return known
+
+  def input_from_file(self, model, videos):
+    check_image_file_size(model, videos, self.name)
+    return fit(videos[:, :1], model.image_size, model.channels)
+
+  def display_reference(self, video, known, num_out):
+    if video.shape[1] == num_out:
+      return video
+    return super().display_reference(video[:, :1], known, num_out)
+
+  def image_scales(self, model: ModelShape) -> Optional[jnp.ndarray]:
+    """float32 [T] per-frame guidance scales (None: no guidance)."""
+    if self.image_guidance_min == self.image_guidance_max == 1.0:
+      return None
+    return sampling.guidance_ramp(self.image_guidance_min,
+                                  self.image_guidance_max, model.num_frames)
+
+  def image_cond(self, sample_block: BlockSampler, image: jnp.ndarray
+                 ) -> dict:
+    """The model's image inputs for the given frames [B, H, W, C]."""
+    b = image.shape[0]
+    noise = jax.random.normal(jax.random.fold_in(sample_block.rng, 1 << 20),
+                              image.shape)
+    return denoiser.image_cond(image, jnp.full((b,), self.image_noise),
+                               noise)
+
+  def run(self, sample_block, video, model):
+    image = video[:, 0]
+    scales = self.image_scales(model)
+    fn = sample_block.denoise_fn
+    if scales is not None:
+      fn = sampling.image_guided(fn, scales)
+    x = sample_block(0, denoise_fn=fn, cond={
+        **sample_block.cond, **self.image_cond(sample_block, image)})
+    return x.at[:, 0].set(image)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inbetween(ImageToVideo):
+  """The frames between two keyframes: Generative Inbetweening.
+
+  Wang et al. 2024 (arXiv 2408.15239, Sec. 3.4): at every step the forward
+  image-to-video model's prediction from the first keyframe and the
+  backward-motion model's (adapt/inbetween.py) from the last keyframe on
+  the time-flipped latent are fused, w pred_fwd + (1 - w) flip(pred_bwd),
+  w = 0.5 ('half') or 1 -> 0 over the frames ('ramp'); each of the first
+  inbetween_reinject_fraction of the steps is redone
+  inbetween_reinject_repeats times after re-noising (their code: half of
+  the steps, 5 times); each model is guided on its keyframe per frame as
+  in 'image_to_video'. The two keyframes are kept as the output's first and
+  last frames. Inputs: two image files (sample.keyframes), or the first and
+  last of the first sample.input_frames (default T) frames of a video or of
+  the dataset clips.
+  """
+
+  name: ClassVar[str] = 'inbetween'
+  inbetween_weight: str = 'half'
+  inbetween_reinject_fraction: float = 0.5
+  inbetween_reinject_repeats: int = 5
+
+  def validate(self, model, video_shape, spec):
+    if model.num_frames < 3:
+      raise ValueError(
+          f'Task {self.name!r} makes the frames between two keyframes: it'
+          f' needs a model of at least 3 frames, this one has'
+          f' {model.num_frames}.')
+    super().validate(model, video_shape, spec)
+    if video_shape is not None and video_shape[1] < 2:
+      raise ValueError(f'Task {self.name!r} needs two keyframes; the input'
+                       f' has {video_shape[1]} frame.')
+    sampling.fusion_weights(self.inbetween_weight, model.num_frames)
+    if not 0.0 <= self.inbetween_reinject_fraction <= 1.0 or (
+        self.inbetween_reinject_repeats < 1):
+      raise ValueError(
+          'sample.inbetween_reinject_fraction must lie in [0, 1] and'
+          ' sample.inbetween_reinject_repeats be >= 1.')
+    if spec.guidance_weight and model.num_classes:
+      raise ValueError(
+          f'Task {self.name!r} is guided on its keyframes'
+          ' (sample.image_guidance_min/max), not on labels: set'
+          ' sample.guidance_weight=0.')
+
+  def num_input_frames(self, model):
+    return self.input_frames or model.num_frames
+
+  def min_input_frames(self, model):
+    return 2
+
+  def known_positions(self, model, num_in, num_out):
+    known = np.zeros(num_out, bool)
+    known[[0, -1]] = True
+    return known
+
+  def input_from_file(self, model, videos):
+    check_image_file_size(model, videos, self.name)
+    n = min(self.num_input_frames(model), videos.shape[1])
+    return fit(videos[:, [0, n - 1]], model.image_size, model.channels)
+
+  def display_reference(self, video, known, num_out):
+    if video.shape[1] == num_out:
+      return video
+    return Task.display_reference(self, video[:, [0, -1]], known, num_out)
+
+  def run(self, sample_block, video, model):
+    if sample_block.pair_fn is None:
+      raise ValueError(
+          f'Task {self.name!r} needs the backward-motion model: sample a'
+          ' --mode=tune_backward workdir (adapt/tune_backward.py).')
+    first, last = video[:, 0], video[:, -1]
+    cond_f = {**sample_block.cond, **self.image_cond(sample_block, first)}
+    # The same augmentation noise on both keyframes.
+    cond_b = dict(cond_f, image=cond_f['image'] - first + last)
+    fused = sampling.fused_bidirectional(
+        sample_block.pair_fn,
+        sampling.fusion_weights(self.inbetween_weight, model.num_frames),
+        self.image_scales(model))
+    steps = int(self.inbetween_reinject_fraction
+                * sample_block.spec.num_steps)
+    x = sample_block(0, denoise_fn=fused,
+                     cond={'forward': cond_f, 'backward': cond_b},
+                     reinject=(steps, self.inbetween_reinject_repeats))
+    return x.at[:, 0].set(first).at[:, -1].set(last)
+
+
 REGISTRY: dict[str, type[Task]] = {
     cls.name: cls for cls in (Unconditional, Class, Predict, Extend,
-                              Interpolate, Keyframes, Upsample, Edit)
+                              Interpolate, Keyframes, Upsample, Edit,
+                              ImageToVideo, Inbetween)
 }
 TASKS = tuple(REGISTRY)
 
@@ -656,6 +844,7 @@ def run(
     num_videos: Optional[int] = None,
     labels: Optional[jnp.ndarray] = None,
     text: Optional[dict] = None,
+    pair_fn: Any = None,
 ) -> jnp.ndarray:
   """Runs `task` end to end.
 
@@ -673,6 +862,8 @@ def run(
     text: {'text': [B, L, D], 'text_mask': [B, L]} prompt embeddings of a
       text model (every block of every task is conditioned on them; with
       spec.guidance_weight != 0 guided against the null text).
+    pair_fn: task 'inbetween': the forward and backward models
+      (adapt/inbetween.make_pair_fn).
 
   Returns:
     x: [B, T_out, H, W, C] float32, T_out = task.num_output_frames.
@@ -694,5 +885,5 @@ def run(
       denoise_fn, rng, (b, model.num_frames) + model.frame_shape, setup.spec,
       setup.logsnr_fn, setup.target, setup.noise, cond,
       null_label=model.num_classes or None,
-      fixed_base=task.fixed_base_noise)
+      fixed_base=task.fixed_base_noise, pair_fn=pair_fn)
   return task.run(block, video, model)

@@ -55,6 +55,17 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     )
   if not 0.0 <= config.text.dropout < 1.0:
     raise ValueError('text.dropout must lie in [0, 1).')
+  if config.model.get('image_condition', False):
+    if config.data.image_frames:
+      raise ValueError(
+          'An image-to-video model (model.image_condition) conditions every'
+          ' frame on its clip\'s first frame; joint image-video training'
+          ' (data.image_frames > 0) would give image frames of other videos'
+          ' that frame: set data.image_frames=0.')
+    if not 0.0 <= config.training.image_dropout < 1.0:
+      raise ValueError('training.image_dropout must lie in [0, 1).')
+    if config.training.image_noise_std < 0:
+      raise ValueError('training.image_noise_std must be >= 0.')
   checkpoint.check_compatible(config, workdir)
 
 
@@ -112,9 +123,17 @@ def _make_loss_fn(model, config):
         mb, num_classes, config.training.label_dropout, mb['label_u'],
         mb['image_label_u'], text_dropout=text_dropout,
         text_drop_u=mb.get('text_u'), image_text_drop_u=mb.get('image_text_u'))
+    x = to_model_range(mb['video'])
+    if 'image_rng' in mb:  # Image-to-video: the clip's own first frame.
+      t = config.training
+      cond.update(jax.vmap(lambda img, key: jax.tree.map(
+          lambda a: a[0], denoiser.training_image_cond(
+              img[None], key, dropout=t.image_dropout,
+              noise_mean=t.image_noise_mean,
+              noise_std=t.image_noise_std)))(x[:, 0], mb['image_rng']))
     out = diffusion.loss(
         denoiser.training_denoise_fn(model, params, drop_rng),
-        to_model_range(mb['video']),
+        x,
         mb['loss_rng'] if per_example else mb['loss_rng'][0],
         logsnr_fn=logsnr_fn, target=config.diffusion.target, cond=cond,
         time_sampling=config.diffusion.time_sampling,
@@ -175,6 +194,9 @@ def train_step(
       'image_label_u': jax.random.uniform(
           jax.random.fold_in(rng_label, 1), (batch_size, max(num_images, 0))),
   }
+  if config.model.get('image_condition', False):  # Per-example keys.
+    inputs['image_rng'] = jax.random.split(jax.random.fold_in(rng_label, 4),
+                                           batch_size)
   if 'text' in batch:  # Caption dropout draws, per clip and image frame.
     inputs['text_u'] = jax.random.uniform(jax.random.fold_in(rng_label, 2),
                                           (batch_size,))
@@ -246,7 +268,7 @@ def create_pipeline(config: ml_collections.ConfigDict,
   )
 
 
-def _global_batches(pipe: pipeline.Pipeline, mesh):
+def global_batches(pipe: pipeline.Pipeline, mesh):
   """start -> this process's batches of steps start, ... as global arrays."""
 
   def batches(start):
@@ -299,7 +321,7 @@ def train(config: ml_collections.ConfigDict,
 
   return training.run(
       state, lambda s, batch: train_step_fn(s, batch, rng_train),
-      _global_batches(create_pipeline(config, workdir), mesh),
+      global_batches(create_pipeline(config, workdir), mesh),
       ckpt=ckpt, writer=writer,
       settings=training.LoopSettings.from_config(config.training),
       hooks=[(config.training.preview_every_steps, preview)],

@@ -28,6 +28,7 @@ MIN_GRID_CELL = 64
 CAPTION_HEIGHT = 14
 FFMPEG_EXTENSIONS = ('.mp4', '.webm', '.avi')
 READ_EXTENSIONS = FFMPEG_EXTENSIONS + ('.gif', '.npz')
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
 
 def to_uint8(x: Any) -> np.ndarray:
@@ -262,6 +263,28 @@ def _gif_video(path: str, max_frames: Optional[int]) -> np.ndarray:
       if max_frames is not None and len(frames) >= max_frames:
         break
   return np.stack(frames)
+
+
+def read_image(path: str) -> np.ndarray:
+  """Reads an image file (.png/.jpg/.jpeg/.bmp/.webp) as uint8 [H, W, 3].
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    ValueError: unsupported extension or undecodable.
+  """
+  path = os.fspath(path)
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in IMAGE_EXTENSIONS:
+    raise ValueError(f'Unsupported image extension {ext!r} of {path};'
+                     f' supported: {", ".join(IMAGE_EXTENSIONS)}.')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No such image file: {path}')
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert('RGB'))
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'Could not decode image file {path}: {_summary(e)}'
+                     ) from e
 
 
 def _summary(error: Exception) -> str:

@@ -113,7 +113,7 @@ def tune_step(state: training.TrainState, frozen, batch, rng, *, model, tx,
       grads, new_state.params, lr_fn(state.step))}
 
 
-def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+def batch_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """The mesh of config.mesh, or one device for a batch that cannot split
   (Tune-A-Video's batch of 1: no device repeats another's work)."""
   devices = jax.devices()
@@ -137,7 +137,7 @@ def tune(config: ml_collections.ConfigDict, workdir: str
   t = config.tune
   record = tuned_lib.make_record(config, base_step)
   tuned_lib.check_same_source(workdir, record)
-  mesh = _mesh(config)
+  mesh = batch_mesh(config)
   repl = sharding.replicated(mesh)
   rng_init, rng_train = jax.random.split(jax.random.key(config.seed))
   model, inflated = tuned_lib.inflated_params(config, record, mesh, rng_init)

@@ -222,8 +222,22 @@ class ResBlock(nn.Module):
     return x.astype(self.dtype) + h
 
 
+def attention_weights(q: Array, k: Array, spec: str, bias: Optional[Array],
+                      mask: Optional[Array]) -> Array:
+  """Softmax attention probabilities (float32) of `_attention`."""
+  qs, ks, ls = spec
+  logits = jnp.einsum(f'{qs},{ks}->{ls}', q, k,
+                      preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1)
+
+
 def _attention(q: Array, k: Array, v: Array, spec: str, bias: Optional[Array],
-               mask: Optional[Array]) -> Array:
+               mask: Optional[Array], weights: Optional[Array] = None
+               ) -> Array:
   """Softmax attention with float32 logits.
 
   Args:
@@ -233,19 +247,27 @@ def _attention(q: Array, k: Array, v: Array, spec: str, bias: Optional[Array],
     spec: 'q,k,v' einsum spec pieces, e.g. ('nqhd', 'nkhd', 'nhqk').
     bias: logits bias broadcastable to the logits, or None.
     mask: bool, True = attend, broadcastable to the logits, or None.
+    weights: given attention probabilities in the logits' layout, used
+      instead of softmax(q k + bias) (attention injection); None computes
+      them.
 
   Returns:
     Attention output in the layout of q.
   """
   qs, ks, ls = spec
-  logits = jnp.einsum(f'{qs},{ks}->{ls}', q, k,
-                      preferred_element_type=jnp.float32)
-  if bias is not None:
-    logits = logits + bias
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum(f'{ls},{ks}->{qs}', weights, v)
+  if weights is None:
+    weights = attention_weights(q, k, spec, bias, mask)
+  return jnp.einsum(f'{ls},{ks}->{qs}', weights.astype(v.dtype), v)
+
+
+# Variable collections of temporal attention control (Generative
+# Inbetweening, Wang et al. 2024, Sec. 3.2): a pass applied with
+# mutable=[CAPTURE] returns every temporal attention's probabilities
+# [B, H*W, heads, T(query), T(key)] under its module path; a pass given
+# {INJECT: those (e.g. flipped)} uses them instead of its own.
+CAPTURE = 'attention_capture'
+INJECT = 'attention_inject'
+PROBS = 'probs'
 
 
 PATTERNS = ('self', 'sparse_causal')
@@ -325,7 +347,9 @@ class TemporalAttention(nn.Module):
   The logits get a learned bias per head and clipped frame distance
   (Shaw et al. 2018): there is no absolute notion of time. A frame mask
   restricts video frames to video frames and each image frame to itself
-  (joint image-video training, VDM section 3).
+  (joint image-video training, VDM section 3). Its probabilities can be
+  captured (collection CAPTURE) and replaced by given ones (collection
+  INJECT): Generative Inbetweening's attention control.
 
   Attributes:
     num_frames: T (to fold the frames-as-batch axis back).
@@ -367,8 +391,18 @@ class TemporalAttention(nn.Module):
     pos = jnp.arange(t)
     rel = jnp.clip(pos[None, :] - pos[:, None], -m, m) + m  # [T(q), T(k)]
     bias = jnp.transpose(table[rel], (2, 0, 1))  # [heads, T, T]
-    out = _attention(q, k, v, ('btshd', 'bushd', 'bshtu'), bias,
-                     mask[:, None, None])
+    spec = ('btshd', 'bushd', 'bshtu')
+    if self.has_variable(INJECT, PROBS):
+      weights = self.get_variable(INJECT, PROBS)
+      want = (b, hgt * wid, heads, t, t)
+      if weights.shape != want:
+        raise ValueError(f'Injected attention probabilities at {self.path}'
+                         f' are {weights.shape}; this layer needs {want}.')
+    else:
+      weights = attention_weights(q, k, spec, bias, mask[:, None, None])
+    if self.is_mutable_collection(CAPTURE):
+      self.put_variable(CAPTURE, PROBS, weights)
+    out = _attention(q, k, v, spec, None, None, weights)
     out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                    name='out')(out.reshape(n, hgt, wid, c))
     return x.astype(self.dtype) + out

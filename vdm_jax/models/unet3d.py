@@ -18,6 +18,14 @@ encoder condition the network through cross-attention after each spatial
 attention (Imagen Video's choice, Ho et al. 2022b) and/or an attention-pooled
 vector added to the conditioning embedding (VDM 4.3); a learned null text
 stands in for dropped or empty captions (classifier-free guidance).
+
+Image-to-video (image_condition): a given first frame conditions the
+network as in Stable Video Diffusion (Blattmann et al. 2023): the frame,
+noise-augmented by the caller, is repeated over the T frames and
+concatenated to the noisy input with a mask channel (1 on the frame it
+was given for), and the augmentation level's embedding is added to the
+conditioning vector. A dropped image (image_null: zeros, mask 0) is the
+unconditional branch of classifier-free guidance.
 """
 
 import dataclasses
@@ -266,6 +274,8 @@ class UNet3D(nn.Module):
     spatial_attention: 'self' (each frame's own pixels) or 'sparse_causal'
       (frame i attends to frames 0 and i - 1: Tune-A-Video,
       layers.SpatialAttention).
+    image_condition: an image-to-video model: the call takes the first
+      frame (`image`, its noise level `image_sigma`).
   """
 
   base_channels: int
@@ -286,6 +296,7 @@ class UNet3D(nn.Module):
   text_pooling: bool = True
   temporal_attention: bool = True
   spatial_attention: str = 'self'
+  image_condition: bool = False
 
   def _config(self) -> dict[str, Any]:
     fields = set(UNet3D.__dataclass_fields__) - {'parent', 'name'}
@@ -331,11 +342,14 @@ class UNet3D(nn.Module):
 
   def _embed(self, logsnr: Array, label: Optional[Array], b: int,
              t: int, text: Optional[Array] = None,
-             text_mask: Optional[Array] = None) -> Array:
-    """Conditioning embedding [B*T, E] from logsnr, label and text.
+             text_mask: Optional[Array] = None,
+             image_sigma: Optional[Array] = None) -> Array:
+    """Conditioning embedding [B*T, E] from logsnr, label, text, image.
 
     Each of logsnr and label is per example ([B]) or per frame ([B, T]);
-    text [B, Tc, L, D] (from `_text`) adds its attention-pooled vector.
+    text [B, Tc, L, D] (from `_text`) adds its attention-pooled vector;
+    image_sigma [B] (image models) the embedding of the conditioning
+    frame's noise level.
     """
     emb_dim = self.emb_dim or 4 * self.base_channels
     logsnr = jnp.asarray(logsnr, jnp.float32)
@@ -347,6 +361,14 @@ class UNet3D(nn.Module):
       if i:
         emb = nn.silu(emb)
       emb = nn.Dense(emb_dim, name=f'emb_mlp_{i}')(emb)
+    if image_sigma is not None:
+      # The noise level as a log-SNR of the image's own scale (sigma^2
+      # against 1), embedded like the diffusion time (SVD embeds it too).
+      level = -2.0 * jnp.log(jnp.maximum(
+          jnp.asarray(image_sigma, jnp.float32), 1e-4))
+      image_emb = nn.Dense(emb_dim, name='image_noise_emb')(nn.silu(
+          layers.logsnr_embedding(level, self.base_channels)))
+      emb = emb + (image_emb if emb.ndim == 2 else image_emb[:, None])
     if self.num_classes > 0:
       if label is None:
         label = jnp.full((b,), self.num_classes, jnp.int32)
@@ -370,6 +392,39 @@ class UNet3D(nn.Module):
                                        name='text_pool')(text, text_mask)
     return emb.reshape(b * t, emb_dim)
 
+  def _image_input(self, z: Array, image: Optional[Array],
+                   image_sigma: Optional[Array], image_null: Optional[Array]
+                   ) -> tuple[Array, Optional[Array]]:
+    """z with the image channels of an image model: [B, T, H, W, 2C + 1].
+
+    The image is repeated over the frames, the mask channel is 1 on the
+    first frame (where the image was given) unless the image is null.
+    Returns (z, image_sigma [B] or None).
+    """
+    b, t, hgt, wid, c = z.shape
+    if not self.image_condition:
+      if image is not None:
+        raise ValueError('An image was given but this model is not an'
+                         ' image-to-video model (model.image_condition).')
+      return z, None
+    if image is None:
+      image = jnp.zeros((b, hgt, wid, c), jnp.float32)
+      image_null = jnp.ones((b,), bool)
+    if image.shape != (b, hgt, wid, c):
+      raise ValueError(f'image must be [B, H, W, C] = {(b, hgt, wid, c)},'
+                       f' got {image.shape}.')
+    keep = jnp.ones((b,), jnp.float32)
+    if image_null is not None:
+      keep = 1.0 - jnp.asarray(image_null, jnp.float32).reshape(b)
+    if image_sigma is None:
+      image_sigma = jnp.zeros((b,), jnp.float32)
+    image = jnp.asarray(image, jnp.float32) * keep[:, None, None, None]
+    frames = jnp.broadcast_to(image[:, None], (b, t, hgt, wid, c))
+    mask = jnp.zeros((b, t, hgt, wid, 1), jnp.float32).at[:, 0].set(
+        keep[:, None, None, None])
+    z = jnp.concatenate([z.astype(jnp.float32), frames, mask], axis=-1)
+    return z, jnp.asarray(image_sigma, jnp.float32).reshape(b)
+
   @nn.compact
   # Over 60 lines: the network reads top to bottom (stem, down levels, middle,
   # up levels, head) as in the DDPM UNet it follows; split, it would not.
@@ -378,6 +433,9 @@ class UNet3D(nn.Module):
                text: Optional[Array] = None,
                text_mask: Optional[Array] = None,
                text_null: Optional[Array] = None,
+               image: Optional[Array] = None,
+               image_sigma: Optional[Array] = None,
+               image_null: Optional[Array] = None,
                train: bool = False) -> Array:
     """Predicts eps / v / x from a noisy video.
 
@@ -395,6 +453,11 @@ class UNet3D(nn.Module):
         text, i.e. the null text).
       text_null: [B] or [B, T] bool: use the learned null text instead
         (caption dropout; the unconditional branch of guidance).
+      image: image models: [B, H, W, C] the (noise-augmented) first frame,
+        in [-1, 1]; None: no image (as image_null).
+      image_sigma: [B] the noise level the image was augmented with.
+      image_null: [B] bool: drop the image (zeros, mask 0; image dropout,
+        the unconditional branch of guidance).
       train: enables dropout (needs a 'dropout' rng).
 
     Returns:
@@ -405,7 +468,8 @@ class UNet3D(nn.Module):
     dtype = jnp.dtype(self.dtype)
     out_ch = self.out_channels or c
     text, text_mask = self._text(text, text_mask, text_null, b, t)
-    emb = self._embed(logsnr, label, b, t, text, text_mask)
+    z, image_sigma = self._image_input(z, image, image_sigma, image_null)
+    emb = self._embed(logsnr, label, b, t, text, text_mask, image_sigma)
     cross = text is not None and self.text_cross_attention
     if frame_mask is None:
       frame_mask = jnp.ones((b, t), bool)
@@ -425,7 +489,7 @@ class UNet3D(nn.Module):
     last = len(chans) - 1
 
     h = layers.Conv3x3(chans[0], dtype=dtype, name='conv_in')(
-        z.reshape(b * t, hgt, wid, c))
+        z.reshape(b * t, hgt, wid, z.shape[-1]))
     skips = [h]
     for i, ch in enumerate(chans):
       h, outs = level_cls(ch, self.num_res_blocks,
