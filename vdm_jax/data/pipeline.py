@@ -1,4 +1,4 @@
-"""Deterministic, resumable, per-process batches of clips from a source.
+"""Deterministic, resumable, per-process batches of clips, on grain.
 
 A source is any random-access collection: `len(source)` examples and
 `source[i] -> {'video': uint8[T', H, W, C], 'label': int}` with T' at least
@@ -24,6 +24,20 @@ Batch `step` is a pure function of (seed, step, process_index):
     (drawn after the others, so switching them on changes nothing else).
 Resuming from a checkpoint at step k therefore only needs k.
 
+The graph is a grain `MapDataset` indexed by step (`Pipeline.dataset`):
+  range of global positions -> batch(b): blocks of b positions, P blocks a
+  global batch -> [p::P] (`grain.sharding.ShardOptions(p, P)`): this
+  process's block of each step -> map(_Sample): epoch permutations and the
+  per-position draws -> map(_Read): decoding, crops, flips.
+`dataset[step]` is random access, so the iterator state is the step: a
+resumed run builds `dataset[k:]` and needs nothing beside the train state's
+step in the checkpoint (`BatchIterator.get_state` is `{'step': k}`). With
+`num_workers > 0`, `mp_prefetch` decodes in that many worker processes
+(each takes every num_workers-th step; grain interleaves them back in
+order), and a main-process thread adds what needs the main process (text
+embeddings, the count of skipped files) and keeps `prefetch` batches ready.
+Every worker count gives the same batches.
+
 Joint image-video training (Ho et al. 2022, Sec. 3 and 4.3.1): with
 `image_frames = N > 0` each clip of T frames is followed by N independent
 frames, each from a different randomly chosen other example at a random
@@ -39,17 +53,21 @@ would have to read every record for it), and the label each frame needs
 is read with the frame anyway.
 """
 
-import collections
-import queue
+import os
 import re
-import threading
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
+from absl import flags
+import grain
 import numpy as np
 
-# Stream tags keep the seeded random streams of the pipeline apart.
-_PERMUTATION, _POSITION = 0, 1
+from vdm_jax.data import grain_ops
+from vdm_jax.data import loader
 
+BatchIterator = loader.BatchIterator
+
+# Steps the dataset spans: far more than any run takes.
+_MAX_STEPS = 2**40
 
 _SWAP = {'left': 'right', 'right': 'left', 'Left': 'Right', 'Right': 'Left'}
 
@@ -58,6 +76,15 @@ def flip_caption(text: str) -> str:
   """The caption of the left-right mirrored video: 'left' <-> 'right'."""
   return re.sub(r'\b(left|right|Left|Right)\b',
                 lambda m: _SWAP[m.group(0)], text)
+
+
+def default_num_workers() -> int:
+  """Decoding processes for this host: its cores less one, at least one."""
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    cores = os.cpu_count() or 1
+  return max(1, cores - 1)
 
 
 class Pipeline:
@@ -69,7 +96,8 @@ class Pipeline:
                seed: int, frame_stride: int = 1, image_frames: int = 0,
                process_index: int = 0, process_count: int = 1,
                random_start: bool = True, random_flip: bool = False,
-               random_crop: bool = False, text_encoder: Any = None):
+               random_crop: bool = False, text_encoder: Any = None,
+               num_workers: int = 0, worker_buffer_size: int = 2):
     """Checks the arguments against the source.
 
     Args:
@@ -88,6 +116,9 @@ class Pipeline:
       text_encoder: a `text.encoders.TextEncoder`: batches then carry the
         embeddings of each clip's caption and of each image frame's own
         video's caption (the source's items must hold 'caption').
+      num_workers: worker processes that make the batches of `iterate`
+        (0: its thread makes them; `default_num_workers()` for this host).
+      worker_buffer_size: batches each worker may hold ready.
 
     Raises:
       ValueError: on inconsistent arguments or a source too small for them.
@@ -106,6 +137,10 @@ class Pipeline:
           '>= 1.')
     if image_frames < 0:
       raise ValueError(f'image_frames={image_frames} must be >= 0.')
+    if num_workers < 0 or worker_buffer_size < 1:
+      raise ValueError(
+          f'num_workers={num_workers} must be >= 0 and worker_buffer_size='
+          f'{worker_buffer_size} >= 1.')
     size = len(source)
     if size == 0:
       raise ValueError('The source is empty: it has no examples.')
@@ -122,7 +157,6 @@ class Pipeline:
     self.batch_size = global_batch_size // process_count
     self.num_frames = num_frames
     self.seed = seed
-    self._seed_key = seed % 2**64  # SeedSequence needs entropy >= 0.
     self.frame_stride = frame_stride
     self.image_frames = image_frames
     self.process_index = process_index
@@ -130,11 +164,21 @@ class Pipeline:
     self.random_start = random_start
     self.random_flip = random_flip
     self.random_crop = random_crop
-    self._permutations = collections.OrderedDict()
-    self._lock = threading.Lock()
+    self.num_workers = num_workers
+    self.worker_buffer_size = worker_buffer_size
+    self.shard_options = grain.sharding.ShardOptions(
+        shard_index=process_index, shard_count=process_count,
+        drop_remainder=True)
     item = source[0]
     first = np.asarray(item['video'])
-    self._check_length(first, 0)
+    self._sample = grain_ops.Sample(
+        size, seed, image_frames, random_flip, random_crop)
+    # Video length of sources with `render_batch` (one length for all).
+    self._read = grain_ops.Read(
+        source, num_frames=num_frames, frame_stride=frame_stride,
+        random_start=random_start, random_crop=random_crop,
+        source_frames=first.shape[0])
+    self._read.check_length(first, 0)
     if text_encoder is not None and 'caption' not in item:
       raise ValueError(
           f'Text conditioning (text.encoder={text_encoder.name!r}) needs'
@@ -142,8 +186,7 @@ class Pipeline:
           ' use the synthetic data, or video files with data.captions=True'
           ' (docs/data.md).')
     self.text_encoder = text_encoder
-    # Video length of sources with `render_batch` (one length for all).
-    self._source_frames = first.shape[0]
+    self.dataset = self._dataset()
 
   @property
   def num_frames_total(self) -> int:
@@ -155,150 +198,29 @@ class Pipeline:
     """Source frames one clip covers: (T - 1) * stride + 1."""
     return (self.num_frames - 1) * self.frame_stride + 1
 
-  def _check_length(self, video: np.ndarray, index: int) -> None:
-    if video.ndim != 4 or video.shape[0] < self.clip_span:
-      raise ValueError(
-          f'Source example {index} has video shape {video.shape}; need '
-          f'[T\', H, W, C] with T\' >= (num_frames - 1) * frame_stride + 1 = '
-          f'{self.clip_span} (num_frames={self.num_frames}, frame_stride='
-          f'{self.frame_stride}).')
-
   def _permutation(self, epoch: int) -> np.ndarray:
-    """The example order of `epoch` (cached for the two latest epochs)."""
-    with self._lock:
-      perm = self._permutations.get(epoch)
-      if perm is None:
-        rng = np.random.default_rng([self._seed_key, _PERMUTATION, epoch])
-        perm = rng.permutation(len(self.source))
-        self._permutations[epoch] = perm
-        while len(self._permutations) > 2:
-          self._permutations.popitem(last=False)
-      return perm
+    """The example order of `epoch`."""
+    return self._sample.permutation(epoch)
 
-  def _draw(self, positions: np.ndarray, examples: np.ndarray
-            ) -> tuple[np.ndarray, ...]:
-    """Random choices of each global position, seeded by (seed, position).
+  def _dataset(self) -> grain.MapDataset:
+    """Step -> this process's decoded batch (see the module docstring)."""
+    positions = grain.MapDataset.range(_MAX_STEPS * self.global_batch_size)
+    blocks = positions.batch(self.batch_size, batch_fn=np.asarray)
+    shard = self.shard_options
+    self._blocks = blocks[shard.shard_index::shard.shard_count]
+    return self._blocks.map(self._sample).map(self._read)
 
-    Returns:
-      others: int [b, N] distinct examples other than the clip's;
-      u_start: float [b] in [0, 1), picks the clip start;
-      u_images: float [b, N] in [0, 1), picks the frame of each image;
-      flips: bool [b], True where the example is flipped left-right;
-      u_crop: float [b, 2] in [0, 1), places the crop window (y, x).
-    """
-    n, b, num_images = len(self.source), len(positions), self.image_frames
-    others = np.zeros((b, num_images), dtype=np.int64)
-    u_start = np.zeros(b)
-    u_images = np.zeros((b, num_images))
-    flips = np.zeros(b, dtype=bool)
-    u_crop = np.full((b, 2), 0.5)
-    for j, g in enumerate(positions):
-      rng = np.random.default_rng([self._seed_key, _POSITION, g])
-      if num_images:
-        pick = rng.choice(n - 1, size=num_images, replace=False)
-        others[j] = pick + (pick >= examples[j])
-      u_start[j] = rng.random()
-      u_images[j] = rng.random(num_images)
-      if self.random_flip:
-        flips[j] = rng.random() < 0.5
-      if self.random_crop:
-        u_crop[j] = rng.random(2)
-    return others, u_start, u_images, flips, u_crop
+  def examples_of_step(self, step: int) -> list[int]:
+    """The examples batch `step` reads (clips first, then image frames)."""
+    sampled = self._sample.map(self._blocks[step])
+    return [int(i) for i in sampled['examples']] + [
+        int(i) for i in sampled['others'].ravel()]
 
-  def _clip_frames(self, length: np.ndarray, u_start: np.ndarray
-                   ) -> np.ndarray:
-    """int [b, T] clip frame indices in videos of `length` [b] frames."""
-    starts = np.zeros(len(u_start), dtype=np.int64)
-    if self.random_start:
-      starts = (u_start * (length - self.clip_span + 1)).astype(np.int64)
-    return starts[:, None] + self.frame_stride * np.arange(self.num_frames)
-
-  def _read(self, example: int, u_start: float, u_images: np.ndarray,
-            others: np.ndarray, u_crop: Optional[np.ndarray]
-            ) -> tuple[np.ndarray, int, list[int], list[Optional[str]]]:
-    """One example through `source.read_frames`.
-
-    Returns:
-      (uint8 [T + N, H, W, C], the clip's label, the N image labels, the
-      1 + N captions of the clip and its image frames).
-    """
-
-    def clip_frames(length: int) -> np.ndarray:
-      if length < self.clip_span:
-        raise ValueError(
-            f'Source example {example} has {length} frames; need at least '
-            f'(num_frames - 1) * frame_stride + 1 = {self.clip_span}.')
-      return self._clip_frames(np.array([length]), np.array([u_start]))[0]
-
-    crop = None if u_crop is None else tuple(u_crop)
-    item = self.source.read_frames(example, clip_frames, crop=crop)
-    parts, image_labels = [np.asarray(item['video'])], []
-    captions = [item.get('caption')]
-    for other, u in zip(others, u_images):
-      image = self.source.read_frames(
-          int(other), lambda length, u=u: np.array([int(u * length)]),
-          crop=crop)
-      parts.append(np.asarray(image['video']))
-      image_labels.append(int(image['label']))
-      captions.append(image.get('caption'))
-    return (np.concatenate(parts), int(item['label']), image_labels,
-            captions)
-
-  def _gather(self, examples: np.ndarray, others: np.ndarray,
-              u_start: np.ndarray, u_images: np.ndarray,
-              u_crop: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Frames uint8 [b, T + N, H, W, C], labels [b], image labels [b, N]
-    and the captions (b lists of 1 + N: the clip's, then its images')."""
-    b, num_images = others.shape
-    image_labels = np.zeros((b, num_images), dtype=np.int64)
-    if hasattr(self.source, 'render_batch'):
-      # Batched source with one video length: render only needed frames.
-      length = np.full(b, self._source_frames)
-      clips = self.source.render_batch(
-          examples, frames=self._clip_frames(length, u_start))
-      video, labels = clips['video'], clips['label']
-      captions = [[c] for c in clips.get('caption', [None] * b)]
-      if num_images:
-        image_frames = (u_images * self._source_frames).astype(np.int64)
-        rendered = self.source.render_batch(
-            others.reshape(-1), frames=image_frames.reshape(-1, 1))
-        images = rendered['video']
-        video = np.concatenate(
-            [video, images.reshape((b, num_images) + images.shape[2:])],
-            axis=1)
-        image_labels = np.asarray(rendered['label']).reshape(b, num_images)
-        image_captions = rendered.get('caption', [None] * b * num_images)
-        for j in range(b):
-          captions[j] += image_captions[j * num_images:(j + 1) * num_images]
-      return video, labels, image_labels, captions
-    if hasattr(self.source, 'read_frames'):
-      items = [
-          self._read(int(examples[j]), u_start[j], u_images[j], others[j],
-                     u_crop[j] if self.random_crop else None)
-          for j in range(b)]
-      if num_images:
-        image_labels = np.asarray([item[2] for item in items])
-      return (np.stack([item[0] for item in items]),
-              np.asarray([item[1] for item in items]), image_labels,
-              [item[3] for item in items])
-    examples_out, labels, captions = [], [], []
-    for j in range(b):
-      item = self.source[int(examples[j])]
-      clip = np.asarray(item['video'])
-      self._check_length(clip, examples[j])
-      frames = self._clip_frames(np.array([clip.shape[0]]), u_start[j:j + 1])
-      parts = [clip[frames[0]]]
-      captions.append([item.get('caption')])
-      for k in range(num_images):
-        other = self.source[int(others[j, k])]
-        image = np.asarray(other['video'])
-        parts.append(image[int(u_images[j, k] * image.shape[0])][None])
-        image_labels[j, k] = int(other['label'])
-        captions[j].append(other.get('caption'))
-      examples_out.append(np.concatenate(parts))
-      labels.append(int(item['label']))
-    return (np.stack(examples_out), np.asarray(labels), image_labels,
-            captions)
+  def describe_step(self, step: int) -> str:
+    """What batch `step` reads: its files (or example indices)."""
+    describe = getattr(self.source, 'describe', lambda i: f'example {i}')
+    return ', '.join(dict.fromkeys(
+        describe(i) for i in self.examples_of_step(step)))
 
   def _text(self, captions: list[list[Optional[str]]], flips: np.ndarray
             ) -> dict[str, np.ndarray]:
@@ -319,9 +241,42 @@ class Pipeline:
     return {'text': tokens[:, 0], 'text_mask': mask[:, 0],
             'image_text': tokens[:, 1:], 'image_text_mask': mask[:, 1:]}
 
+  def finish(self, element: dict[str, Any],
+             captions: bool = False) -> dict[str, np.ndarray]:
+    """The main-process part of a batch: an element of `dataset` -> batch.
+
+    Counts the files a worker skipped on the source (`merge_skipped`), adds
+    the frame mask, the text embeddings and (`captions`) the captions.
+    """
+    skipped = element['skipped']
+    if skipped and hasattr(self.source, 'merge_skipped'):
+      self.source.merge_skipped(skipped)
+    b = len(element['label'])
+    frame_mask = np.zeros((b, self.num_frames_total), dtype=bool)
+    frame_mask[:, :self.num_frames] = True
+    batch = {
+        'video': element['video'],
+        'label': element['label'],
+        'image_label': element['image_label'],
+        'frame_mask': frame_mask,
+    }
+    flips, rows = element['flips'], element['captions']
+    if self.text_encoder is not None:
+      batch.update(self._text(rows, flips))
+    if captions:
+      if any(row[0] is None for row in rows):
+        raise ValueError(f'The source {type(self.source).__name__} has no'
+                         ' captions.')
+      batch['caption'] = np.asarray(
+          [flip_caption(row[0]) if flips[j] else row[0]
+           for j, row in enumerate(rows)], dtype=str)
+    return batch
+
   def batch_for_step(self, step: int,
                      captions: bool = False) -> dict[str, np.ndarray]:
     """The host-local batch of `step`; a pure function of (seed, step, p).
+
+    Made in this process and thread (`iterate` uses the workers).
 
     Args:
       step: training step, >= 0.
@@ -338,123 +293,42 @@ class Pipeline:
     """
     if step < 0:
       raise ValueError(f'step={step} must be >= 0.')
-    captions_out = captions
-    n, b = len(self.source), self.batch_size
-    first = step * self.global_batch_size + self.process_index * b
-    positions = np.arange(first, first + b, dtype=np.int64)
-    examples = np.empty(b, dtype=np.int64)
-    for epoch in np.unique(positions // n):
-      here = positions // n == epoch
-      examples[here] = self._permutation(int(epoch))[positions[here] % n]
-    others, u_start, u_images, flips, u_crop = self._draw(positions, examples)
-    video, labels, image_labels, captions = self._gather(
-        examples, others, u_start, u_images, u_crop)
-    if flips.any():
-      video[flips] = video[flips][:, :, :, ::-1]
-    frame_mask = np.zeros((b, self.num_frames_total), dtype=bool)
-    frame_mask[:, :self.num_frames] = True
-    batch = {
-        'video': video.astype(np.uint8, copy=False),
-        'label': labels.astype(np.int32),
-        'image_label': image_labels.astype(np.int32),
-        'frame_mask': frame_mask,
-    }
-    if self.text_encoder is not None:
-      batch.update(self._text(captions, flips))
-    if captions_out:
-      if any(row[0] is None for row in captions):
-        raise ValueError(f'The source {type(self.source).__name__} has no'
-                         ' captions.')
-      batch['caption'] = np.asarray(
-          [flip_caption(row[0]) if flips[j] else row[0]
-           for j, row in enumerate(captions)], dtype=str)
-    return batch
+    return self.finish(self.dataset[step], captions)
 
-  def iterate(self, start_step: int = 0,
-              prefetch: int = 3) -> 'BatchIterator':
-    """Batches for start_step, start_step + 1, ..., made ahead in a thread.
+  def grain_iterator(self, start_step: int = 0) -> grain.DatasetIterator:
+    """Elements of `dataset` from `start_step` on, made by the workers.
+
+    Each worker reads in its own thread, holding `worker_buffer_size`
+    batches; with `num_workers=0` the caller's thread reads.
+    """
+    if self.num_workers and not flags.FLAGS.is_parsed():
+      # grain reads its absl flags when it starts workers; a program that
+      # is not an absl app (a test, a notebook) has not parsed them.
+      flags.FLAGS.mark_as_parsed()
+    ds = self.dataset[start_step:].to_iter_dataset(
+        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    # Batches come back through the workers' queues, not shared memory:
+    # a few MB a step cost milliseconds to copy, and nothing is left to
+    # unlink when an iterator stops with batches in flight.
+    ds = grain.experimental.WithOptionsIterDataset(
+        ds, grain.experimental.DatasetOptions(min_shm_size=2**62))
+    if self.num_workers:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.num_workers,
+          per_worker_buffer_size=self.worker_buffer_size))
+    return iter(ds)
+
+  def iterate(self, start_step: int = 0, prefetch: int = 3) -> BatchIterator:
+    """Batches for start_step, start_step + 1, ..., made ahead.
 
     Args:
       start_step: the first step (e.g. the step of the restored checkpoint).
-      prefetch: batches the background thread may hold ready.
+      prefetch: finished batches the main-process thread may hold ready.
 
     Returns:
       An iterator; `close()` it (or use it as a context manager, or drop
-      it) to stop the thread.
+      it) to stop its thread and worker processes.
     """
+    if start_step < 0:
+      raise ValueError(f'start_step={start_step} must be >= 0.')
     return BatchIterator(self, start_step, prefetch)
-
-
-def _produce(pipeline: Pipeline, step: int, out: queue.Queue,
-             stop: threading.Event) -> None:
-  """Thread body: puts ('batch', b) items, or one ('error', e) and returns."""
-  while not stop.is_set():
-    try:
-      item = ('batch', pipeline.batch_for_step(step))
-    except BaseException as e:  # pylint: disable=broad-except
-      item = ('error', e)
-    while not stop.is_set():
-      try:
-        out.put(item, timeout=0.1)
-        break
-      except queue.Full:
-        continue
-    if item[0] == 'error':
-      return
-    step += 1
-
-
-class BatchIterator:
-  """Iterator over prefetched batches; stops its thread on close/GC.
-
-  The thread holds the pipeline, the queue and a stop event but not this
-  object, so dropping the iterator lets `__del__` stop the thread.
-  An exception raised while making a batch re-raises from `next()`.
-  """
-
-  def __init__(self, pipeline: Pipeline, start_step: int, prefetch: int):
-    self.step = start_step  # Step of the next batch returned.
-    self._queue = queue.Queue(maxsize=max(1, prefetch))
-    self._stop = threading.Event()
-    self._closed = False
-    self._thread = threading.Thread(
-        target=_produce, args=(pipeline, start_step, self._queue, self._stop),
-        name='vdm_jax-data', daemon=True)
-    self._thread.start()
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    if self._closed:
-      raise StopIteration
-    kind, value = self._queue.get()
-    if kind == 'error':
-      self.close()
-      raise value
-    self.step += 1
-    return value
-
-  def close(self) -> None:
-    """Stops and joins the prefetch thread; later `next()` stops."""
-    if self._closed:
-      return
-    self._closed = True
-    self._stop.set()
-    while True:  # Unblock a pending put.
-      try:
-        self._queue.get_nowait()
-      except queue.Empty:
-        break
-    if threading.current_thread() is not self._thread:
-      self._thread.join()
-
-  def __enter__(self) -> 'BatchIterator':
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-  def __del__(self):
-    if hasattr(self, '_thread'):
-      self.close()

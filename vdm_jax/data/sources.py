@@ -25,6 +25,7 @@ from etils import epath
 import ml_collections
 
 from vdm_jax import fileio
+from vdm_jax.data import pipeline
 from vdm_jax.data import synthetic
 
 TFDS_PRESETS = ('ucf101', 'bair_robot_pushing_small', 'moving_mnist')
@@ -39,12 +40,33 @@ def num_source_frames(data_config: ml_collections.ConfigDict) -> int:
   return (data_config.num_frames - 1) * data_config.frame_stride + 1
 
 
+def num_workers(data_config: ml_collections.ConfigDict) -> int:
+  """Decoding worker processes `config.data.num_workers` asks for.
+
+  -1 (the default) picks: none for the synthetic source, whose batched
+  rendering in the main process is faster than shipping batches from
+  other processes, else `pipeline.default_num_workers()` (the host's cores
+  less one).
+  """
+  wanted = data_config.get('num_workers', -1)
+  if wanted < -1:
+    raise ValueError(
+        f'config.data.num_workers={wanted}; use -1 (auto), 0 (decode in the '
+        'training process) or a number of worker processes.')
+  if wanted >= 0:
+    return wanted
+  if data_config.name == 'synthetic':
+    return 0
+  return pipeline.default_num_workers()
+
+
 def pipeline_options(data_config: ml_collections.ConfigDict
-                     ) -> dict[str, bool]:
-  """Pipeline keyword arguments set by `config.data` (flips, random crop).
+                     ) -> dict[str, Any]:
+  """Pipeline keyword arguments set by `config.data`.
 
   Returns:
-    {'random_flip': bool, 'random_crop': bool} for `pipeline.Pipeline`.
+    {'random_flip': bool, 'random_crop': bool, 'num_workers': int} for
+    `pipeline.Pipeline`.
   """
   crop = data_config.crop
   if crop not in CROPS:
@@ -52,6 +74,7 @@ def pipeline_options(data_config: ml_collections.ConfigDict
   return {
       'random_flip': bool(data_config.random_flip),
       'random_crop': crop == 'random' and data_config.name != 'synthetic',
+      'num_workers': num_workers(data_config),
   }
 
 

@@ -164,6 +164,10 @@ class TfdsVideos:
   def __len__(self) -> int:
     return len(self._data)
 
+  def describe(self, index: int) -> str:
+    """Which record example `index` is (for error messages)."""
+    return f'{self.tfds_name} {self.split!r} record {int(index)}'
+
   def read_frames(self, index: int, select: Callable[[int], np.ndarray],
                   crop: Optional[Sequence[float]] = None) -> dict:
     """Frames `select(T)` of example `index` (see `data.pipeline`).

@@ -20,7 +20,10 @@ A file that cannot be decoded (corrupt or truncated), or holds fewer frames
 than a clip needs, is skipped: a warning names it, `num_skipped` counts it,
 and the example is served by the next readable file (in sorted order,
 wrapping around), so batches stay a pure function of the data position. If
-no file can be read the source raises.
+no file can be read the source raises. In grain's worker processes each
+worker keeps its own cache and finds bad files itself; each batch carries
+the worker's `skipped` files back, and the pipeline adds them to the main
+process's source (`merge_skipped`), so `num_skipped` counts them there.
 
 The frame helpers here (`decode_image`, `resize_short_side`, `crop`) are
 shared with the TFDS sources, so every source resizes and crops alike.
@@ -230,6 +233,32 @@ class VideoFiles:
 
   def __len__(self) -> int:
     return len(self.files)
+
+  def __getstate__(self) -> dict:
+    """For grain's worker processes: no lock, an empty cache."""
+    state = dict(self.__dict__)
+    del state['_lock']
+    state['_cache'] = collections.OrderedDict()
+    return state
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def describe(self, index: int) -> str:
+    """The file of example `index` (for error messages)."""
+    return self.files[int(index)]
+
+  def merge_skipped(self, skipped: dict[str, str]) -> None:
+    """Counts files another process (a grain worker) skipped.
+
+    Args:
+      skipped: file path -> why, as `skipped` gives it.
+    """
+    index = {f: i for i, f in enumerate(self.files)}
+    with self._lock:
+      for path, why in skipped.items():
+        self._bad.setdefault(index[path], why)
 
   @property
   def num_skipped(self) -> int:
