@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 from vdm_jax import video_io
@@ -134,12 +135,20 @@ def test_resume_after_a_kill_mid_epoch_repeats_and_skips_nothing():
       step, *examples = map(int, line.split())
       rows[step] = examples
       if step == 7:
+        workers = [c for c in psutil.Process(run.pid).children()
+                   if 'spawn_main' in ' '.join(c.cmdline())]
         run.send_signal(signal.SIGKILL)
         break
   finally:
     run.kill()
     run.wait(timeout=30)
   assert sorted(rows) == list(range(8))
+  # The killed run's workers exit on their own (they watch their parent).
+  assert len(workers) == 2
+  _, alive = psutil.wait_procs(workers, timeout=20)
+  for worker in alive:
+    worker.kill()
+  assert not alive
   resumed = pipeline.Pipeline(TaggedSource(), global_batch_size=8,
                               num_frames=4, seed=5, image_frames=1,
                               num_workers=1)

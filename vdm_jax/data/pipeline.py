@@ -53,8 +53,11 @@ would have to read every record for it), and the label each frame needs
 is read with the frame anyway.
 """
 
+import functools
 import os
 import re
+import threading
+import time
 from typing import Any, Optional
 
 from absl import flags
@@ -85,6 +88,23 @@ def default_num_workers() -> int:
   except AttributeError:  # Not on Linux.
     cores = os.cpu_count() or 1
   return max(1, cores - 1)
+
+
+def _exit_with_parent(parent: int, index: int, count: int) -> None:
+  """Worker start: exit once the training process `parent` is gone.
+
+  A killed trainer (SIGKILL, OOM) cannot stop its workers; this keeps them
+  from living on, orphaned, with their memory.
+  """
+  del index, count
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(0)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, name='vdm_jax-parent-watch',
+                   daemon=True).start()
 
 
 class Pipeline:
@@ -313,9 +333,11 @@ class Pipeline:
     ds = grain.experimental.WithOptionsIterDataset(
         ds, grain.experimental.DatasetOptions(min_shm_size=2**62))
     if self.num_workers:
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self.num_workers,
-          per_worker_buffer_size=self.worker_buffer_size))
+      ds = ds.mp_prefetch(
+          grain.MultiprocessingOptions(
+              num_workers=self.num_workers,
+              per_worker_buffer_size=self.worker_buffer_size),
+          worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
     return iter(ds)
 
   def iterate(self, start_step: int = 0, prefetch: int = 3) -> BatchIterator:
