@@ -1,20 +1,27 @@
-"""Input-pipeline throughput (videos/s) on this machine's CPU.
+"""Input-pipeline throughput (videos/s) on this machine's CPU, by workers.
 
-  python experiments/benchmark_data.py [--videos=12] [--frames=186] [--steps=6]
+  python experiments/benchmark_data.py [--videos=12] [--frames=186]
+      [--steps=6] [--workers=0,1,2]
 
-Two sources, both 16x64x64 clips at batch 16 on one producer thread:
+Three sources, all 16x64x64 clips with flips at batch 16:
+  - the built-in synthetic source (batched rendering);
   - TFDS, UCF101-shaped: an ArrayRecord dataset prepared here (no download)
     in the layout of TFDS `ucf101/ucf101_1_256`: 256x256 JPEG frames,
     `--frames` per video (UCF101 averages 186), smooth moving content;
   - a folder of 320x240 H.264 mp4 files (UCF101's frame size), decoded with
     ffmpeg, once with no reuse of decoded videos (cache_size=1) and once
-    from the LRU cache (every video decoded before).
-The last line printed is a JSON object with the numbers.
+    from the LRU cache (every video decoded before; 0 workers only).
+Each rate is `Pipeline.iterate` with `num_workers` grain worker processes
+(0: the iterator's thread decodes, as the pipeline did before grain),
+timed over `--steps` batches after the workers have started and made a
+first round of batches (buffers of one batch). The last line printed is a
+JSON object with the numbers.
 """
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,41 +51,56 @@ def _content(num_videos: int, frames: int, height: int, width: int):
     yield np.ascontiguousarray(video)
 
 
-class BenchUcfShaped(tfds.core.GeneratorBasedBuilder):
-  """UCF101-shaped videos (ucf101_1_256 layout) for the benchmark."""
+def _prepare(data_dir: str, num_videos: int, frames: int) -> None:
+  """Prepares the UCF101-shaped TFDS dataset (registered only here)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  num_videos, frames = 12, 186
+  class BenchUcfShaped(tfds.core.GeneratorBasedBuilder):
+    """UCF101-shaped videos (ucf101_1_256 layout) for the benchmark."""
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            'video': tfds.features.Video((None, 256, 256, 3),
-                                         encoding_format='jpeg'),
-            'label': tfds.features.ClassLabel(num_classes=101),
-        }))
+    VERSION = tfds.core.Version('1.0.0')
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {'train': self._generate_examples()}
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict({
+              'video': tfds.features.Video((None, 256, 256, 3),
+                                           encoding_format='jpeg'),
+              'label': tfds.features.ClassLabel(num_classes=101),
+          }))
 
-  def _generate_examples(self):
-    for i, video in enumerate(_content(self.num_videos, self.frames, 256,
-                                       256)):
-      yield i, {'video': video, 'label': i % 101}
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {'train': self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, video in enumerate(_content(num_videos, frames, 256, 256)):
+        yield i, {'video': video, 'label': i % 101}
+
+  BenchUcfShaped(data_dir=data_dir,
+                 file_format='array_record').download_and_prepare()
 
 
-def _rate(source, steps: int) -> float:
-  """Videos/s of Pipeline.batch_for_step over `steps` steps (after one)."""
+def _rate(source, steps: int, workers: int) -> float:
+  """Videos/s of `iterate` over `steps` steps, after a warm-up round."""
   p = pipeline.Pipeline(source, global_batch_size=BATCH,
-                        num_frames=NUM_FRAMES, seed=0, random_flip=True)
-  p.batch_for_step(0)
-  start = time.perf_counter()
-  for step in range(1, steps + 1):
-    batch = p.batch_for_step(step)
+                        num_frames=NUM_FRAMES, seed=0, random_flip=True,
+                        num_workers=workers, worker_buffer_size=1)
+  with p.iterate(0, prefetch=1) as it:
+    for _ in range(2 * workers + 1):  # Start-up, then full buffers.
+      next(it)
+    start = time.perf_counter()
+    for _ in range(steps):
+      batch = next(it)
   assert batch['video'].shape == (BATCH, NUM_FRAMES, SIZE, SIZE, 3)
   return steps * BATCH / (time.perf_counter() - start)
+
+
+def _rates(results: dict, name: str, source, steps: int,
+           workers: list[int]) -> None:
+  for w in workers:
+    rate = round(_rate(source, steps, w), 1)
+    results[f'{name}_videos_per_s_{w}_workers'] = rate
+    print(f'{name}, {w} workers: {rate} videos/s', flush=True)
 
 
 def main() -> None:
@@ -86,38 +108,47 @@ def main() -> None:
   parser.add_argument('--videos', type=int, default=12)
   parser.add_argument('--frames', type=int, default=186)
   parser.add_argument('--steps', type=int, default=6)
+  parser.add_argument('--workers', default='0,1,2')
+  parser.add_argument('--prepare', default='',
+                      help='only prepare the TFDS data in this directory')
   args = parser.parse_args()
+  if args.prepare:
+    _prepare(args.prepare, args.videos, args.frames)
+    return
+  workers = [int(w) for w in args.workers.split(',')]
   results = {'batch': BATCH, 'clip': [NUM_FRAMES, SIZE, SIZE],
              'frames_per_video': args.frames, 'videos': args.videos,
              'cpu_count': os.cpu_count(),
-             'load_avg_1min': round(os.getloadavg()[0], 2)}
-  results['synthetic_videos_per_s'] = round(
-      _rate(synthetic.SyntheticVideos(NUM_FRAMES, SIZE), args.steps), 1)
+             'load_avg_1min_start': round(os.getloadavg()[0], 2)}
+  _rates(results, 'synthetic', synthetic.SyntheticVideos(NUM_FRAMES, SIZE),
+         4 * args.steps, workers)
   with tempfile.TemporaryDirectory() as tmp:
-    BenchUcfShaped.num_videos, BenchUcfShaped.frames = args.videos, args.frames
     t = time.perf_counter()
-    builder = BenchUcfShaped(data_dir=tmp, file_format='array_record')
-    builder.download_and_prepare()
+    # Prepared in another process: here (and in the workers) the dataset is
+    # then read from its files, not through a builder class of __main__,
+    # which the workers would unpickle as a second registration.
+    subprocess.run([sys.executable, __file__, f'--prepare={tmp}',
+                    f'--videos={args.videos}', f'--frames={args.frames}'],
+                   check=True)
     print(f'prepared TFDS data in {time.perf_counter() - t:.1f} s')
     source = tfds_sources.TfdsVideos(
         'bench_ucf_shaped', split='train', video_key='video',
         label_key='label', image_size=SIZE, data_dir=tmp)
-    results['tfds_ucf101_shaped_videos_per_s'] = round(
-        _rate(source, args.steps), 1)
+    _rates(results, 'tfds_ucf101_shaped', source, 2 * args.steps, workers)
     folder = os.path.join(tmp, 'mp4')
     os.makedirs(folder)
     for i, video in enumerate(_content(args.videos, args.frames, 240, 320)):
       video_io.write_mp4(os.path.join(folder, f'v{i:03d}.mp4'), video,
                          fps=25)
     uncached = video_files.VideoFiles(folder, image_size=SIZE, cache_size=1)
-    results['mp4_folder_uncached_videos_per_s'] = round(
-        _rate(uncached, max(1, args.steps // 2)), 1)
+    _rates(results, 'mp4_folder_uncached', uncached,
+           max(2, args.steps * 2 // 3), workers)
     cached = video_files.VideoFiles(folder, image_size=SIZE,
                                     cache_size=args.videos)
     for i in range(len(cached)):
       cached[i]  # pylint: disable=pointless-statement
-    results['mp4_folder_cached_videos_per_s'] = round(
-        _rate(cached, args.steps), 1)
+    _rates(results, 'mp4_folder_cached', cached, args.steps, [0])
+  results['load_avg_1min_end'] = round(os.getloadavg()[0], 2)
   for key, value in results.items():
     print(f'{key}: {value}')
   print(json.dumps(results))
