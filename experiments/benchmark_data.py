@@ -31,12 +31,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import tensorflow_datasets as tfds
-
 from vdm_jax import video_io
 from vdm_jax.data import pipeline
 from vdm_jax.data import synthetic
-from vdm_jax.data import tfds_sources
 from vdm_jax.data import video_files
 
 BATCH, NUM_FRAMES, SIZE = 16, 16, 64
@@ -53,6 +50,7 @@ def _content(num_videos: int, frames: int, height: int, width: int):
 
 def _prepare(data_dir: str, num_videos: int, frames: int) -> None:
   """Prepares the UCF101-shaped TFDS dataset (registered only here)."""
+  import tensorflow_datasets as tfds
 
   class BenchUcfShaped(tfds.core.GeneratorBasedBuilder):
     """UCF101-shaped videos (ucf101_1_256 layout) for the benchmark."""
@@ -131,6 +129,9 @@ def main() -> None:
                     f'--videos={args.videos}', f'--frames={args.frames}'],
                    check=True)
     print(f'prepared TFDS data in {time.perf_counter() - t:.1f} s')
+    # TFDS loads here, after the synthetic runs: their workers (which
+    # re-import this script) then do not import TF.
+    from vdm_jax.data import tfds_sources
     source = tfds_sources.TfdsVideos(
         'bench_ucf_shaped', split='train', video_key='video',
         label_key='label', image_size=SIZE, data_dir=tmp)
