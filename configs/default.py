@@ -87,6 +87,10 @@ def get_config(arg=None):
   config.data.path = ''
   # data.name='video_files': decoded videos cached per process.
   config.data.cache_size = 32
+  # Decoding worker processes of the grain pipeline (docs/data.md): -1
+  # picks (none for 'synthetic' and on hosts of <= 2 cores, else the cores
+  # less one), 0 decodes in the training process, N > 0 starts N workers.
+  config.data.num_workers = -1
 
   config.model = ml_collections.ConfigDict()
   # Width of the first UNet level.

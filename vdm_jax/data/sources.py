@@ -45,8 +45,8 @@ def num_workers(data_config: ml_collections.ConfigDict) -> int:
 
   -1 (the default) picks: none for the synthetic source, whose batched
   rendering in the main process is faster than shipping batches from
-  other processes, else `pipeline.default_num_workers()` (the host's cores
-  less one).
+  other processes, and none on hosts of 2 cores or fewer; else
+  `pipeline.default_num_workers()` (the host's cores less one).
   """
   wanted = data_config.get('num_workers', -1)
   if wanted < -1:
@@ -56,6 +56,10 @@ def num_workers(data_config: ml_collections.ConfigDict) -> int:
   if wanted >= 0:
     return wanted
   if data_config.name == 'synthetic':
+    return 0
+  if (os.cpu_count() or 1) <= 2:
+    # Measured (docs/data.md): on 2 cores one worker process halves the
+    # TFDS and mp4 throughput of decoding in the training process.
     return 0
   return pipeline.default_num_workers()
 
