@@ -92,11 +92,15 @@ def main():
   p.add_argument('--steps', type=int, default=16)
   p.add_argument('--recon_weight', type=float, default=5.0)
   p.add_argument('--data_seed', type=int, default=12345)
+  p.add_argument('--image_guidance_max', type=float, default=3.0,
+                 help='image-to-video guidance scale on the last frame'
+                 ' (1: no guidance).')
   p.add_argument('--out', default='docs/inbetween')
   args = p.parse_args()
 
   common = dict(sampler='ddim', eta=0.0, num_steps=args.steps)
-  cfg_i2v = _config(args.i2v, task='inbetween', **common)
+  common_i2v = dict(common, image_guidance_max=args.image_guidance_max)
+  cfg_i2v = _config(args.i2v, task='inbetween', **common_i2v)
   cfg_uncond = _config(args.uncond, task='keyframes',
                        recon_weight=args.recon_weight, **common)
   held = ml_collections.ConfigDict(cfg_i2v.to_dict())
@@ -115,7 +119,7 @@ def main():
       'gi_untuned': (tasks.from_config(cfg_i2v.sample), cfg_i2v, fwd_fn,
                      inbetween.make_pair_fn(model, fwd, fwd, mesh)),
       'forward': (tasks.from_config(_config(
-          args.i2v, task='image_to_video', **common).sample), cfg_i2v,
+          args.i2v, task='image_to_video', **common_i2v).sample), cfg_i2v,
                   fwd_fn, None),
   }
   u_model, u_params, _ = sample.restore_ema_params(cfg_uncond, args.uncond,
@@ -156,15 +160,19 @@ def main():
       'steps': args.steps, 'recon_weight': args.recon_weight,
       'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
       'results': results})
-  # Rows: 8 clips; columns: truth, then each method; frames over time.
+  # GIF: clips one after another, truth and each method side by side.
   k = min(8, args.num)
-  grid = np.concatenate([truth[:k]] + [outputs[m][:k] for m in METHODS],
+  side = np.concatenate([truth[:k]] + [outputs[m][:k] for m in METHODS],
                         axis=3)  # [k, T, H, W * 6, C]
-  video_io.write_gif(args.out + '.gif',
-                     np.concatenate(list(grid), axis=1), fps=4)
-  frames = np.concatenate(list(grid.transpose(0, 2, 1, 3, 4).reshape(
-      k, grid.shape[2], -1, grid.shape[-1])), axis=0)
-  video_io.write_png_grid(args.out + '.png', frames[None, None])
+  video_io.write_gif(args.out + '.gif', np.concatenate(list(side)), fps=4)
+  # PNG: per clip a row of the truth, then one of each method; frames
+  # left to right.
+  k = min(4, args.num)
+  names = ('truth',) + METHODS
+  rows = np.stack([v[:k] for v in [truth] + [outputs[m] for m in METHODS]],
+                  axis=1).reshape((-1,) + truth.shape[1:])
+  video_io.write_png_grid(args.out + '.png', rows,
+                          captions=[n for _ in range(k) for n in names])
 
 
 if __name__ == '__main__':
