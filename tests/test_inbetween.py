@@ -10,7 +10,6 @@ from PIL import Image
 from configs import tiny
 from vdm_jax import checkpoint
 from vdm_jax import denoiser
-from vdm_jax import noise as noise_lib
 from vdm_jax import sample_inputs
 from vdm_jax import sampling
 from vdm_jax import schedules
@@ -157,8 +156,7 @@ def test_renoise_takes_the_marginal_of_s_back_to_t():
   assert abs(float(z_t.std()) - float(s_t)) < 0.01
 
 
-@pytest.mark.parametrize('sampler', ['ancestral', 'ddim'])
-def test_reinjection_keeps_the_sampled_distribution(sampler):
+def test_reinjection_keeps_the_sampled_distribution(sampler='ancestral'):
   """With the exact denoiser of Gaussian data, re-injected sampling still
   draws the data's variance (to the sampler's discretisation error: 0.472
   without re-injection at 64 ancestral steps), and it is not the plain
@@ -305,23 +303,3 @@ def test_backward_tune_changes_only_the_tuned_params(model_params):
            for a, b in zip(jax.tree.leaves(state.params),
                            jax.tree.leaves(tuned0))]
   assert min(moved) > 0, moved
-
-
-def test_image_to_video_trains_one_step(model_params):
-  config, model, params = model_params
-  config.training.batch_size = 2
-  config.optimizer.warmup_steps = 0
-  tx, lr_fn = training.create_optimizer(config)
-  state = training.TrainState.create(params, tx)
-  batch = {'video': np.random.default_rng(0).integers(
-      0, 256, (2, T, S, S, 3), np.uint8),
-           'label': np.zeros((2,), np.int32),
-           'frame_mask': np.ones((2, T), bool)}
-  new_state, metrics = jax.jit(lambda s, b: train.train_step(
-      s, b, jax.random.key(0), model=model, tx=tx, lr_fn=lr_fn,
-      config=config))(state, batch)
-  assert np.isfinite(float(metrics['loss']))
-  grad_in = np.asarray(new_state.params['conv_in']['kernel']
-                       - state.params['conv_in']['kernel'])
-  # The image and mask channels (3..6) of the input conv learn too.
-  assert np.abs(grad_in[:, :, 3:]).max() > 0

@@ -26,7 +26,7 @@ def test_registry_names_and_configs():
   assert tasks.TASKS == tuple(tasks.REGISTRY)
   assert set(tasks.TASKS) == {'unconditional', 'class', 'predict', 'extend',
                               'interpolate', 'keyframes', 'upsample',
-                              'edit'}
+                              'edit', 'image_to_video', 'inbetween'}
   config.sample.task = 'outpaint'
   with pytest.raises(ValueError, match='Unknown sample.task'):
     tasks.from_config(config.sample)
