@@ -116,6 +116,10 @@ def get_config(arg=None):
   config.model.max_temporal_distance = 32
   # Compute dtype of activations: 'float32' or 'bfloat16' (params stay f32).
   config.model.dtype = 'float32'
+  # Spatial and cross-attention implementation: 'auto' (cuDNN flash on GPU,
+  # Pallas flash on TPU for >= 1024 tokens, XLA otherwise), 'xla', 'cudnn',
+  # 'pallas'. Not a parameter: any checkpoint runs under any choice.
+  config.model.attention = 'auto'
   # Rematerialization: 'none' | 'block' | 'full'.
   config.model.remat = 'none'
   # Text models (text.encoder != 'none'): cross-attention from every

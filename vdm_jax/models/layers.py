@@ -271,6 +271,8 @@ PROBS = 'probs'
 
 
 PATTERNS = ('self', 'sparse_causal')
+# Implementations of spatial and cross-attention (models/attention.py).
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
 
 
 def sparse_causal_frames(num_frames: int) -> tuple[Any, Any]:
@@ -307,6 +309,7 @@ class SpatialAttention(nn.Module):
   dtype: Dtype = jnp.float32
   pattern: str = 'self'
   num_frames: int = 1
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -423,6 +426,7 @@ class CrossAttention(nn.Module):
 
   head_dim: int = 64
   dtype: Dtype = jnp.float32
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, context: Array, context_mask: Array) -> Array:

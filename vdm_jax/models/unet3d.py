@@ -42,6 +42,7 @@ Array = jax.Array
 DTYPES = ('float32', 'bfloat16')
 REMAT = ('none', 'block', 'full')
 SPATIAL_ATTENTION = layers.PATTERNS
+ATTENTION = layers.ATTENTION_IMPLEMENTATIONS
 
 
 def _channel_plan(base_channels: int, channel_mults: Sequence[int],
@@ -99,6 +100,9 @@ def validate_model_config(image_size: int, num_frames: int,
     raise ValueError(
         f'Unknown model.spatial_attention {kw["spatial_attention"]!r};'
         f' choose one of {SPATIAL_ATTENTION}.')
+  if kw['attention'] not in ATTENTION:
+    raise ValueError(f'Unknown model.attention {kw["attention"]!r}; choose '
+                     f'one of {ATTENTION}.')
   if kw['remat'] not in REMAT:
     raise ValueError(f'Unknown model.remat {kw["remat"]!r}; choose one of '
                      f'{REMAT}.')
@@ -191,6 +195,7 @@ class _Level(nn.Module):
   cross_attn: bool = False
   temporal: bool = True
   spatial_pattern: str = 'self'
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, h: Array, emb: Array, mask: Array,
@@ -222,9 +227,11 @@ class _Level(nn.Module):
                   name=f'res_{i}')(h, emb)
       if self.use_attn:
         h = sattn_cls(self.head_dim, self.dtype, self.spatial_pattern,
-                      self.num_frames, name=f'sattn_{i}')(h)
+                      self.num_frames, attention=self.attention,
+                      name=f'sattn_{i}')(h)
         if self.cross_attn:
-          h = xattn_cls(self.head_dim, self.dtype, name=f'xattn_{i}')(
+          h = xattn_cls(self.head_dim, self.dtype, attention=self.attention,
+                        name=f'xattn_{i}')(
               h, context, context_mask)
         if self.temporal:
           h = tattn_cls(self.num_frames, self.head_dim, self.max_distance,
@@ -276,6 +283,9 @@ class UNet3D(nn.Module):
       layers.SpatialAttention).
     image_condition: an image-to-video model: the call takes the first
       frame (`image`, its noise level `image_sigma`).
+    attention: implementation of spatial and cross-attention: 'auto' (by
+      backend and shape), 'xla', 'cudnn' or 'pallas' (models/attention.py).
+      Not a parameter: any checkpoint samples under any choice.
   """
 
   base_channels: int
@@ -297,6 +307,7 @@ class UNet3D(nn.Module):
   temporal_attention: bool = True
   spatial_attention: str = 'self'
   image_condition: bool = False
+  attention: str = 'auto'
 
   def _config(self) -> dict[str, Any]:
     fields = set(UNet3D.__dataclass_fields__) - {'parent', 'name'}
@@ -483,7 +494,8 @@ class UNet3D(nn.Module):
                   dropout=self.dropout, deterministic=not train,
                   remat_blocks=self.remat != 'none', dtype=dtype,
                   cross_attn=cross, temporal=self.temporal_attention,
-                  spatial_pattern=self.spatial_attention)
+                  spatial_pattern=self.spatial_attention,
+                  attention=self.attention)
     ctx = dict(context=text, context_mask=text_mask) if cross else {}
     chans = [self.base_channels * m for m in self.channel_mults]
     last = len(chans) - 1
@@ -504,9 +516,10 @@ class UNet3D(nn.Module):
     h = res_cls(chans[-1], self.dropout, not train, dtype, name='mid_res_0')(
         h, emb)
     h = sattn_cls(self.head_dim, dtype, self.spatial_attention, t,
-                  name='mid_sattn')(h)
+                  attention=self.attention, name='mid_sattn')(h)
     if cross:
-      h = xattn_cls(self.head_dim, dtype, name='mid_xattn')(
+      h = xattn_cls(self.head_dim, dtype, attention=self.attention,
+                    name='mid_xattn')(
           h, text, text_mask)
     if self.temporal_attention:
       h = tattn_cls(t, self.head_dim, self.max_temporal_distance, dtype,
