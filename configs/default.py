@@ -202,6 +202,10 @@ def get_config(arg=None):
   # Checkpoints kept in workdir/checkpoints.
   config.training.keep_checkpoints = 3
   config.training.log_every_steps = 50
+  # None, or (start, stop): a jax.profiler trace of steps start .. stop - 1
+  # is written to workdir/profile (TensorBoard's profile tab).
+  config.training.profile_steps = ml_collections.config_dict.placeholder(
+      tuple)
   # Write preview samples to TensorBoard every N steps; 0 disables.
   config.training.preview_every_steps = 0
   # Label dropout probability for classifier-free guidance.

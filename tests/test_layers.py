@@ -44,7 +44,7 @@ METRIC = _package('evaluation')
 LIBRARIES = tuple(f'vdm_jax.{m}' for m in (
     'schedules', 'noise', 'diffusion', 'sampling', 'conditioning', 'tasks',
     'denoiser', 'sample_inputs', 'sharding', 'checkpoint', 'video_io',
-    'fileio', 'adapt.inflate', 'adapt.tuned')) + _package('models') + (
+    'fileio', 'perf', 'adapt.inflate', 'adapt.tuned')) + _package('models') + (
         _package('data') + _package('text') + METRIC)
 
 # The metric needs none of the diffusion model or the programs.

@@ -67,7 +67,12 @@ def test_train_tiny(tmp_path):
   assert ckpt.all_steps() == [2, 4]
   ckpt.close()
   assert os.path.exists(os.path.join(workdir, 'config.json'))
-  assert any(f.startswith('events.out') for f in os.listdir(workdir))
+  events = [f for f in os.listdir(workdir) if f.startswith('events.out')]
+  assert events
+  # The loop logs the step's throughput (training.Step: FLOPs from XLA).
+  with open(os.path.join(workdir, events[0]), 'rb') as f:
+    tags = f.read()
+  assert b'tflops_per_device' in tags and b'mfu' in tags
   # EMA moved towards the parameters but is not equal to them.
   leaves = zip(jax.tree.leaves(state.params),
                jax.tree.leaves(state.ema_params))

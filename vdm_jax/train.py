@@ -320,7 +320,8 @@ def train(config: ml_collections.ConfigDict,
     write_preview(config, model, current.ema_params, step, tb_writer)
 
   return training.run(
-      state, lambda s, batch: train_step_fn(s, batch, rng_train),
+      state,
+      training.Step(train_step_fn, lambda s, b: (s, b, rng_train)),
       global_batches(create_pipeline(config, workdir), mesh),
       ckpt=ckpt, writer=writer,
       settings=training.LoopSettings.from_config(config.training),

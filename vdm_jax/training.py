@@ -11,8 +11,11 @@ and its batches; `run` does the rest the same way for both:
     step s are fetched after step s + 1 is dispatched, so the host never
     waits on the device), and always before a checkpoint is saved, so a
     diverged state is never saved;
-  - logs loss, per-model losses ('loss_*'), grad_norm, steps/s and ETA, and
-    writes every metric to TensorBoard through the clu writer;
+  - logs loss, per-model losses ('loss_*'), grad_norm, steps/s, ETA and
+    the throughput (TFLOP/s per device and MFU, `perf.Throughput`), and writes
+    every metric to TensorBoard through the clu writer;
+  - traces the steps of training.profile_steps with jax.profiler into
+    workdir/profile (TensorBoard's profile tab);
   - saves a checkpoint every `checkpoint_every_steps` and at the last step;
   - on SIGTERM (a preemption notice: TPU maintenance, SLURM's
     --signal=TERM@300) or orbax's `reached_preemption`, saves at the end of
@@ -25,6 +28,7 @@ parameter EMA live here too, in `create_optimizer` and
 """
 
 import dataclasses
+import itertools
 import signal
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -39,13 +43,40 @@ import numpy as np
 import optax
 
 from vdm_jax import checkpoint
+from vdm_jax import perf
 
 OPTIMIZERS = ('adam', 'adamw')
 
 # (step, state, writer) -> None, called after the update of `step`.
 Hook = Callable[[int, Any, metric_writers.MetricWriter], None]
 # (state, batch) -> (new_state, scalar metrics); jitted, may donate state.
+# A `Step` (a jitted function and its arguments) also gives its FLOPs.
 StepFn = Callable[[Any, Any], tuple[Any, Mapping[str, jnp.ndarray]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """A jitted step function and how (state, batch) become its arguments.
+
+  `run` traces, lowers and compiles `fn` for the first batch and reads the
+  step's FLOPs from XLA's cost analysis; jax caches that executable, so the
+  calls that follow do not compile again. A plain (state, batch) callable
+  also trains, but without TFLOP/s or MFU.
+
+  Attributes:
+    fn: a jax.jit-wrapped function (may donate the state).
+    arguments: (state, batch) -> the positional arguments of `fn`, e.g.
+      `lambda s, b: (s, b, rng)`.
+  """
+
+  fn: Any
+  arguments: Callable[[Any, Any], tuple[Any, ...]]
+
+  def __call__(self, state, batch):
+    return self.fn(*self.arguments(state, batch))
+
+  def trace(self, state, batch) -> jax.stages.Traced:
+    return self.fn.trace(*self.arguments(state, batch))
 
 
 @flax.struct.dataclass
@@ -234,24 +265,42 @@ class LoopSettings:
     log_every_steps: log line and TensorBoard scalars every N steps (and
       at the last one).
     checkpoint_every_steps: checkpoint every N steps (and at the last one).
+    profile_steps: None, or (start, stop): steps start .. stop - 1 are
+      traced with jax.profiler into workdir/profile.
+    grad_accum_steps: microbatches per update; XLA counts a loop body
+      once, so the step's FLOPs are scaled by it (perf.loops_counted_once).
   """
 
   num_train_steps: int
   log_every_steps: int
   checkpoint_every_steps: int
+  profile_steps: tuple[int, int] | None = None
+  grad_accum_steps: int = 1
 
   def __post_init__(self):
     if self.log_every_steps < 1 or self.checkpoint_every_steps < 1:
       raise ValueError('training.log_every_steps and'
                        ' training.checkpoint_every_steps must be >= 1.')
+    if self.profile_steps is not None:
+      p = self.profile_steps
+      if (len(p) != 2 or not all(isinstance(x, int) for x in p)
+          or not 1 <= p[0] < p[1] <= self.num_train_steps + 1):
+        raise ValueError(
+            f'training.profile_steps={p!r} must be None or (start, stop)'
+            f' with 1 <= start < stop <= num_train_steps + 1'
+            f' = {self.num_train_steps + 1}: steps start .. stop - 1 are'
+            ' traced.')
 
   @classmethod
   def from_config(cls, training_config: ml_collections.ConfigDict
                   ) -> 'LoopSettings':
     t = training_config
+    profile = t.get('profile_steps')
     return cls(num_train_steps=int(t.num_train_steps),
                log_every_steps=int(t.log_every_steps),
-               checkpoint_every_steps=int(t.checkpoint_every_steps))
+               checkpoint_every_steps=int(t.checkpoint_every_steps),
+               profile_steps=None if profile is None else tuple(profile),
+               grad_accum_steps=int(t.get('grad_accum_steps', 1)))
 
 
 def open_workdir(config: ml_collections.ConfigDict, workdir: str
@@ -270,50 +319,104 @@ def open_workdir(config: ml_collections.ConfigDict, workdir: str
 
 
 def log_progress(step: int, total: int, metrics: Mapping[str, float],
-                 rate: float, writer: metric_writers.MetricWriter) -> None:
-  """One log line (loss, 'loss_*' terms, grad_norm, rate, ETA) + scalars."""
+                 rate: float, writer: metric_writers.MetricWriter,
+                 throughput: Mapping[str, float] | None = None) -> None:
+  """One log line (loss, 'loss_*' terms, grad_norm, rate, TFLOP/s, MFU,
+  ETA) + scalars; `throughput` is perf.Throughput.metrics(rate)."""
+  throughput = throughput or {}
   eta = (total - step) / max(rate, 1e-9)
   parts = ', '.join(f'{k[len("loss_"):]} {v:.4f}' for k, v in metrics.items()
                     if k.startswith('loss_'))
+  speed = ''
+  if 'tflops_per_device' in throughput:
+    speed = f'  {throughput["tflops_per_device"]:.3g} TFLOP/s/device'
+    speed += (f'  MFU {100 * throughput["mfu"]:.1f}%' if 'mfu' in throughput
+              else '  MFU unknown')
   logging.info(
-      'step %d/%d  loss %.4f%s  grad_norm %.3f  %.2f steps/s  ETA %s',
+      'step %d/%d  loss %.4f%s  grad_norm %.3f  %.2f steps/s%s  ETA %s',
       step, total, metrics['loss'], f' ({parts})' if parts else '',
-      metrics['grad_norm'], rate,
+      metrics['grad_norm'], rate, speed,
       time.strftime('%H:%M:%S', time.gmtime(eta)),
   )
-  writer.write_scalars(step, {**metrics, 'steps_per_sec': rate})
+  writer.write_scalars(step, {**metrics, 'steps_per_sec': rate,
+                              **throughput})
 
 
 def _host(metrics: Mapping[str, jnp.ndarray]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+class _Profile:
+  """jax.profiler trace of steps [start, stop) (LoopSettings.profile_steps)."""
+
+  def __init__(self, steps: tuple[int, int] | None, first: int,
+               log_dir: str):
+    # A resumed run traces what is left of the window.
+    self.start = None if steps is None else max(steps[0], first)
+    self.stop = None if steps is None else steps[1]
+    self.log_dir = log_dir
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if self.start is not None and step == self.start < self.stop:
+      logging.info('Profiling steps %d..%d into %s.', step, self.stop - 1,
+                   self.log_dir)
+      jax.profiler.start_trace(self.log_dir)
+      self.active = True
+
+  def after(self, step: int, state: Any) -> None:
+    if self.active and step == self.stop - 1:
+      jax.block_until_ready(state)
+      self.close()
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
 def _loop(state, step_fn, batches, start, ckpt, writer, settings, hooks,
           preemption):
   """Steps start + 1 .. num_train_steps; returns the last state."""
   total = settings.num_train_steps
+  if start >= total:
+    return state
+  first = next(batches)
+  throughput = perf.step_throughput(step_fn, state, first,
+                               settings.grad_accum_steps)
+  logging.info('Train step: %s.', throughput.describe())
+  batches = itertools.chain([first], batches)
+  profile = _Profile(settings.profile_steps, start + 1,
+                     str(ckpt.directory.parent / 'profile'))
   pending = None  # (step, device metrics) checked one step late
   t0 = time.time()
-  for step in range(start + 1, total + 1):
-    state, metrics = step_fn(state, next(batches))
-    if pending is not None:
-      check_finite(pending[0], jax.device_get(pending[1]))
-    pending = (step, metrics)
-    if step % settings.log_every_steps == 0 or step == total:
-      host = _host(metrics)
-      check_finite(step, host)
-      log_progress(step, total, host, (step - start) / (time.time() - t0),
-                   writer)
-    for every, hook in hooks:
-      if every and step % every == 0:
-        hook(step, state, writer)
-    stop = preemption.requested or ckpt.reached_preemption(step)
-    if step % settings.checkpoint_every_steps == 0 or step == total or stop:
-      check_finite(step, jax.device_get(metrics))
-      ckpt.save(step, state, force=True)
-    if stop:
-      logging.warning('Stopped for preemption after step %d.', step)
-      break
+  try:
+    for step in range(start + 1, total + 1):
+      profile.before(step)
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, metrics = step_fn(state, next(batches))
+      profile.after(step, state)
+      if pending is not None:
+        check_finite(pending[0], jax.device_get(pending[1]))
+      pending = (step, metrics)
+      if step % settings.log_every_steps == 0 or step == total:
+        host = _host(metrics)
+        check_finite(step, host)
+        rate = (step - start) / (time.time() - t0)
+        log_progress(step, total, host, rate, writer,
+                     throughput.metrics(rate))
+      for every, hook in hooks:
+        if every and step % every == 0:
+          hook(step, state, writer)
+      stop = preemption.requested or ckpt.reached_preemption(step)
+      if step % settings.checkpoint_every_steps == 0 or step == total or stop:
+        check_finite(step, jax.device_get(metrics))
+        ckpt.save(step, state, force=True)
+      if stop:
+        logging.warning('Stopped for preemption after step %d.', step)
+        break
+  finally:
+    profile.close()
   return state
 
 
@@ -333,7 +436,9 @@ def run(
     state: the initial TrainState; if the workdir has a checkpoint, its last
       one is restored into this state's shapes and shardings instead.
     step_fn: (state, batch) -> (new_state, metrics); metrics hold scalar
-      'loss', 'grad_norm' and optionally 'loss_<name>' terms.
+      'loss', 'grad_norm' and optionally 'loss_<name>' terms. A `Step` is
+      compiled before the first update (the rate excludes compilation) and
+      its FLOPs give TFLOP/s per device and MFU.
     batches: start -> iterator of the batches of updates start, start + 1,
       ... (start = the restored step); closed at the end if it has close().
     ckpt: the workdir's Checkpointer; waited for and closed at the end.

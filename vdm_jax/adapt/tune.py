@@ -170,7 +170,8 @@ def tune(config: ml_collections.ConfigDict, workdir: str
   if jax.process_index() == 0:
     tuned_lib.write_record(workdir, record, clip)
   return training.run(
-      state, lambda s, b: step_fn(s, frozen, b, rng_train),
+      state,
+      training.Step(step_fn, lambda s, b: (s, frozen, b, rng_train)),
       lambda start: itertools.repeat(batch),
       ckpt=ckpt, writer=writer,
       settings=training.LoopSettings.from_config(config.training))

@@ -151,7 +151,8 @@ def tune_backward(config: ml_collections.ConfigDict, workdir: str
         'base_workdir': os.path.abspath(base), 'base_step': int(base_step),
         'tuned': 'temporal attention value and output projections'})
   return training.run(
-      state, lambda s, b: step_fn(s, forward, b, rng_train),
+      state,
+      training.Step(step_fn, lambda s, b: (s, forward, b, rng_train)),
       train_lib.global_batches(train_lib.create_pipeline(config), mesh),
       ckpt=ckpt, writer=writer,
       settings=training.LoopSettings.from_config(config.training))

@@ -293,7 +293,7 @@ def train(config: ml_collections.ConfigDict,
                2 * radius + 1, 2 * radius + 1)
   video = jnp.asarray(video)
   return training.run(
-      state, lambda s, v: step_fn(s, v, rng_train),
+      state, training.Step(step_fn, lambda s, v: (s, v, rng_train)),
       lambda start: itertools.repeat(video),
       ckpt=ckpt, writer=writer,
       settings=training.LoopSettings.from_config(config.training),

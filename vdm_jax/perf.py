@@ -1,0 +1,230 @@
+"""Throughput accounting: FLOPs of a compiled program and peak FLOP/s.
+
+`compiled_flops` reads XLA's cost analysis of a compiled executable; for a
+program partitioned over a mesh (jit with shardings) it describes one
+device's share, so FLOPs / step time is already a per-device rate.
+`peak_flops` gives the dense peak FLOP/s of one chip, from the vendors'
+data sheets, for the matmul dtype of the program; on CPU it is a measured
+float32 matmul rate. MFU (model FLOPs utilisation, Chowdhery et al. 2022,
+PaLM, App. B) is achieved / peak.
+
+Two caveats of XLA's counts, both in the FLOPs that are divided:
+  - a while loop (lax.scan, fori_loop) is counted once, whatever its trip
+    count; `loops_counted_once` says whether this backend does so, and
+    the train loop then scales by the gradient-accumulation microbatches;
+  - rematerialised forward passes are counted (they are executed), so with
+    model.remat != 'none' this is closer to hardware FLOPs utilisation.
+Custom calls (fused attention kernels) count as 0 FLOPs.
+"""
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Dense (no structured sparsity) peak FLOP/s per chip: (bfloat16, float32).
+# float32 is what an f32 matmul runs at under JAX's default precision:
+# TF32 tensor cores on A100 / H100 / H200, one bfloat16 pass on TPUs
+# (https://docs.jax.dev/en/latest/201/precision.html). NVIDIA's sheets
+# quote tensor-core rates with sparsity; the dense rate is half of it.
+# Keys are `jax.Device.device_kind`, matched exactly (TPUs) or by the
+# longest prefix (GPUs: memory size and form factor follow the name).
+_TERA = 1e12
+PEAK_FLOPS = {
+    # NVIDIA A100 Tensor Core GPU data sheet: BF16 312, TF32 156 TFLOPS
+    # dense (SXM and PCIe alike).
+    'NVIDIA A100': (312 * _TERA, 156 * _TERA),
+    # NVIDIA H100 Tensor Core GPU data sheet: SXM BF16 1979 / TF32 989
+    # TFLOPS with sparsity; PCIe 1513 / 756; NVL 1671 / 835.
+    'NVIDIA H100': (989.5 * _TERA, 494.5 * _TERA),  # SXM: '... 80GB HBM3'
+    'NVIDIA H100 PCIe': (756.5 * _TERA, 378 * _TERA),
+    'NVIDIA H100 NVL': (835.5 * _TERA, 417.5 * _TERA),
+    # NVIDIA H200 Tensor Core GPU data sheet: SXM BF16 1979 / TF32 989
+    # TFLOPS with sparsity; NVL 1671 / 835.
+    'NVIDIA H200': (989.5 * _TERA, 494.5 * _TERA),
+    'NVIDIA H200 NVL': (835.5 * _TERA, 417.5 * _TERA),
+    # Google Cloud TPU system architecture pages (cloud.google.com/tpu/docs):
+    # bf16 peak per chip; f32 matmuls take one bf16 pass by default.
+    'TPU v4': (275 * _TERA, 275 * _TERA),
+    'TPU v5 lite': (197 * _TERA, 197 * _TERA),  # v5e
+    'TPU v5e': (197 * _TERA, 197 * _TERA),
+    'TPU v5': (459 * _TERA, 459 * _TERA),  # v5p
+    'TPU v5p': (459 * _TERA, 459 * _TERA),
+    'TPU v6 lite': (918 * _TERA, 918 * _TERA),  # v6e (Trillium)
+    'TPU v6e': (918 * _TERA, 918 * _TERA),
+}
+_LOW_PRECISION = (jnp.bfloat16, jnp.float16)
+
+
+def table_peak_flops(device_kind: str, dtype: str = 'bfloat16'
+                     ) -> float | None:
+  """The data-sheet dense peak of one chip, or None for an unknown kind.
+
+  Args:
+    device_kind: `jax.Device.device_kind`, e.g. 'NVIDIA H100 80GB HBM3'.
+    dtype: 'bfloat16' (also for float16) or 'float32'.
+  """
+  column = 1 if dtype == 'float32' else 0
+  if device_kind.startswith('TPU'):
+    entry = PEAK_FLOPS.get(device_kind)
+    return None if entry is None else entry[column]
+  prefixes = [k for k in PEAK_FLOPS
+              if not k.startswith('TPU') and device_kind.startswith(k)]
+  if not prefixes:
+    return None
+  return PEAK_FLOPS[max(prefixes, key=len)][column]
+
+
+@functools.cache
+def cpu_matmul_flops(n: int = 1024, repeats: int = 3) -> float:
+  """FLOP/s of an n x n x n float32 matmul on the first CPU device.
+
+  Measured once per process (about 0.2 s on 2 cores) and cached: the CPU
+  has no data-sheet peak, so its MFU is relative to this.
+  """
+  device = jax.devices('cpu')[0]
+  a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+  mm = jax.jit(jnp.matmul)
+  jax.block_until_ready(mm(a, a))
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(mm(a, a))
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best
+
+
+def peak_flops(device: jax.Device | None = None,
+               dtype: str = 'bfloat16') -> float | None:
+  """Peak FLOP/s of one device: the table, a measured rate on CPU, or None.
+
+  Args:
+    device: defaults to jax.devices()[0].
+    dtype: the matmul dtype, 'bfloat16' or 'float32'.
+  """
+  device = device or jax.devices()[0]
+  if device.platform == 'cpu':
+    return cpu_matmul_flops()
+  return table_peak_flops(device.device_kind, dtype)
+
+
+def compiled_flops(compiled: jax.stages.Compiled) -> float | None:
+  """FLOPs of one execution on one device (XLA cost analysis), or None."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # Not every backend.
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get('flops')
+  return None if flops is None or flops < 0 else float(flops)
+
+
+@functools.cache
+def loops_counted_once() -> bool:
+  """True if this backend's cost analysis counts a loop body once.
+
+  A two-iteration fori_loop of a matmul is compiled (once per process,
+  tens of milliseconds) and its FLOPs compared with one matmul's.
+  """
+  x = jnp.ones((16, 16), jnp.float32)
+  loop = jax.jit(lambda x: jax.lax.fori_loop(0, 2, lambda i, c: c @ x, x))
+  flops = compiled_flops(loop.lower(x).compile())
+  return flops is not None and flops < 1.5 * 2 * 16**3
+
+
+def matmul_dtype(jaxpr: Any) -> str:
+  """'bfloat16' if any dot or convolution of the jaxpr takes bf16 / f16.
+
+  Args:
+    jaxpr: a (closed) jaxpr, e.g. `jitted.trace(*args).jaxpr`; sub-jaxprs
+      (scan, remat, custom_vjp, pjit) are searched too.
+
+  Returns:
+    'bfloat16' or 'float32': which peak applies to the program.
+  """
+  for eqn in _eqns(jaxpr):
+    if eqn.primitive.name in ('dot_general', 'conv_general_dilated'):
+      if any(getattr(v.aval, 'dtype', None) in _LOW_PRECISION
+             for v in eqn.invars):
+        return 'bfloat16'
+  return 'float32'
+
+
+def _eqns(jaxpr):
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)  # ClosedJaxpr -> Jaxpr
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else (param,)):
+        if hasattr(sub, 'eqns') or hasattr(getattr(sub, 'jaxpr', None),
+                                           'eqns'):
+          yield from _eqns(sub)
+
+
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+  """FLOPs of one train step on one device and the device's peak FLOP/s.
+
+  Attributes:
+    flops: FLOPs per device per step (XLA cost analysis of the compiled
+      step), or None when unknown (a plain step callable, no analysis).
+    peak: the device's peak FLOP/s for the step's matmul dtype
+      (peak_flops), or None for an unknown device kind.
+    dtype: 'bfloat16' or 'float32', the matmul dtype of the step.
+    device_kind: jax.devices()[0].device_kind.
+  """
+
+  flops: float | None
+  peak: float | None
+  dtype: str
+  device_kind: str
+
+  def metrics(self, steps_per_sec: float) -> dict[str, float]:
+    """{'tflops_per_device', 'mfu'} at this rate (only the known ones)."""
+    if self.flops is None:
+      return {}
+    achieved = self.flops * steps_per_sec
+    out = {'tflops_per_device': achieved / 1e12}
+    if self.peak:
+      out['mfu'] = achieved / self.peak
+    return out
+
+  def describe(self) -> str:
+    """One line for the log: FLOPs per step and the peak (or why not)."""
+    if self.flops is None:
+      return 'TFLOP/s unknown (the step has no trace(); see training.Step)'
+    peak = (f'peak {self.peak / 1e12:.1f} TFLOP/s ({self.dtype})'
+            if self.peak else 'MFU unknown: no peak FLOP/s for this device')
+    return (f'{self.flops / 1e9:.3g} GFLOP per step per device (XLA cost'
+            f' analysis) on {self.device_kind!r}; {peak}')
+
+
+def step_throughput(step_fn: Any, state: Any, batch: Any,
+                    grad_accum_steps: int = 1) -> Throughput:
+  """Compiles a `Step` for (state, batch) and reads its FLOPs.
+
+  The executable is jax's cached one: calling step_fn(state, batch) next
+  does not compile again. A plain callable is not compiled here.
+
+  Args:
+    step_fn: a `training.Step` of a jitted function, a jitted
+      (state, batch) function, or any callable (FLOPs unknown).
+    state, batch: the first arguments (abstract shapes are enough).
+    grad_accum_steps: the microbatch loop's trip count (see LoopSettings).
+  """
+  device = jax.devices()[0]
+  # A training.Step traces its `fn`; a jitted (state, batch) function
+  # traces itself; a plain Python function (or a Step around one) cannot.
+  if not hasattr(getattr(step_fn, 'fn', step_fn), 'trace'):
+    return Throughput(None, None, 'float32', device.device_kind)
+  traced = step_fn.trace(state, batch)
+  flops = compiled_flops(traced.lower().compile())
+  if flops is not None and grad_accum_steps > 1 and loops_counted_once():
+    flops *= grad_accum_steps
+  dtype = matmul_dtype(traced.jaxpr)
+  return Throughput(flops, peak_flops(device, dtype), dtype,
+                    device.device_kind)
