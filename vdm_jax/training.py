@@ -13,7 +13,7 @@ and its batches; `run` does the rest the same way for both:
     diverged state is never saved;
   - logs loss, per-model losses ('loss_*'), grad_norm, steps/s, ETA and
     the throughput (TFLOP/s per device and MFU, `perf.Throughput`), and writes
-    every metric to TensorBoard through the clu writer;
+    every metric to TensorBoard (`summary.SummaryWriter`, no TensorFlow);
   - traces the steps of training.profile_steps with jax.profiler into
     workdir/profile (TensorBoard's profile tab);
   - saves a checkpoint every `checkpoint_every_steps` and at the last step;
@@ -34,7 +34,6 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging
-from clu import metric_writers
 import flax
 import jax
 import jax.numpy as jnp
@@ -44,11 +43,12 @@ import optax
 
 from vdm_jax import checkpoint
 from vdm_jax import perf
+from vdm_jax import summary
 
 OPTIMIZERS = ('adam', 'adamw')
 
 # (step, state, writer) -> None, called after the update of `step`.
-Hook = Callable[[int, Any, metric_writers.MetricWriter], None]
+Hook = Callable[[int, Any, summary.SummaryWriter], None]
 # (state, batch) -> (new_state, scalar metrics); jitted, may donate state.
 # A `Step` (a jitted function and its arguments) also gives its FLOPs.
 StepFn = Callable[[Any, Any], tuple[Any, Mapping[str, jnp.ndarray]]]
@@ -305,7 +305,7 @@ class LoopSettings:
 
 def open_workdir(config: ml_collections.ConfigDict, workdir: str
                  ) -> tuple[checkpoint.Checkpointer,
-                            metric_writers.MetricWriter]:
+                            summary.SummaryWriter]:
   """Saves config.json; returns (checkpointer, TensorBoard writer).
 
   Only process 0 writes events; the others log through absl.
@@ -313,13 +313,12 @@ def open_workdir(config: ml_collections.ConfigDict, workdir: str
   ckpt = checkpoint.Checkpointer(
       workdir, keep=config.training.keep_checkpoints)
   checkpoint.save_config(config, workdir)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
+  writer = summary.SummaryWriter(workdir, enabled=jax.process_index() == 0)
   return ckpt, writer
 
 
 def log_progress(step: int, total: int, metrics: Mapping[str, float],
-                 rate: float, writer: metric_writers.MetricWriter,
+                 rate: float, writer: summary.SummaryWriter,
                  throughput: Mapping[str, float] | None = None) -> None:
   """One log line (loss, 'loss_*' terms, grad_norm, rate, TFLOP/s, MFU,
   ETA) + scalars; `throughput` is perf.Throughput.metrics(rate)."""
@@ -426,7 +425,7 @@ def run(
     batches: Callable[[int], Iterator[Any]],
     *,
     ckpt: checkpoint.Checkpointer,
-    writer: metric_writers.MetricWriter,
+    writer: summary.SummaryWriter,
     settings: LoopSettings,
     hooks: Sequence[tuple[int, Hook]] = (),
 ) -> Any:
