@@ -50,8 +50,8 @@ VDM_PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
 class _LibraryNoise(py_logging.Filter):
-  """Drops other packages' INFO lines (orbax writes kilobytes per save,
-  clu repeats every metrics line); their warnings and errors stay."""
+  """Drops other packages' INFO lines (orbax writes kilobytes per save);
+  their warnings and errors stay."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     return (record.levelno >= py_logging.WARNING
