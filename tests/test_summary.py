@@ -34,11 +34,13 @@ def test_scalars_and_images_read_back(tmp_path):
   assert not off.exists()
 
 
-def test_programs_do_not_import_tensorflow():
+def test_programs_do_not_import_tensorflow(tmp_path):
   """Synthetic-data runs start without TensorFlow (seconds per process and
   its start-up lines in the terminal); TFDS sources import it on use."""
   code = ('import sys, vdm_jax.main, vdm_jax.train, vdm_jax.sample, '
-          'vdm_jax.evaluate; '
+          'vdm_jax.evaluate; from vdm_jax import summary; '
+          f'w = summary.SummaryWriter({str(tmp_path)!r}); '
+          "w.write_scalars(1, {'a': 1.0}); w.close(); "
           "print(sorted(m for m in sys.modules if m.split('.')[0] in "
           "('tensorflow', 'tensorflow_datasets')))")
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT,

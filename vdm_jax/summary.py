@@ -5,19 +5,25 @@ The training loop's metric writer. clu's default writer goes through
 C++ start-up lines in the user's terminal; a run on the synthetic data or on
 video files needs no TensorFlow at all. This writer uses the `tensorboard`
 package's own event-file writer and protos (no TensorFlow import), with the
-two calls the programs make: scalars and images.
+two calls the programs make: scalars and images. Records are framed as
+TensorFlow's record files (length, masked CRC32C, data, masked CRC32C:
+`tensorboard.summary.writer.record_writer`); the file goes through
+`etils.epath`, so a gs:// workdir works as with orbax (that path alone
+loads a gs:// backend).
 """
 
 import io
 import os
+import socket
 import time
 from typing import Any, Mapping
 
+from etils import epath
 import numpy as np
 from PIL import Image
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
-from tensorboard.summary.writer import event_file_writer
+from tensorboard.summary.writer import record_writer
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -44,15 +50,23 @@ class SummaryWriter:
   def __init__(self, logdir: str, enabled: bool = True):
     self._writer = None
     if enabled:
-      os.makedirs(logdir, exist_ok=True)
-      self._writer = event_file_writer.EventFileWriter(logdir, flush_secs=30)
+      folder = epath.Path(logdir)
+      folder.mkdir(parents=True, exist_ok=True)
+      name = (f'events.out.tfevents.{int(time.time()):010d}.'
+              f'{socket.gethostname()}.{os.getpid()}.vdm_jax')
+      self._writer = record_writer.RecordWriter((folder / name).open('wb'))
+      self._write(event_pb2.Event(wall_time=time.time(),
+                                  file_version='brain.Event:2'))
+
+  def _write(self, event: event_pb2.Event) -> None:
+    self._writer.write(event.SerializeToString())
+    self._writer.flush()
 
   def _add(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
     if self._writer is None or not values:
       return
-    self._writer.add_event(event_pb2.Event(
-        wall_time=time.time(), step=int(step),
-        summary=summary_pb2.Summary(value=values)))
+    self._write(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                summary=summary_pb2.Summary(value=values)))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     self._add(step, [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
