@@ -120,7 +120,9 @@ def get_config(arg=None):
   # Pallas flash on TPU for >= 1024 tokens, XLA otherwise), 'xla', 'cudnn',
   # 'pallas'. Not a parameter: any checkpoint runs under any choice.
   config.model.attention = 'auto'
-  # Rematerialization: 'none' | 'block' | 'full'.
+  # Rematerialization (docs/scaling.md, by memory): 'none' | 'block' (keep
+  # each block's input) | 'full' (each level's input) | 'dots_saveable'
+  # (keep matmul/conv outputs) | 'offload' (block outputs to pinned host).
   config.model.remat = 'none'
   # Text models (text.encoder != 'none'): cross-attention from every
   # spatial attention to the caption's tokens (Imagen Video), and the

@@ -29,10 +29,12 @@ unconditional branch of classifier-free guidance.
 """
 
 import dataclasses
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from vdm_jax.models import layers
@@ -40,7 +42,15 @@ from vdm_jax.models import layers
 Array = jax.Array
 
 DTYPES = ('float32', 'bfloat16')
-REMAT = ('none', 'block', 'full')
+REMAT = ('none', 'block', 'full', 'dots_saveable', 'offload')
+# Names (jax.ad_checkpoint.checkpoint_name) of every block's output, the
+# tensors that remat policies save or offload by name: residual blocks,
+# spatial, cross- and temporal attention.
+RES_OUT = 'res_out'
+SATTN_OUT = 'sattn_out'
+XATTN_OUT = 'xattn_out'
+TATTN_OUT = 'tattn_out'
+BLOCK_OUTPUTS = (RES_OUT, SATTN_OUT, XATTN_OUT, TATTN_OUT)
 SPATIAL_ATTENTION = layers.PATTERNS
 ATTENTION = layers.ATTENTION_IMPLEMENTATIONS
 
@@ -106,6 +116,8 @@ def validate_model_config(image_size: int, num_frames: int,
   if kw['remat'] not in REMAT:
     raise ValueError(f'Unknown model.remat {kw["remat"]!r}; choose one of '
                      f'{REMAT}.')
+  if kw['remat'] == 'offload':
+    check_offload_supported()
   mults = tuple(kw['channel_mults'])
   base = kw['base_channels']
   if not mults or base < 1 or min(mults) < 1:
@@ -156,6 +168,43 @@ def validate_model_config(image_size: int, num_frames: int,
     raise ValueError(
         f'Attention channel counts {bad} do not split into heads of '
         f'model.head_dim {kw["head_dim"]}; use a head_dim that divides them.')
+
+
+def check_offload_supported() -> None:
+  """Raises ValueError if the default device has no pinned host memory.
+
+  model.remat='offload' moves the saved block outputs to the 'pinned_host'
+  memory of the device (JAX memory kinds); CPU, GPU and TPU backends of JAX
+  0.10 have one. Checked at trace time, before anything compiles.
+  """
+  device = jax.local_devices()[0]
+  kinds = [m.kind for m in device.addressable_memories()]
+  if 'pinned_host' not in kinds:
+    raise ValueError(
+        f"model.remat='offload' needs a 'pinned_host' memory on the device, "
+        f'but {device.platform} device {device.id} has only {kinds}; use '
+        "model.remat='block' (the same tensors, kept on the device) or "
+        "'full'.")
+
+
+def remat_policy(remat: str) -> Any:
+  """The jax.checkpoint policy of the whole network, or None.
+
+  'dots_saveable' saves every matmul and convolution output
+  (jax.checkpoint_policies.dots_saveable) and recomputes the elementwise
+  ops between them (GroupNorm, SiLU, softmax, residual adds); 'offload'
+  moves the block outputs (BLOCK_OUTPUTS) to pinned host memory and
+  recomputes everything else from them. Other policies ('none', 'block',
+  'full') are not whole-network policies: None.
+  """
+  if remat == 'dots_saveable':
+    return jax.checkpoint_policies.dots_saveable
+  if remat == 'offload':
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(),
+        names_which_can_be_offloaded=BLOCK_OUTPUTS,
+        offload_src='device', offload_dst='pinned_host')
+  return None
 
 
 def count_params(params: Any) -> int:
@@ -223,19 +272,23 @@ class _Level(nn.Module):
     for i in range(self.num_blocks):
       if self.up:
         h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
-      h = res_cls(self.channels, self.dropout, self.deterministic, self.dtype,
-                  name=f'res_{i}')(h, emb)
+      h = checkpoint_name(
+          res_cls(self.channels, self.dropout, self.deterministic,
+                  self.dtype, name=f'res_{i}')(h, emb), RES_OUT)
       if self.use_attn:
-        h = sattn_cls(self.head_dim, self.dtype, self.spatial_pattern,
+        h = checkpoint_name(
+            sattn_cls(self.head_dim, self.dtype, self.spatial_pattern,
                       self.num_frames, attention=self.attention,
-                      name=f'sattn_{i}')(h)
+                      name=f'sattn_{i}')(h), SATTN_OUT)
         if self.cross_attn:
-          h = xattn_cls(self.head_dim, self.dtype, attention=self.attention,
-                        name=f'xattn_{i}')(
-              h, context, context_mask)
+          h = checkpoint_name(
+              xattn_cls(self.head_dim, self.dtype, attention=self.attention,
+                        name=f'xattn_{i}')(h, context, context_mask),
+              XATTN_OUT)
         if self.temporal:
-          h = tattn_cls(self.num_frames, self.head_dim, self.max_distance,
-                        self.dtype, name=f'tattn_{i}')(h, mask)
+          h = checkpoint_name(
+              tattn_cls(self.num_frames, self.head_dim, self.max_distance,
+                        self.dtype, name=f'tattn_{i}')(h, mask), TATTN_OUT)
       outs.append(h)
     return h, outs
 
@@ -266,9 +319,23 @@ class UNet3D(nn.Module):
     emb_dim: conditioning embedding width; None means 4 * base_channels.
     emb_mlp_layers: Dense layers of the conditioning MLP.
     max_temporal_distance: clipping range of the relative position bias.
-    dtype: compute dtype 'float32' or 'bfloat16'; params stay float32.
-    remat: 'none', 'block' (rematerialise each residual/attention block) or
-      'full' (also each whole level).
+    dtype: compute dtype 'float32' or 'bfloat16'. 'bfloat16' is mixed
+      precision: parameters (and so their gradients, EMA and optimizer
+      state) stay float32 and are cast at each use; convolutions, attention
+      projections, activations and the residual stream are bfloat16;
+      attention logits and softmax, GroupNorm statistics and the affine
+      map, and the conditioning path (log-SNR/label/text embedding MLPs,
+      each block's scale/shift projection) are float32; the output is cast
+      to float32, so the loss is float32 (docs/scaling.md).
+    remat: what the backward pass recomputes instead of keeping
+      (docs/scaling.md has the bytes each keeps): 'none'; 'block'
+      (rematerialise each residual/attention block: keep only its input);
+      'full' (also each whole level: keep only the level inputs);
+      'dots_saveable' (keep every matmul/convolution output, recompute the
+      elementwise ops; one jax.checkpoint over the network); 'offload'
+      (move every block output to pinned host memory and recompute the rest
+      from them; one jax.checkpoint over the network; needs a backend with
+      a 'pinned_host' memory, which CPU, GPU and TPU have).
     out_channels: output channels; None means the input channels.
     text_length: L, tokens per text of the text encoder; 0: no text.
     text_cross_attention: cross-attention to the text tokens after every
@@ -437,8 +504,6 @@ class UNet3D(nn.Module):
     return z, jnp.asarray(image_sigma, jnp.float32).reshape(b)
 
   @nn.compact
-  # Over 60 lines: the network reads top to bottom (stem, down levels, middle,
-  # up levels, head) as in the DDPM UNet it follows; split, it would not.
   def __call__(self, z: Array, logsnr: Array, label: Optional[Array] = None,
                frame_mask: Optional[Array] = None, *,
                text: Optional[Array] = None,
@@ -476,23 +541,54 @@ class UNet3D(nn.Module):
     """
     b, t, hgt, wid, c = z.shape
     validate_model_config(hgt, t, **self._config())
-    dtype = jnp.dtype(self.dtype)
     out_ch = self.out_channels or c
     text, text_mask = self._text(text, text_mask, text_null, b, t)
     z, image_sigma = self._image_input(z, image, image_sigma, image_null)
     emb = self._embed(logsnr, label, b, t, text, text_mask, image_sigma)
-    cross = text is not None and self.text_cross_attention
     if frame_mask is None:
       frame_mask = jnp.ones((b, t), bool)
     mask = temporal_attention_mask(frame_mask.astype(bool))
 
+    trunk = functools.partial(UNet3D._trunk, out_channels=out_ch,
+                              train=train)
+    policy = remat_policy(self.remat)
+    if policy is not None:
+      # One checkpoint over the network, so that the policy alone decides
+      # what is kept: checkpointing each level instead would also keep
+      # every level's inputs on the device, among them all the skips.
+      trunk = nn.remat(trunk, policy=policy)
+    h = trunk(self, z.reshape(b * t, hgt, wid, z.shape[-1]), emb, mask, text,
+              text_mask)
+    return h.reshape(b, t, hgt, wid, out_ch).astype(jnp.float32)
+
+  # Over 60 lines: the network reads top to bottom (stem, down levels, middle,
+  # up levels, head) as in the DDPM UNet it follows; split, it would not.
+  def _trunk(self, x: Array, emb: Array, mask: Array, text: Optional[Array],
+             text_mask: Optional[Array], *, out_channels: int,
+             train: bool) -> Array:
+    """The UNet on frames-as-batch inputs.
+
+    Args:
+      x: [B*T, H, W, Cin] input frames (noisy video, image channels).
+      emb: [B*T, E] conditioning embedding.
+      mask: [B, T, T] temporal attention mask.
+      text, text_mask: [B, Tc, L, D] and [B, Tc, L] (from `_text`), or None.
+      out_channels: output channels.
+      train: enables dropout.
+
+    Returns:
+      [B*T, H, W, out_channels] in the compute dtype.
+    """
+    hgt, t = x.shape[1], mask.shape[1]
+    dtype = jnp.dtype(self.dtype)
+    cross = text is not None and self.text_cross_attention
     level_cls = nn.remat(_Level) if self.remat == 'full' else _Level
-    res_cls, sattn_cls, tattn_cls, xattn_cls = _block_classes(
-        self.remat != 'none')
+    remat_blocks = self.remat in ('block', 'full')
+    res_cls, sattn_cls, tattn_cls, xattn_cls = _block_classes(remat_blocks)
     common = dict(num_frames=t, head_dim=self.head_dim,
                   max_distance=self.max_temporal_distance,
                   dropout=self.dropout, deterministic=not train,
-                  remat_blocks=self.remat != 'none', dtype=dtype,
+                  remat_blocks=remat_blocks, dtype=dtype,
                   cross_attn=cross, temporal=self.temporal_attention,
                   spatial_pattern=self.spatial_attention,
                   attention=self.attention)
@@ -500,8 +596,7 @@ class UNet3D(nn.Module):
     chans = [self.base_channels * m for m in self.channel_mults]
     last = len(chans) - 1
 
-    h = layers.Conv3x3(chans[0], dtype=dtype, name='conv_in')(
-        z.reshape(b * t, hgt, wid, z.shape[-1]))
+    h = layers.Conv3x3(chans[0], dtype=dtype, name='conv_in')(x)
     skips = [h]
     for i, ch in enumerate(chans):
       h, outs = level_cls(ch, self.num_res_blocks,
@@ -513,19 +608,23 @@ class UNet3D(nn.Module):
             h)
         skips.append(h)
 
-    h = res_cls(chans[-1], self.dropout, not train, dtype, name='mid_res_0')(
-        h, emb)
-    h = sattn_cls(self.head_dim, dtype, self.spatial_attention, t,
-                  attention=self.attention, name='mid_sattn')(h)
+    h = checkpoint_name(
+        res_cls(chans[-1], self.dropout, not train, dtype, name='mid_res_0')(
+            h, emb), RES_OUT)
+    h = checkpoint_name(
+        sattn_cls(self.head_dim, dtype, self.spatial_attention, t,
+                  attention=self.attention, name='mid_sattn')(h), SATTN_OUT)
     if cross:
-      h = xattn_cls(self.head_dim, dtype, attention=self.attention,
-                    name='mid_xattn')(
-          h, text, text_mask)
+      h = checkpoint_name(
+          xattn_cls(self.head_dim, dtype, attention=self.attention,
+                    name='mid_xattn')(h, text, text_mask), XATTN_OUT)
     if self.temporal_attention:
-      h = tattn_cls(t, self.head_dim, self.max_temporal_distance, dtype,
-                    name='mid_tattn')(h, mask)
-    h = res_cls(chans[-1], self.dropout, not train, dtype, name='mid_res_1')(
-        h, emb)
+      h = checkpoint_name(
+          tattn_cls(t, self.head_dim, self.max_temporal_distance, dtype,
+                    name='mid_tattn')(h, mask), TATTN_OUT)
+    h = checkpoint_name(
+        res_cls(chans[-1], self.dropout, not train, dtype, name='mid_res_1')(
+            h, emb), RES_OUT)
 
     n_up = self.num_res_blocks + 1
     for i in reversed(range(len(chans))):
@@ -542,5 +641,6 @@ class UNet3D(nn.Module):
         h = layers.Conv3x3(chans[i], dtype=dtype, name=f'upsample_{i}')(h)
 
     h = nn.silu(layers.GroupNorm(dtype=dtype, name='norm_out')(h))
-    h = layers.Conv3x3(out_ch, zero_init=True, dtype=dtype, name='conv_out')(h)
-    return h.reshape(b, t, hgt, wid, out_ch).astype(jnp.float32)
+    h = layers.Conv3x3(out_channels, zero_init=True, dtype=dtype,
+                       name='conv_out')(h)
+    return h
