@@ -118,17 +118,6 @@ def test_gradient_accumulation_equals_the_full_batch():
   _assert_trees_close(full, acc)
 
 
-def test_bfloat16_training_stays_close_to_float32():
-  f32, l32, _ = _train_params(_config(), steps=3)
-  bf16, l16, state = _train_params(_config(**{'model.dtype': 'bfloat16'}),
-                                   steps=3)
-  assert all(np.isfinite(l16))
-  # Params stay float32; activations in bfloat16 (8 mantissa bits) move the
-  # loss by well under 5% on this tiny model.
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
-  np.testing.assert_allclose(l16, l32, rtol=5e-2)
-
-
 def _fsdp_config(data, fsdp):
   config = _config(**{'mesh.data': data, 'mesh.fsdp': fsdp})
   config.mesh.param_sharding = 'fsdp'
