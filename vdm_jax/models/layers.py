@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdm_jax.models import attention
+
 Array = jax.Array
 Dtype = Any
 
@@ -222,42 +224,11 @@ class ResBlock(nn.Module):
     return x.astype(self.dtype) + h
 
 
-def attention_weights(q: Array, k: Array, spec: str, bias: Optional[Array],
-                      mask: Optional[Array]) -> Array:
-  """Softmax attention probabilities (float32) of `_attention`."""
-  qs, ks, ls = spec
-  logits = jnp.einsum(f'{qs},{ks}->{ls}', q, k,
-                      preferred_element_type=jnp.float32)
-  if bias is not None:
-    logits = logits + bias
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  return jax.nn.softmax(logits, axis=-1)
-
-
-def _attention(q: Array, k: Array, v: Array, spec: str, bias: Optional[Array],
-               mask: Optional[Array], weights: Optional[Array] = None
-               ) -> Array:
-  """Softmax attention with float32 logits.
-
-  Args:
-    q: queries, scaled by 1/sqrt(head dim) by the caller.
-    k: keys.
-    v: values.
-    spec: 'q,k,v' einsum spec pieces, e.g. ('nqhd', 'nkhd', 'nhqk').
-    bias: logits bias broadcastable to the logits, or None.
-    mask: bool, True = attend, broadcastable to the logits, or None.
-    weights: given attention probabilities in the logits' layout, used
-      instead of softmax(q k + bias) (attention injection); None computes
-      them.
-
-  Returns:
-    Attention output in the layout of q.
-  """
-  qs, ks, ls = spec
-  if weights is None:
-    weights = attention_weights(q, k, spec, bias, mask)
-  return jnp.einsum(f'{ls},{ks}->{qs}', weights.astype(v.dtype), v)
+# The einsum attention ('xla'), kept for temporal attention, which needs its
+# probabilities (capture / injection); spatial and cross-attention go through
+# attention.dot_product_attention.
+attention_weights = attention.attention_weights
+_attention = attention.einsum_attention
 
 
 # Variable collections of temporal attention control (Generative
@@ -272,7 +243,7 @@ PROBS = 'probs'
 
 PATTERNS = ('self', 'sparse_causal')
 # Implementations of spatial and cross-attention (models/attention.py).
-ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
+ATTENTION_IMPLEMENTATIONS = attention.IMPLEMENTATIONS
 
 
 def sparse_causal_frames(num_frames: int) -> tuple[Any, Any]:
@@ -323,7 +294,8 @@ class SpatialAttention(nn.Module):
       qkv = qkv.reshape(n, hgt * wid, 3, heads, d)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
       q = q * jnp.asarray(d**-0.5, q.dtype)
-      out = _attention(q, k, v, ('nqhd', 'nkhd', 'nhqk'), None, None)
+      out = attention.dot_product_attention(
+          q, k, v, implementation=self.attention)
     elif self.pattern == 'sparse_causal':
       t = self.num_frames
       b = n // t
@@ -334,8 +306,10 @@ class SpatialAttention(nn.Module):
       kv = kv.reshape(b, t, hgt * wid, 2, heads, d)
       first, previous = sparse_causal_frames(t)
       kv = jnp.concatenate([kv[:, first], kv[:, previous]], axis=2)
-      out = _attention(q, kv[:, :, :, 0], kv[:, :, :, 1],
-                       ('btqhd', 'btkhd', 'bthqk'), None, None)
+      kv = kv.reshape(n, 2 * hgt * wid, 2, heads, d)
+      out = attention.dot_product_attention(
+          q.reshape(n, hgt * wid, heads, d), kv[:, :, 0], kv[:, :, 1],
+          implementation=self.attention)
     else:
       raise ValueError(f'Unknown attention pattern {self.pattern!r}; choose'
                        f' one of {PATTERNS}.')
@@ -453,12 +427,12 @@ class CrossAttention(nn.Module):
     kv = nn.Dense(2 * c, dtype=self.dtype, name='kv')(ctx)
     kv = jnp.broadcast_to(kv.reshape(b, tc, 1, length, 2 * c),
                           (b, tc, t // tc, length, 2 * c)).reshape(
-                              b, t, length, 2, heads, d)
-    k, v = kv[:, :, :, 0], kv[:, :, :, 1]
+                              n, length, 2, heads, d)
     mask = jnp.broadcast_to(context_mask.reshape(b, tc, 1, length),
-                            (b, tc, t // tc, length)).reshape(b, t, length)
-    out = _attention(q, k, v, ('btshd', 'btlhd', 'bthsl'), None,
-                     mask[:, :, None, None, :])
+                            (b, tc, t // tc, length)).reshape(n, 1, 1, length)
+    out = attention.dot_product_attention(
+        q.reshape(n, hgt * wid, heads, d), kv[:, :, 0], kv[:, :, 1], mask,
+        implementation=self.attention)
     out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                    name='out')(out.reshape(n, hgt, wid, c))
     return x.astype(self.dtype) + out
