@@ -1,7 +1,7 @@
 """Input-pipeline throughput (videos/s) on this machine's CPU, by workers.
 
   python experiments/benchmark_data.py [--videos=12] [--frames=186]
-      [--steps=6] [--workers=0,1,2]
+      [--steps=6] [--workers=0,1,2,0,1,2]
 
 Three sources, all 16x64x64 clips with flips at batch 16:
   - the built-in synthetic source (batched rendering);
@@ -14,8 +14,12 @@ Three sources, all 16x64x64 clips with flips at batch 16:
 Each rate is `Pipeline.iterate` with `num_workers` grain worker processes
 (0: the iterator's thread decodes, as the pipeline did before grain),
 timed over `--steps` batches after the workers have started and made a
-first round of batches (buffers of one batch). The last line printed is a
-JSON object with the numbers.
+first round of batches (buffers of one batch), the clock stopped before the
+iterator closes. The last line printed is a
+JSON object with the numbers: a list of rates per worker count (and of
+the CPU seconds the process tree spent a video meanwhile), in the
+order run (the default interleaves them, 0,1,2,0,1,2), and the 1-minute
+load average before each.
 """
 
 import argparse
@@ -27,6 +31,7 @@ import tempfile
 import time
 
 import numpy as np
+import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -78,27 +83,52 @@ def _prepare(data_dir: str, num_videos: int, frames: int) -> None:
                  file_format='array_record').download_and_prepare()
 
 
-def _rate(source, steps: int, workers: int) -> float:
-  """Videos/s of `iterate` over `steps` steps, after a warm-up round."""
+def _cpu_seconds() -> float:
+  """CPU seconds of this process, its workers and their reaped ffmpegs."""
+  total = 0.0
+  for proc in [psutil.Process()] + psutil.Process().children(recursive=True):
+    try:
+      t = proc.cpu_times()
+    except psutil.NoSuchProcess:
+      continue
+    total += t.user + t.system + t.children_user + t.children_system
+  return total
+
+
+def _rate(source, steps: int, workers: int) -> tuple[float, float]:
+  """(videos/s, CPU s a video) of `iterate` over `steps` steps, after a
+  warm-up round; the CPU is that of the whole process tree meanwhile."""
   p = pipeline.Pipeline(source, global_batch_size=BATCH,
                         num_frames=NUM_FRAMES, seed=0, random_flip=True,
                         num_workers=workers, worker_buffer_size=1)
   with p.iterate(0, prefetch=1) as it:
     for _ in range(2 * workers + 1):  # Start-up, then full buffers.
       next(it)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     for _ in range(steps):
       batch = next(it)
+    # Stopped before the iterator closes: closing waits up to 25 s a worker
+    # (grain's join timeout; docs/data.md), which is no part of the rate.
+    elapsed = time.perf_counter() - start
+    cpu = _cpu_seconds() - cpu
   assert batch['video'].shape == (BATCH, NUM_FRAMES, SIZE, SIZE, 3)
-  return steps * BATCH / (time.perf_counter() - start)
+  return steps * BATCH / elapsed, cpu / (steps * BATCH)
 
 
 def _rates(results: dict, name: str, source, steps: int,
            workers: list[int]) -> None:
+  """Rates in the order of `workers`; a repeated count (ABAB) adds a rate."""
   for w in workers:
-    rate = round(_rate(source, steps, w), 1)
-    results[f'{name}_videos_per_s_{w}_workers'] = rate
-    print(f'{name}, {w} workers: {rate} videos/s', flush=True)
+    load = round(os.getloadavg()[0], 2)
+    rate, cpu = _rate(source, steps, w)
+    rate, cpu = round(rate, 1), round(cpu, 4)
+    key = f'{name}_videos_per_s_{w}_workers'
+    results[key] = results.get(key, []) + [rate]
+    key = f'{name}_cpu_s_per_video_{w}_workers'
+    results[key] = results.get(key, []) + [cpu]
+    results.setdefault(f'{name}_load_avg_1min', []).append(load)
+    print(f'{name}, {w} workers: {rate} videos/s, {cpu} CPU s a video '
+          f'(load {load})', flush=True)
 
 
 def main() -> None:
@@ -106,7 +136,7 @@ def main() -> None:
   parser.add_argument('--videos', type=int, default=12)
   parser.add_argument('--frames', type=int, default=186)
   parser.add_argument('--steps', type=int, default=6)
-  parser.add_argument('--workers', default='0,1,2')
+  parser.add_argument('--workers', default='0,1,2,0,1,2')
   parser.add_argument('--prepare', default='',
                       help='only prepare the TFDS data in this directory')
   args = parser.parse_args()
