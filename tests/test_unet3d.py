@@ -224,6 +224,10 @@ def test_bfloat16_close_to_float32():
     (16, 4, {'base_channels': 48}, 'GroupNorm group count'),
     (16, 4, {'dtype': 'float16'}, 'model.dtype'),
     (16, 4, {'remat': 'all'}, 'model.remat'),
+    (16, 4, {'attention': 'flash'}, 'model.attention'),
+    # On this CPU backend: the config is refused before anything traces.
+    (16, 4, {'attention': 'cudnn'}, "needs an NVIDIA GPU, but the backend"),
+    (16, 4, {'attention': 'pallas'}, 'needs a TPU'),
     (16, 0, {}, 'num_frames'),
     (16, 4, {'bogus': 1}, 'Unknown model fields'),
 ])

@@ -37,6 +37,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
+from vdm_jax.models import attention
 from vdm_jax.models import layers
 
 Array = jax.Array
@@ -113,6 +114,7 @@ def validate_model_config(image_size: int, num_frames: int,
   if kw['attention'] not in ATTENTION:
     raise ValueError(f'Unknown model.attention {kw["attention"]!r}; choose '
                      f'one of {ATTENTION}.')
+  attention.check_implementation(kw['attention'])  # This backend runs it.
   if kw['remat'] not in REMAT:
     raise ValueError(f'Unknown model.remat {kw["remat"]!r}; choose one of '
                      f'{REMAT}.')
