@@ -19,6 +19,7 @@ automatically on TPU pods and SLURM, or from --coordinator_address,
 
 import logging as py_logging
 import os
+import warnings
 
 from absl import app
 from absl import flags
@@ -49,18 +50,33 @@ flags.mark_flags_as_required(['config'])
 VDM_PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
+# Warnings that say nothing to a user: orbax re-registering its jax.Array
+# handler at import, once per process.
+_KNOWN_HARMLESS = ('Type handler registry type',)
+
+
 class _LibraryNoise(py_logging.Filter):
-  """Drops other packages' INFO lines (orbax writes kilobytes per save);
-  their warnings and errors stay."""
+  """Drops other packages' INFO lines (orbax writes kilobytes per save) and
+  the known-harmless warnings; their other warnings and errors stay."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return (record.levelno >= py_logging.WARNING
-            or record.pathname.startswith(VDM_PACKAGE))
+    if record.pathname.startswith(VDM_PACKAGE):
+      return True
+    if record.levelno < py_logging.WARNING:
+      return False
+    return not str(record.msg).startswith(_KNOWN_HARMLESS)
 
 
 def quiet_libraries() -> None:
-  """Keeps vdm_jax's progress lines and every warning in the terminal."""
+  """Keeps vdm_jax's progress lines and every warning in the terminal.
+
+  Python's warning about os.fork() in a multithreaded process is silenced
+  for `subprocess` alone: it forks only to exec (ffmpeg writing a video),
+  which is safe; any other fork still warns.
+  """
   logging.get_absl_handler().addFilter(_LibraryNoise())
+  warnings.filterwarnings('ignore', message=r'os\.fork\(\) was called',
+                          category=RuntimeWarning, module='subprocess')
 
 
 def main(argv):
