@@ -24,3 +24,25 @@ os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)  # `configs` is importable as a package.
+
+# The longest files first. xdist's loadfile hands whole files to workers in
+# collection order, and alphabetically the longest files (sharding,
+# sinfusion, text, train, tune_a_video) came last, so one worker ran the tail
+# alone while the other idled. Seconds per file, one process, 2026-12-03.
+_LONGEST_FIRST = (
+    'test_sharding.py',       # ~260 s
+    'test_sinfusion.py',      # ~160
+    'test_tune_a_video.py',   # ~130
+    'test_train.py',          # ~115
+    'test_text.py',           # ~110
+    'test_sample.py',         # ~95
+    'test_golden.py',         # ~65
+    'test_tfds_sources.py',   # ~65
+    'test_configs.py',        # ~60
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+  del session, config
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
