@@ -1,5 +1,6 @@
 """The pipeline's grain worker processes: the same batches as in-process,
-errors and crashes named, skipped files counted, resume after a kill."""
+errors and crashes named, skipped files counted, resume after a kill, a
+quick close."""
 
 import os
 import signal
@@ -25,8 +26,9 @@ class TaggedSource:
   (as a decoder's segfault would).
   """
 
-  def __init__(self, size=40, frames=12, fail_at=None, crash_at=None):
-    self.size, self.frames = size, frames
+  def __init__(self, size=40, frames=12, fail_at=None, crash_at=None,
+               side=4):
+    self.size, self.frames, self.side = size, frames, side
     self.fail_at, self.crash_at = fail_at, crash_at
 
   def __len__(self):
@@ -40,7 +42,7 @@ class TaggedSource:
       raise RuntimeError(f'broken example {i}')
     if i == self.crash_at:
       os._exit(3)  # pylint: disable=protected-access
-    video = np.zeros((self.frames, 4, 4, 3), dtype=np.uint8)
+    video = np.zeros((self.frames, self.side, self.side, 3), dtype=np.uint8)
     video[..., 0] = i
     video[..., 1] = np.arange(self.frames)[:, None, None]
     return {'video': video, 'label': i % 5}
@@ -106,6 +108,40 @@ def test_files_a_worker_skips_are_counted_in_the_main_process(tmp_path):
     next(it)
   assert source.num_skipped == 1
   assert [os.path.basename(f) for f in source.skipped] == ['v1_bad.mp4']
+
+
+def _workers(exclude=()):
+  """This process's live grain worker processes, less `exclude`."""
+  found = []
+  for child in psutil.Process().children():
+    try:
+      if (child.status() != psutil.STATUS_ZOMBIE and child not in exclude
+          and 'spawn_main' in ' '.join(child.cmdline())):
+        found.append(child)
+    except psutil.NoSuchProcess:
+      pass
+  return found
+
+
+def test_close_with_a_slow_consumer_is_quick_and_ends_the_workers():
+  """grain alone joins each worker for 25 s, one after another, when the
+  consumer is slower than the workers (a batch stuck in its pipe)."""
+  before = _workers()
+  # 16 clips of 16 64x64 frames: a 3 MB batch, more than a pipe holds.
+  p = pipeline.Pipeline(TaggedSource(frames=16, side=64),
+                        global_batch_size=16, num_frames=16, seed=0,
+                        num_workers=2)
+  it = p.iterate(0)
+  for _ in range(6):
+    next(it)
+    time.sleep(0.3)  # The train step: the workers fill their queues.
+  workers = _workers(exclude=before)
+  assert len(workers) == 2
+  start = time.monotonic()
+  it.close()
+  assert time.monotonic() - start < 5
+  # Exited and reaped (joined): not even zombies are left.
+  assert not [w.pid for w in workers if psutil.pid_exists(w.pid)]
 
 
 _RUN = """
