@@ -110,6 +110,11 @@ def test_same_parameters_on_every_mesh():
     _assert_trees_close(params, p8)
 
 
+# ~50 s. Faster tests cover what it checks: the one accumulation routine
+# (training.accumulate_gradients) equals the full batch for k = 1, 2, 4 in
+# test_sinfusion's microbatch test, and train_step with 2 microbatches on
+# the 8-device mesh in test_train's per-frame label test.
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_full_batch():
   """4 microbatches of 2 give the full-batch update (float32 rounding)."""
   full, lf, _ = _train_params(_config())
