@@ -38,12 +38,17 @@ def model_params():
   are randomised, so every attention reaches the output."""
   config = _config()
   model = denoiser.create_model(config)
-  params = denoiser.init_params(config, model, jax.random.key(0))
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  leaves = [l + 0.05 * jax.random.normal(k, l.shape)
-            for l, k in zip(leaves, keys)]
-  return config, model, jax.tree.unflatten(tree, leaves)
+
+  @jax.jit  # One compile, not one per op and leaf shape.
+  def perturbed(rng):
+    params = denoiser.init_params(config, model, rng)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    leaves = [l + 0.05 * jax.random.normal(k, l.shape)
+              for l, k in zip(leaves, keys)]
+    return jax.tree.unflatten(tree, leaves)
+
+  return config, model, perturbed(jax.random.key(0))
 
 
 def _inputs(seed=2, b=2):
@@ -62,9 +67,9 @@ def _cond(image):
 def test_a_null_image_ignores_the_image_and_the_image_matters(model_params):
   _, model, params = model_params
   z, image, logsnr = _inputs()
-  apply = lambda img, null: model.apply(
+  apply = jax.jit(lambda img, null: model.apply(
       {'params': params}, z, logsnr, image=img,
-      image_sigma=jnp.full((2,), 0.02), image_null=jnp.full((2,), null))
+      image_sigma=jnp.full((2,), 0.02), image_null=jnp.full((2,), null)))
   np.testing.assert_array_equal(apply(image, True), apply(-image, True))
   assert float(jnp.abs(apply(image, False) - apply(-image, False)).max()) > 1e-3
 

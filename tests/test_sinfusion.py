@@ -175,6 +175,7 @@ def test_backward_generation_and_upsampling_with_oracles():
     np.testing.assert_array_equal(out[0], fine)
 
 
+@pytest.mark.usefixtures('optimized_xla')
 def test_each_model_learns(video_path):
   config = _config(video_path, **{'training.batch_size': 8})
   video, hw = sf_train.prepare(config, '/nonexistent_workdir')

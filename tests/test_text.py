@@ -236,13 +236,17 @@ def _text_model():
 
 
 def _perturbed_params(model, z, text, mask):
-  params = model.init(jax.random.key(0), z, jnp.zeros(z.shape[:1]),
-                      text=text, text_mask=mask)['params']
+  params = jax.jit(model.init)(jax.random.key(0), z, jnp.zeros(z.shape[:1]),
+                               text=text, text_mask=mask)['params']
   # Zero-initialised output projections would hide the cross-attention.
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  return jax.tree.unflatten(tree, [
-      x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  @jax.jit
+  def perturb(params):
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree.unflatten(tree, [
+        x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+  return perturb(params)
 
 
 @pytest.mark.parametrize('cross,pool', [(True, False), (False, True)])
@@ -257,10 +261,13 @@ def test_text_conditions_the_unet(wordllama, cross, pool):
   names = set(params)
   assert ('mid_xattn' in names) == cross and ('text_pool' in names) == pool
 
+  # Jitted: op-by-op the UNet costs ~30 s of tiny compiles on 2 cores.
+  apply = jax.jit(model.apply)
+
   def run(t, m, null=None, frame_mask=None):
-    return np.asarray(model.apply({'params': params}, z,
-                                  jnp.zeros((3,)), text=t, text_mask=m,
-                                  text_null=null, frame_mask=frame_mask))
+    return np.asarray(apply({'params': params}, z,
+                            jnp.zeros((3,)), text=t, text_mask=m,
+                            text_null=null, frame_mask=frame_mask))
 
   out = run(text, mask)
   swapped = run(text[::-1], mask[::-1])

@@ -1,6 +1,7 @@
 """Tune-A-Video: inflation, sparse-causal attention, one-shot tuning, editing."""
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -86,6 +87,7 @@ def _apply(model):
                                                         logsnr, **cond))
 
 
+@functools.partial(jax.jit, static_argnames='scale')  # One compile.
 def _trained(params, rng, scale=0.2):
   """params moved off their initialisation (zero output layers included),
   as training would."""
