@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
+from tests import perturb
 from vdm_jax import checkpoint
 from vdm_jax import denoiser
 from vdm_jax import sample_inputs
@@ -38,17 +39,9 @@ def model_params():
   are randomised, so every attention reaches the output."""
   config = _config()
   model = denoiser.create_model(config)
-
-  @jax.jit  # One compile, not one per op and leaf shape.
-  def perturbed(rng):
-    params = denoiser.init_params(config, model, rng)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [l + 0.05 * jax.random.normal(k, l.shape)
-              for l, k in zip(leaves, keys)]
-    return jax.tree.unflatten(tree, leaves)
-
-  return config, model, perturbed(jax.random.key(0))
+  params = jax.jit(lambda r: denoiser.init_params(config, model, r))(
+      jax.random.key(0))
+  return config, model, perturb.perturbed(params, jax.random.key(1), 0.05)
 
 
 def _inputs(seed=2, b=2):

@@ -10,6 +10,7 @@ from PIL import Image
 import pytest
 
 from configs import tiny
+from tests import perturb
 from vdm_jax import checkpoint
 from vdm_jax import denoiser
 from vdm_jax import sample
@@ -239,14 +240,7 @@ def _perturbed_params(model, z, text, mask):
   params = jax.jit(model.init)(jax.random.key(0), z, jnp.zeros(z.shape[:1]),
                                text=text, text_mask=mask)['params']
   # Zero-initialised output projections would hide the cross-attention.
-  @jax.jit
-  def perturb(params):
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return jax.tree.unflatten(tree, [
-        x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-
-  return perturb(params)
+  return perturb.perturbed(params, jax.random.key(1), 0.3)
 
 
 @pytest.mark.parametrize('cross,pool', [(True, False), (False, True)])

@@ -1,7 +1,6 @@
 """Tune-A-Video: inflation, sparse-causal attention, one-shot tuning, editing."""
 
 import dataclasses
-import functools
 import json
 import os
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from tests import perturb
 from vdm_jax import checkpoint
 from vdm_jax import denoiser
 from vdm_jax import sample
@@ -87,14 +87,10 @@ def _apply(model):
                                                         logsnr, **cond))
 
 
-@functools.partial(jax.jit, static_argnames='scale')  # One compile.
 def _trained(params, rng, scale=0.2):
   """params moved off their initialisation (zero output layers included),
   as training would."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(rng, len(leaves))
-  return jax.tree.unflatten(tree, [
-      v + scale * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)])
+  return perturb.perturbed(params, rng, scale)
 
 
 def test_sparse_causal_attention_sees_frames_zero_and_previous():
