@@ -2,6 +2,7 @@
 
   PYTHONPATH=. python experiments/benchmark_conv.py [--repeats=5]
   PYTHONPATH=. python experiments/benchmark_conv.py --flags   # XLA_FLAGS sets
+  PYTHONPATH=. python experiments/benchmark_conv.py --depthwise
 
 In-process (default): the forward + backward time of `layers.conv3x3` (a
 lax convolution with the project's custom input gradient) against the same
@@ -11,8 +12,11 @@ the convolution shapes of configs/quickstart.py and of issue 15's
 benchmark shape (base 64, 8x32x32 frames, batch 2), with a 2048 f32 matmul's
 rate as the reference. --flags: the same timing in subprocesses, one per
 XLA_FLAGS variant (oneDNN, XNNPACK and YNNPACK library fusions this jaxlib
-knows), since XLA_FLAGS is read once per process. Prints one JSON line per
-measurement.
+knows), since XLA_FLAGS is read once per process. --depthwise: SinFusion's
+k x k depthwise convolution (`layers.depthwise_conv`, 'conv' = one grouped
+lax convolution against 'shifted' = k * k fused shifted multiply-adds),
+forward and forward + backward, at SinFusion's crop of carphone (2 x 137 x
+167 x 64) and of 144x256 frames. Prints one JSON line per measurement.
 """
 
 import argparse
@@ -87,12 +91,55 @@ def run_in_process(repeats: int, label: str) -> None:
                                            3)}), flush=True)
 
 
+# (name, N, H, W, C, k): SinFusion's depthwise convolutions.
+DEPTHWISE_SHAPES = (
+    ('sinfusion_137x167_7x7', 2, 137, 167, 64, 7),
+    ('sinfusion_137x243_7x7', 2, 137, 243, 64, 7),
+    ('sinfusion_137x167_3x3', 2, 137, 167, 64, 3),
+)
+
+
+def run_depthwise(repeats: int) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vdm_jax.models import layers  # pylint: disable=g-import-not-at-top
+
+  def timed(fn, *args):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+  for name, n, h, w, c, k in DEPTHWISE_SHAPES:
+    x = jax.random.normal(jax.random.key(0), (n, h, w, c))
+    kernel = jax.random.normal(jax.random.key(1), (k, k, 1, c)) * 0.1
+    row = {'item': name}
+    for impl in ('conv', 'shifted'):
+      fwd = jax.jit(lambda x, kk, impl=impl: layers.depthwise_conv(
+          x, kk, impl))
+      grad = jax.jit(jax.grad(lambda x, kk, impl=impl: jnp.sum(
+          layers.depthwise_conv(x, kk, impl)**2), argnums=(0, 1)))
+      row[f'{impl}_fwd_ms'] = round(timed(fwd, x, kernel) * 1e3, 1)
+      row[f'{impl}_fwd_bwd_ms'] = round(timed(grad, x, kernel) * 1e3, 1)
+    row['fwd_speedup'] = round(row['conv_fwd_ms'] / row['shifted_fwd_ms'], 2)
+    row['fwd_bwd_speedup'] = round(
+        row['conv_fwd_bwd_ms'] / row['shifted_fwd_bwd_ms'], 2)
+    print(json.dumps(row), flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--flags', action='store_true')
   parser.add_argument('--label', default='default')
+  parser.add_argument('--depthwise', action='store_true')
   args = parser.parse_args()
+  if args.depthwise:
+    run_depthwise(args.repeats)
+    return
   if not args.flags:
     run_in_process(args.repeats, args.label)
     return

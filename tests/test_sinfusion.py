@@ -9,12 +9,14 @@ workdir compatibility check, that sampling never imports the optimizer,
 and the errors on bad inputs.
 """
 
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,7 @@ from vdm_jax import schedules
 from vdm_jax import sinfusion
 from vdm_jax import training
 from vdm_jax import video_io
+from vdm_jax.models import layers
 from vdm_jax.models import nextnet
 from vdm_jax.sinfusion import data
 from vdm_jax.sinfusion import generate
@@ -88,6 +91,42 @@ def test_receptive_field_is_bounded():
     distance = np.maximum(abs(yy - 2), abs(xx - 2))
     assert not changed[distance > r].any(), which
     assert changed[distance == r].any(), which  # The bound is tight.
+
+
+@pytest.mark.parametrize('kernel_size', [3, 7])
+def test_shifted_depthwise_conv_matches_the_grouped_conv(kernel_size):
+  """layers.depthwise_conv 'shifted' == 'conv': values and both gradients.
+
+  A random (asymmetric) kernel, so a flipped or transposed tap order fails,
+  and a non-square frame with borders, so wrong padding fails.
+  """
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 9, 13, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, 5)),
+                       jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def value_and_grads(impl):
+    out, vjp = jax.vjp(lambda a, b: layers.depthwise_conv(a, b, impl), x,
+                       kernel)
+    return (out, *vjp(cotangent))
+
+  for got, want in zip(value_and_grads('shifted'), value_and_grads('conv')):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='depthwise impl'):
+    layers.depthwise_conv(x, kernel, 'fft')
+
+
+def test_depthwise_module_has_the_parameters_of_nn_conv():
+  """Checkpoints of the nn.Conv(feature_group_count=C) blocks carry over."""
+  x = jnp.ones((1, 6, 6, 4))
+  ours = layers.DepthwiseConv(5).init(jax.random.key(3), x)
+  theirs = flax.linen.Conv(4, (5, 5), feature_group_count=4).init(
+      jax.random.key(3), x)
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_examples_have_the_right_offsets():

@@ -111,7 +111,8 @@ def create_nextnets(model_config: ml_collections.ConfigDict,
       name: nextnet.NextNet(
           out_channels=channels, width=m.width, depth=m.depth,
           kernel_size=m.kernel_size, mult=m.mult, emb_dim=m.emb_dim,
-          num_cond_frames=n, max_offset=m.max_offset if n else 0)
+          num_cond_frames=n, max_offset=m.max_offset if n else 0,
+          depthwise=m.get('depthwise', 'auto'))
       for name, n in num_cond_frames.items()
   }
 

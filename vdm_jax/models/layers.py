@@ -138,6 +138,126 @@ class Conv3x3(nn.Module):
     return y + bias.astype(self.dtype)
 
 
+DEPTHWISE_IMPLEMENTATIONS = ('auto', 'conv', 'shifted')
+
+
+def depthwise_conv(x: Array, kernel: Array, impl: str = 'auto') -> Array:
+  """k x k depthwise NHWC convolution, 'SAME' zero padding, stride 1.
+
+  Args:
+    x: [N, H, W, C] input.
+    kernel: [k, k, 1, C] kernel (flax's nn.Conv layout for
+      feature_group_count=C), k odd.
+    impl: 'conv' (one grouped `lax.conv_general_dilated`), 'shifted' (the
+      sum over the k * k kernel taps of shifted copies of the padded input
+      times a per-channel weight, which XLA fuses into one loop), or 'auto'
+      ('shifted' on CPU, 'conv' on GPU and TPU, where the grouped
+      convolution has a native kernel). XLA:CPU runs the grouped
+      convolution through a slow generic path: for 7x7 taps over
+      2 x 137 x 167 x 64 (SinFusion's crop) 'shifted' is ~13x faster forward
+      and ~3.5x forward + backward (experiments/benchmark_conv.py
+      --depthwise). Both give the same values and gradients to float32
+      rounding (summation order).
+
+  Returns:
+    [N, H, W, C].
+  """
+  if impl not in DEPTHWISE_IMPLEMENTATIONS:
+    raise ValueError(f'depthwise impl must be one of'
+                     f' {DEPTHWISE_IMPLEMENTATIONS}, got {impl!r}.')
+  k = kernel.shape[0]
+  if kernel.shape != (k, k, 1, x.shape[-1]) or k % 2 != 1:
+    raise ValueError(f'depthwise kernel must be [k, k, 1, {x.shape[-1]}] with'
+                     f' k odd, got {kernel.shape}.')
+  if impl == 'auto':
+    impl = 'shifted' if jax.default_backend() == 'cpu' else 'conv'
+  if impl == 'conv':
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding='SAME',
+        dimension_numbers=_DIMS, feature_group_count=x.shape[-1])
+  return _shifted_depthwise(x, kernel[:, :, 0])
+
+
+def _shifted_taps(x: Array, taps: Array) -> Array:
+  """sum_ij pad(x)[:, i:i + H, j:j + W] * taps[i, j]; taps [k, k, C]."""
+  k = taps.shape[0]
+  p = k // 2
+  height, width = x.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  out = jnp.zeros_like(x)
+  for i in range(k):
+    rows = padded[:, i:i + height]
+    for j in range(k):
+      out = out + rows[:, :, j:j + width] * taps[i, j]
+  return jax.lax.optimization_barrier(out)
+
+
+@jax.custom_vjp
+def _shifted_depthwise(x: Array, taps: Array) -> Array:
+  """'shifted' depthwise conv with a hand-written backward pass.
+
+  Autodiff of `_shifted_taps` would keep each of the k * k shifted copies
+  as a residual for the kernel gradient (49 copies of the activations per
+  7x7 layer: 18 GiB of XLA temp for one SinFusion microbatch of two
+  137x167 crops, against 2 GiB for the grouped conv). Here only x is kept;
+  the input gradient is the same sum with the kernel flipped, and each tap's
+  gradient one fused reduction over a shifted view.
+  """
+  return _shifted_taps(x, taps)
+
+
+def _shifted_depthwise_fwd(x, taps):
+  return _shifted_taps(x, taps), (x, taps)
+
+
+def _shifted_depthwise_bwd(res, dy):
+  x, taps = res
+  k = taps.shape[0]
+  p = k // 2
+  height, width = x.shape[1:3]
+  dx = _shifted_taps(dy, taps[::-1, ::-1])
+  padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+
+  def tap_grad(ij):
+    view = jax.lax.dynamic_slice(padded, (0, ij[0], ij[1], 0), x.shape)
+    return jnp.sum(view * dy, axis=(0, 1, 2))
+
+  # One tap at a time (lax.map): XLA would otherwise materialise all k * k
+  # products view * dy before reducing them (560 MiB of temp per 7x7 layer
+  # at 2 x 137 x 167 x 64).
+  ii, jj = jnp.meshgrid(jnp.arange(k), jnp.arange(k), indexing='ij')
+  dtaps = jax.lax.map(tap_grad, jnp.stack([ii.ravel(), jj.ravel()], -1))
+  dtaps = dtaps.reshape(k, k, -1)
+  return dx, dtaps.astype(taps.dtype)
+
+
+_shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
+
+
+class DepthwiseConv(nn.Module):
+  """nn.Conv(C, (k, k), feature_group_count=C) with a choice of kernel.
+
+  The same parameters ('kernel' [k, k, 1, C], lecun-normal; 'bias' [C],
+  zeros) and initial values as that nn.Conv, so checkpoints carry over.
+
+  Attributes:
+    kernel_size: k (odd).
+    impl: see `depthwise_conv`.
+  """
+
+  kernel_size: int = 7
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: [N, H, W, C] -> [N, H, W, C]."""
+    k, channels = self.kernel_size, x.shape[-1]
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (k, k, 1, channels))
+    bias = self.param('bias', nn.initializers.zeros, (channels,))
+    return depthwise_conv(x, kernel, self.impl) + bias
+
+
 class GroupNorm(nn.Module):
   """GroupNorm of each leading-axis entry (each frame) separately.
 

@@ -52,18 +52,20 @@ class ConvNeXtBlock(nn.Module):
     width: channels in and out.
     kernel_size: size of the depthwise conv (odd).
     mult: expansion of the hidden 3x3 conv.
+    depthwise: implementation of the depthwise conv
+      (layers.depthwise_conv: 'auto' | 'conv' | 'shifted').
   """
 
   width: int
   kernel_size: int = 7
   mult: int = 2
+  depthwise: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, emb: Array) -> Array:
     """x: [B, H, W, width]; emb: [B, E] -> [B, H, W, width]."""
-    k = self.kernel_size
-    h = nn.Conv(self.width, (k, k), feature_group_count=self.width,
-                name='dwconv')(x)
+    h = layers.DepthwiseConv(self.kernel_size, self.depthwise,
+                             name='dwconv')(x)
     h = h + nn.Dense(self.width, name='emb')(nn.gelu(emb))[:, None, None, :]
     h = nn.LayerNorm(name='norm1')(h)
     h = nn.gelu(nn.Conv(self.width * self.mult, (3, 3), name='conv1')(h))
@@ -86,6 +88,8 @@ class NextNet(nn.Module):
       0, Predictor 1, Interpolator 2).
     max_offset: |k| <= max_offset for the frame-offset embedding; 0 means
       the model takes no offset.
+    depthwise: implementation of the blocks' depthwise convs
+      (layers.depthwise_conv); the parameters are the same for every one.
   """
 
   out_channels: int = 3
@@ -96,6 +100,7 @@ class NextNet(nn.Module):
   emb_dim: int = 256
   num_cond_frames: int = 0
   max_offset: int = 0
+  depthwise: str = 'auto'
 
   @nn.compact
   def __call__(
@@ -146,7 +151,7 @@ class NextNet(nn.Module):
     x = nn.Conv(self.width, (3, 3), name='stem')(x)
     for i in range(self.depth):
       x = ConvNeXtBlock(self.width, self.kernel_size, self.mult,
-                        name=f'block_{i}')(x, emb)
+                        self.depthwise, name=f'block_{i}')(x, emb)
     x = nn.LayerNorm(name='norm_out')(x)
     return nn.Conv(self.out_channels, (1, 1), name='head')(x).astype(
         jnp.float32)
