@@ -49,10 +49,11 @@ def get_config(arg=None):
   config.model.depth = 8
   # Depthwise conv size of each block.
   config.model.kernel_size = 7
-  # Depthwise conv implementation: 'auto' ('shifted' on CPU, where XLA's
-  # grouped convolution is slow, 'conv' on GPU/TPU) | 'conv' | 'shifted'
-  # (models/layers.depthwise_conv). Same parameters for each.
-  config.model.depthwise = 'auto'
+  # How the convolutions run: 'auto' ('cpu' on CPU, 'xla' on GPU/TPU) |
+  # 'xla' | 'cpu' (shifted multiply-adds for the depthwise convs, tap-by-tap
+  # kernel gradients: XLA:CPU's own are slow; models/nextnet.py). The same
+  # parameters for each.
+  config.model.conv_impl = 'auto'
   # Hidden expansion of each block's 3x3 conv.
   config.model.mult = 2
   # Width of the log-SNR (+ frame offset) embedding.

@@ -181,29 +181,3 @@ def test_profile_steps_from_the_config():
 def test_loop_bodies_are_counted_once_here():
   # The reason LoopSettings.grad_accum_steps scales the FLOPs.
   assert perf.loops_counted_once()
-
-
-def test_accumulated_step_flops_are_the_whole_batch():
-  """FLOPs x the loop's trip count (what _loop logs) are k-independent.
-
-  On CPU the microbatch scan is unrolled (training.microbatch_unroll), so
-  XLA already counts every microbatch and the trip count is 1; scaling by k
-  there would log k times the work. The train loop scales by the same
-  training.microbatch_loop_trips.
-  """
-  w = jnp.ones((64, 64))
-  x = jnp.ones((8, 64))
-
-  def value_and_grad(params, mb, j):
-    del j
-    return jax.value_and_grad(lambda p: jnp.mean(jnp.tanh(mb @ p) ** 2))(
-        params)
-
-  def flops(k):
-    step = jax.jit(lambda p, b: training.accumulate_gradients(
-        value_and_grad, p, b, k))
-    trips = training.microbatch_loop_trips(k)
-    return perf.compiled_flops(step.lower(w, x).compile()) * trips
-
-  # The accumulation adds and divisions are ~12% of this tiny step.
-  assert flops(4) == pytest.approx(flops(1), rel=0.25)

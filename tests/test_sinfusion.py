@@ -118,6 +118,23 @@ def test_shifted_depthwise_conv_matches_the_grouped_conv(kernel_size):
     layers.depthwise_conv(x, kernel, 'fft')
 
 
+def test_tap_by_tap_kernel_gradient_matches_lax():
+  """layers.conv3x3 kernel_grad='taps' == 'lax' (NextNet's CPU path)."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 7, 11, 4)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(2, 7, 11, 6)), jnp.float32)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def value_and_grads(kernel_grad):
+    out, vjp = jax.vjp(
+        lambda a, b: layers.conv3x3(a, b, 1, kernel_grad), x, kernel)
+    return (out, *vjp(cotangent))
+
+  for got, want in zip(value_and_grads('taps'), value_and_grads('lax')):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_depthwise_module_has_the_parameters_of_nn_conv():
   """Checkpoints of the nn.Conv(feature_group_count=C) blocks carry over."""
   x = jnp.ones((1, 6, 6, 4))

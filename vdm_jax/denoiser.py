@@ -112,7 +112,7 @@ def create_nextnets(model_config: ml_collections.ConfigDict,
           out_channels=channels, width=m.width, depth=m.depth,
           kernel_size=m.kernel_size, mult=m.mult, emb_dim=m.emb_dim,
           num_cond_frames=n, max_offset=m.max_offset if n else 0,
-          depthwise=m.get('depthwise', 'auto'))
+          conv_impl=m.get('conv_impl', 'auto'))
       for name, n in num_cond_frames.items()
   }
 

@@ -157,20 +157,6 @@ def split_microbatches(tree: Any, k: int) -> Any:
   return jax.tree.map(split, tree)
 
 
-def microbatch_unroll(k: int) -> int:
-  """How many of k microbatches one iteration of the scan runs (see below)."""
-  return k if jax.default_backend() == 'cpu' else 1
-
-
-def microbatch_loop_trips(k: int) -> int:
-  """Trip count of the compiled microbatch loop (1 where it is unrolled).
-
-  XLA's cost analysis counts a loop body once (perf.loops_counted_once), so
-  a step's FLOPs are scaled by this, not by k.
-  """
-  return k // microbatch_unroll(k)
-
-
 def accumulate_gradients(value_and_grad_fn: Callable[..., Any], params: Any,
                          inputs: Any, k: int) -> Any:
   """The mean of value_and_grad_fn's (values, grads) over k microbatches.
@@ -185,15 +171,6 @@ def accumulate_gradients(value_and_grad_fn: Callable[..., Any], params: Any,
     params: the parameters.
     inputs: pytree of [B, ...] arrays, B divisible by k.
     k: the number of microbatches (lax.scan over split_microbatches).
-
-  On CPU the scan is unrolled. XLA:CPU computes a convolution's kernel
-  gradient inside a while-loop body ~60x slower than outside one (3x3, 64
-  -> 128 channels, 2 x 64 x 64: 9.9 s against 0.17 s for two microbatches;
-  SinFusion's 137x167 crops: 23 s per microbatch of 2 against 3.2 s), and
-  unrolled the microbatches still run one after another: XLA's temp for
-  SinFusion's NextNet at 2 and 4 microbatches stays that of one (1.92 GiB;
-  docs/benchmarks.md "SinFusion memory"). Accelerators keep the rolled
-  loop (one compiled body).
   """
   if k == 1:
     return value_and_grad_fn(params, inputs, None)
@@ -206,10 +183,8 @@ def accumulate_gradients(value_and_grad_fn: Callable[..., Any], params: Any,
                           jax.tree.map(lambda x: x[0], split_microbatches(
                               inputs, k)), jnp.int32(0))
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  unroll = microbatch_unroll(k)
   total, _ = jax.lax.scan(
-      accumulate, zeros, (jnp.arange(k), split_microbatches(inputs, k)),
-      unroll=unroll)
+      accumulate, zeros, (jnp.arange(k), split_microbatches(inputs, k)))
   return jax.tree.map(lambda a: a / k, total)
 
 
@@ -406,9 +381,8 @@ def _loop(state, step_fn, batches, start, ckpt, writer, settings, hooks,
   if start >= total:
     return state
   first = next(batches)
-  throughput = perf.step_throughput(
-      step_fn, state, first,
-      microbatch_loop_trips(settings.grad_accum_steps))
+  throughput = perf.step_throughput(step_fn, state, first,
+                               settings.grad_accum_steps)
   logging.info('Train step: %s.', throughput.describe())
   batches = itertools.chain([first], batches)
   profile = _Profile(settings.profile_steps, start + 1,

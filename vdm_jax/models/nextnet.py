@@ -45,6 +45,19 @@ def receptive_field_radius(depth: int, kernel_size: int) -> int:
   return 1 + depth * ((kernel_size - 1) // 2 + 2)
 
 
+CONV_IMPLEMENTATIONS = ('auto', 'xla', 'cpu')
+
+
+def _conv_kernels(conv_impl: str) -> tuple[str, str]:
+  """(depthwise impl, 3x3 kernel_grad) of NextNet.conv_impl."""
+  if conv_impl not in CONV_IMPLEMENTATIONS:
+    raise ValueError(f'conv_impl must be one of {CONV_IMPLEMENTATIONS}, got'
+                     f' {conv_impl!r}.')
+  if conv_impl == 'auto':
+    conv_impl = 'cpu' if jax.default_backend() == 'cpu' else 'xla'
+  return ('shifted', 'taps') if conv_impl == 'cpu' else ('conv', 'lax')
+
+
 class ConvNeXtBlock(nn.Module):
   """One residual ConvNeXt block conditioned on an embedding.
 
@@ -52,25 +65,25 @@ class ConvNeXtBlock(nn.Module):
     width: channels in and out.
     kernel_size: size of the depthwise conv (odd).
     mult: expansion of the hidden 3x3 conv.
-    depthwise: implementation of the depthwise conv
-      (layers.depthwise_conv: 'auto' | 'conv' | 'shifted').
+    conv_impl: see NextNet.
   """
 
   width: int
   kernel_size: int = 7
   mult: int = 2
-  depthwise: str = 'auto'
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, emb: Array) -> Array:
     """x: [B, H, W, width]; emb: [B, E] -> [B, H, W, width]."""
-    h = layers.DepthwiseConv(self.kernel_size, self.depthwise,
-                             name='dwconv')(x)
+    depthwise, kernel_grad = _conv_kernels(self.conv_impl)
+    h = layers.DepthwiseConv(self.kernel_size, depthwise, name='dwconv')(x)
     h = h + nn.Dense(self.width, name='emb')(nn.gelu(emb))[:, None, None, :]
     h = nn.LayerNorm(name='norm1')(h)
-    h = nn.gelu(nn.Conv(self.width * self.mult, (3, 3), name='conv1')(h))
+    h = nn.gelu(layers.Conv3x3(self.width * self.mult,
+                               kernel_grad=kernel_grad, name='conv1')(h))
     h = nn.LayerNorm(name='norm2')(h)
-    h = nn.Conv(self.width, (3, 3), name='conv2')(h)
+    h = layers.Conv3x3(self.width, kernel_grad=kernel_grad, name='conv2')(h)
     return x + h
 
 
@@ -88,8 +101,15 @@ class NextNet(nn.Module):
       0, Predictor 1, Interpolator 2).
     max_offset: |k| <= max_offset for the frame-offset embedding; 0 means
       the model takes no offset.
-    depthwise: implementation of the blocks' depthwise convs
-      (layers.depthwise_conv); the parameters are the same for every one.
+    conv_impl: how the convolutions run; the parameters are the same for
+      each. 'xla': lax's convolutions (grouped for the depthwise ones).
+      'cpu': the depthwise convs as fused shifted multiply-adds
+      (layers.depthwise_conv 'shifted') and the 3x3 kernels' gradients tap
+      by tap (layers.conv3x3 kernel_grad='taps'): XLA:CPU's grouped
+      convolution is slow, and its kernel-gradient convolution is ~60x
+      slower inside the gradient-accumulation loop (experiments/
+      benchmark_conv.py --depthwise and --in-loop). 'auto': 'cpu' on CPU,
+      'xla' elsewhere.
   """
 
   out_channels: int = 3
@@ -100,7 +120,7 @@ class NextNet(nn.Module):
   emb_dim: int = 256
   num_cond_frames: int = 0
   max_offset: int = 0
-  depthwise: str = 'auto'
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(
@@ -148,10 +168,11 @@ class NextNet(nn.Module):
                            name='offset_emb')(index)
     emb = nn.Dense(self.emb_dim, name='emb_out')(nn.gelu(emb))
     x = z if frames is None else jnp.concatenate([z, frames], axis=-1)
-    x = nn.Conv(self.width, (3, 3), name='stem')(x)
+    kernel_grad = _conv_kernels(self.conv_impl)[1]
+    x = layers.Conv3x3(self.width, kernel_grad=kernel_grad, name='stem')(x)
     for i in range(self.depth):
       x = ConvNeXtBlock(self.width, self.kernel_size, self.mult,
-                        self.depthwise, name=f'block_{i}')(x, emb)
+                        self.conv_impl, name=f'block_{i}')(x, emb)
     x = nn.LayerNorm(name='norm_out')(x)
     return nn.Conv(self.out_channels, (1, 1), name='head')(x).astype(
         jnp.float32)

@@ -28,7 +28,6 @@ from vdm_jax import denoiser
 from vdm_jax import diffusion
 from vdm_jax import schedules
 from vdm_jax import training
-from vdm_jax.models import layers
 from vdm_jax.models import nextnet
 from vdm_jax.sinfusion import data
 from vdm_jax.sinfusion import memory
@@ -204,10 +203,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.model.kernel_size % 2 != 1:
     raise ValueError(f'model.kernel_size={config.model.kernel_size} must be'
                      ' odd.')
-  impl = config.model.get('depthwise', 'auto')
-  if impl not in layers.DEPTHWISE_IMPLEMENTATIONS:
-    raise ValueError(f'model.depthwise={impl!r} must be one of'
-                     f' {layers.DEPTHWISE_IMPLEMENTATIONS}.')
+  impl = config.model.get('conv_impl', 'auto')
+  if impl not in nextnet.CONV_IMPLEMENTATIONS:
+    raise ValueError(f'model.conv_impl={impl!r} must be one of'
+                     f' {nextnet.CONV_IMPLEMENTATIONS}.')
   if config.training.batch_size < 1:
     raise ValueError('training.batch_size must be >= 1.')
   k = config.training.grad_accum_steps
