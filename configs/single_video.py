@@ -91,9 +91,10 @@ def get_config(arg=None):
   # Each model's batch runs as this many microbatches (lax.scan, gradients
   # averaged): the same update, with the activations of batch_size /
   # grad_accum_steps crops. The activations are SinFusion's memory (~44 KB
-  # per crop pixel and example: ~1.4 GiB per 137x243 crop of 144x256
-  # frames); the whole batch of 8 at once needs ~23 GiB at 144x176 and ~33
-  # GiB at 144x256 (docs/benchmarks.md). Must divide batch_size.
+  # per crop pixel and example with model.conv_impl='xla', about twice that
+  # with 'cpu'); the whole batch of 8 at once needs ~23 GiB at 144x176 and
+  # ~33 GiB at 144x256 with 'xla' (docs/benchmarks.md). Must divide
+  # batch_size.
   config.training.grad_accum_steps = 4
   # Memory the train step may use, checked once before training from XLA's
   # estimate of the compiled step (sinfusion/memory.py): 0 detects it (the

@@ -3,6 +3,7 @@
   PYTHONPATH=. python experiments/benchmark_conv.py [--repeats=5]
   PYTHONPATH=. python experiments/benchmark_conv.py --flags   # XLA_FLAGS sets
   PYTHONPATH=. python experiments/benchmark_conv.py --depthwise
+  PYTHONPATH=. python experiments/benchmark_conv.py --in-loop
 
 In-process (default): the forward + backward time of `layers.conv3x3` (a
 lax convolution with the project's custom input gradient) against the same
@@ -16,7 +17,10 @@ knows), since XLA_FLAGS is read once per process. --depthwise: SinFusion's
 k x k depthwise convolution (`layers.depthwise_conv`, 'conv' = one grouped
 lax convolution against 'shifted' = k * k fused shifted multiply-adds),
 forward and forward + backward, at SinFusion's crop of carphone (2 x 137 x
-167 x 64) and of 144x256 frames. Prints one JSON line per measurement.
+167 x 64) and of 144x256 frames. --in-loop: the kernel gradient of a
+3x3 convolution summed over two microbatches in a `lax.scan` (gradient
+accumulation), lax's against `layers.conv3x3(kernel_grad='taps')`, and
+lax's with the scan unrolled. Prints one JSON line per measurement.
 """
 
 import argparse
@@ -130,13 +134,45 @@ def run_depthwise(repeats: int) -> None:
     print(json.dumps(row), flush=True)
 
 
+def run_in_loop(repeats: int) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vdm_jax.models import layers  # pylint: disable=g-import-not-at-top
+
+  for hw in (32, 64):
+    x = jnp.ones((2, 2, hw, hw, 64))
+    kernel = jnp.ones((3, 3, 64, 128)) * 0.01
+    row = {'item': f'kernel_grad_in_scan_2x{hw}x{hw}_64to128'}
+    for name, grad_impl, unroll in (('lax', 'lax', 1), ('taps', 'taps', 1),
+                                    ('lax_unrolled', 'lax', 2)):
+      def total(x, k, grad_impl=grad_impl, unroll=unroll):
+        def body(c, xx):
+          g = jax.grad(lambda k: jnp.sum(jnp.sin(
+              layers.conv3x3(xx, k, 1, grad_impl))))(k)
+          return c + g, None
+        return jax.lax.scan(body, jnp.zeros_like(k), x, unroll=unroll)[0]
+      fn = jax.jit(total)
+      jax.block_until_ready(fn(x, kernel))
+      times = []
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(x, kernel))
+        times.append(time.perf_counter() - t0)
+      row[f'{name}_ms'] = round(statistics.median(times) * 1e3, 1)
+    print(json.dumps(row), flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--flags', action='store_true')
   parser.add_argument('--label', default='default')
   parser.add_argument('--depthwise', action='store_true')
+  parser.add_argument('--in-loop', action='store_true')
   args = parser.parse_args()
+  if args.in_loop:
+    run_in_loop(args.repeats)
+    return
   if args.depthwise:
     run_depthwise(args.repeats)
     return
