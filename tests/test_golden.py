@@ -24,6 +24,14 @@ from tests import golden_cases
 
 PATH = os.path.join(os.path.dirname(__file__), 'data', 'golden.npz')
 
+# SinFusion's case is three models' parameters after two Adam steps; on an
+# AMD EPYC (AVX-512) VM they differ from the recording by up to 1.8e-6
+# (rtol 8e-6, one element of 512 over 1e-6; 2026-12-04), from both conv
+# implementations. Adam's first steps are ~lr * sign(g), so a real change
+# (a lost step, a wrong gradient) moves them by ~lr = 2e-3 (tiny config),
+# 200x this tolerance.
+TOLERANCE = {'sinfusion': 1e-5}
+
 
 @pytest.mark.parametrize('case', golden_cases.CASES,
                          ids=lambda c: c.__name__)
@@ -43,5 +51,6 @@ def test_outputs_unchanged(case):
       if os.environ.get('GOLDEN_EXACT'):
         assert np.array_equal(out[k], ref[k]), k
       else:
-        np.testing.assert_allclose(out[k], ref[k], rtol=1e-6, atol=1e-6,
+        tol = TOLERANCE.get(k.split('/')[0], 1e-6)
+        np.testing.assert_allclose(out[k], ref[k], rtol=tol, atol=tol,
                                    err_msg=k)
