@@ -5,8 +5,9 @@ tests/data/golden.npz was recorded before the one-home-per-concept refactor
 sampler, task, preview and SinFusion output must match it. With
 GOLDEN_FULL=1 every recorded case runs (by default a subset of each group,
 to keep the suite short); with GOLDEN_EXACT=1 the comparison is bitwise (it
-was, on the machine that made the refactor, for every case); by default a 1e-6 tolerance absorbs a different CPU's
-floating-point kernels.
+was, on the machine that made the refactor, for every case); by default a
+1e-6 tolerance (1e-5 for SinFusion's, see TOLERANCE) absorbs a different
+CPU's floating-point kernels.
 
 One output changed on purpose and was recorded again after the refactor:
 'preview'. Training previews used to call their own copy of the sampler
