@@ -52,20 +52,3 @@ def pytest_collection_modifyitems(session, config, items):
   del session, config
   rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
-@pytest.fixture
-def optimized_xla():
-  """XLA's optimisations on for one test that runs many steps.
-
-  JAX_DISABLE_MOST_OPTIMIZATIONS (above) trades run time for compile time;
-  a test that runs a compiled step dozens of times wins it back: SinFusion's
-  30-step learning test 41.6 s -> 23.9 s with them (2026-12-03).
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  saved = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', False)
-  try:
-    yield
-  finally:
-    jax.config.update('jax_disable_most_optimizations', saved)

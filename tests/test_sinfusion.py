@@ -231,8 +231,10 @@ def test_backward_generation_and_upsampling_with_oracles():
     np.testing.assert_array_equal(out[0], fine)
 
 
-@pytest.mark.usefixtures('optimized_xla')
 def test_each_model_learns(video_path):
+  # 30 steps take ~0.06 s each without XLA's optimisations; compiling with
+  # them costs ~12 s more than the steps save (2026-12-04: 9.4 s vs 20.3 s
+  # for the whole run). After 30 steps each loss is 2-6% of its start.
   config = _config(video_path, **{'training.batch_size': 8})
   video, hw = sf_train.prepare(config, '/nonexistent_workdir')
   video = jnp.asarray(video)
@@ -250,7 +252,7 @@ def test_each_model_learns(video_path):
   after = jax.device_get(eval_losses(state.params))
   assert np.isfinite(float(train_metrics['loss']))
   for name in data.MODEL_NAMES:
-    assert after[name] < 0.8 * before[name], (name, before, after)
+    assert after[name] < 0.5 * before[name], (name, before, after)
 
 
 def test_microbatches_give_the_batch_loss_and_gradient(video_path):
