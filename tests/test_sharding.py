@@ -32,21 +32,36 @@ def _config(**overrides):
   return config
 
 
-def _train_params(config, steps=2, devices=None):
-  """Runs `steps` train steps on fixed batches; returns host params, losses."""
+def _train(config, steps=2, devices=None, restore=None, after=None):
+  """Runs train steps on fixed batches; returns host params, losses, state.
+
+  restore: state -> state (e.g. a checkpoint restore onto this mesh's
+  state), then training continues from its step; after: (step, fn) calls
+  fn(state) once that many steps are done.
+  """
   mesh = sharding.make_mesh(config.mesh, devices)
   model = denoiser.create_model(config)
   tx, lr_fn = training.create_optimizer(config)
   state, shardings = train.create_train_state(
       config, model, tx, jax.random.key(0), mesh)
+  first = 0
+  if restore is not None:
+    state = restore(state)
+    first = int(state.step)
   step_fn = train.make_train_step(config, model, tx, lr_fn, mesh, shardings)
   pipe = train.create_pipeline(config)
   losses = []
-  for s in range(steps):
+  for s in range(first, steps):
     batch = sharding.host_to_global(pipe.batch_for_step(s), mesh)
     state, metrics = step_fn(state, batch, jax.random.key(1))
     losses.append(float(metrics['loss']))
+    if after is not None and s + 1 == after[0]:
+      after[1](state)
   return jax.tree.map(np.asarray, jax.device_get(state.params)), losses, state
+
+
+def _train_params(config, steps=2, devices=None):
+  return _train(config, steps, devices)
 
 
 # Parameters of two runs that differ only in the order of float32 reductions
@@ -92,22 +107,46 @@ def test_fsdp_shards_parameters_along_a_divisible_axis():
     assert shard.size * 2 == x.size
 
 
-def test_same_parameters_on_every_mesh():
-  """data=8, data=4 x fsdp=2 (FSDP params) and data=1 give the same update.
+@pytest.fixture(scope='module')
+def data8_run():
+  """data=8: params after 2 and after 4 steps, the 4 losses (the reference
+  of the mesh and FSDP-restore tests: only reduction order differs)."""
+  at2 = {}
+  keep = lambda state: at2.update(params=jax.device_get(state.params))
+  p4, losses, _ = _train(_config(**{'mesh.data': 8}), 4, after=(2, keep))
+  return {'params2': at2['params'], 'params4': p4, 'losses': losses}
+
+
+def _fsdp_config(data, fsdp):
+  config = _config(**{'mesh.data': data, 'mesh.fsdp': fsdp})
+  config.mesh.param_sharding = 'fsdp'
+  return config
+
+
+@pytest.fixture(scope='module')
+def fsdp8_run(tmp_path_factory):
+  """data=2 x fsdp=4 (FSDP params) on 8 devices, 2 steps, saved at 2."""
+  path = str(tmp_path_factory.mktemp('fsdp8'))
+  ckpt = checkpoint.Checkpointer(path)
+  save = lambda state: ckpt.save(2, state, force=True)
+  params, losses, _ = _train(_fsdp_config(2, 4), 2, after=(2, save))
+  ckpt.wait()
+  return {'params': params, 'losses': losses, 'path': path}
+
+
+def test_same_parameters_on_every_mesh(data8_run, fsdp8_run):
+  """data=8, data=2 x fsdp=4 (FSDP params) and data=1 give the same update.
 
   Only the order of floating-point reductions differs between meshes (the
   batch mean and the gradient all-reduce), so losses agree to rtol 1e-5 and
   parameters to float32 rounding amplified by Adam (RTOL, ATOL above).
   """
-  p8, l8, _ = _train_params(_config(**{'mesh.data': 8}))
-  fsdp = _config(**{'mesh.data': 4, 'mesh.fsdp': 2})
-  fsdp.mesh.param_sharding = 'fsdp'
-  p42, l42, _ = _train_params(fsdp)
   p1, l1, _ = _train_params(_config(**{'mesh.data': 1}),
                             devices=jax.devices()[:1])
-  for params, losses in ((p42, l42), (p1, l1)):
-    np.testing.assert_allclose(losses, l8, rtol=1e-5)
-    _assert_trees_close(params, p8)
+  for params, losses in ((fsdp8_run['params'], fsdp8_run['losses']),
+                         (p1, l1)):
+    np.testing.assert_allclose(losses, data8_run['losses'][:2], rtol=1e-5)
+    _assert_trees_close(params, data8_run['params2'])
 
 
 # ~50 s. Faster tests cover what it checks: the one accumulation routine
@@ -123,58 +162,31 @@ def test_gradient_accumulation_equals_the_full_batch():
   _assert_trees_close(full, acc)
 
 
-def _fsdp_config(data, fsdp):
-  config = _config(**{'mesh.data': data, 'mesh.fsdp': fsdp})
-  config.mesh.param_sharding = 'fsdp'
-  return config
-
-
-def test_fsdp_checkpoint_restores_onto_a_smaller_mesh(tmp_path):
+def test_fsdp_checkpoint_restores_onto_a_smaller_mesh(data8_run, fsdp8_run):
   """Saved on 8 devices (data=2 x fsdp=4), resumed on 4 (data=2 x fsdp=2).
 
   The restored arrays take the new mesh's shardings (each parameter shard
-  grows from a quarter to a half), and steps 3-4 on 4 devices give what the
-  uninterrupted 8-device run gives, to the tolerances of
-  test_same_parameters_on_every_mesh (only reduction order differs).
+  grows from a quarter to a half), and steps 3-4 on 4 devices give what an
+  uninterrupted 8-device run gives (data=8: the meshes agree,
+  test_same_parameters_on_every_mesh), to the same tolerances.
   """
-  src = _fsdp_config(2, 4)
-  mesh8 = sharding.make_mesh(src.mesh)
-  model = denoiser.create_model(src)
-  tx, lr_fn = training.create_optimizer(src)
-  state, shardings8 = train.create_train_state(
-      src, model, tx, jax.random.key(0), mesh8)
-  step8 = train.make_train_step(src, model, tx, lr_fn, mesh8, shardings8)
-  pipe = train.create_pipeline(src)
-  ckpt = checkpoint.Checkpointer(str(tmp_path))
-  want = []
-  for s in range(4):
-    batch = sharding.host_to_global(pipe.batch_for_step(s), mesh8)
-    state, metrics = step8(state, batch, jax.random.key(1))
-    want.append(float(metrics['loss']))
-    if s == 1:
-      ckpt.save(2, state, force=True)
-  ckpt.wait()
-  want_params = jax.device_get(state.params)
+  def restore(state):  # Checked here: the train step donates the state.
+    want = [x.sharding for x in jax.tree.leaves(state)]
+    state = checkpoint.Checkpointer(fsdp8_run['path']).restore(state)
+    assert int(state.step) == 2
+    for x, s in zip(jax.tree.leaves(state), want):
+      assert x.sharding.is_equivalent_to(s, x.ndim)
+      assert len(x.sharding.device_set) == 4
+    kernel = state.params['conv_in']['kernel']
+    assert 'fsdp' in tuple(kernel.sharding.spec)
+    assert kernel.addressable_shards[0].data.size * 2 == kernel.size
+    return state
 
-  dst = _fsdp_config(2, 2)
-  mesh4 = sharding.make_mesh(dst.mesh, jax.devices()[:4])
-  state, shardings4 = train.create_train_state(
-      dst, model, tx, jax.random.key(2), mesh4)
-  state = checkpoint.Checkpointer(str(tmp_path)).restore(state)
-  assert int(state.step) == 2
-  for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings4)):
-    assert x.sharding.is_equivalent_to(s, x.ndim)
-  kernel = state.params['conv_in']['kernel']
-  assert 'fsdp' in tuple(kernel.sharding.spec)
-  assert kernel.addressable_shards[0].data.size * 2 == kernel.size
-  step4 = train.make_train_step(dst, model, tx, lr_fn, mesh4, shardings4)
-  got = []
-  for s in range(2, 4):
-    batch = sharding.host_to_global(pipe.batch_for_step(s), mesh4)
-    state, metrics = step4(state, batch, jax.random.key(1))
-    got.append(float(metrics['loss']))
-  np.testing.assert_allclose(got, want[2:], rtol=1e-5)
-  _assert_trees_close(jax.device_get(state.params), want_params)
+  params, losses, _ = _train(_fsdp_config(2, 2), 4, jax.devices()[:4],
+                             restore=restore)
+  assert len(losses) == 2
+  np.testing.assert_allclose(losses, data8_run['losses'][2:], rtol=1e-5)
+  _assert_trees_close(params, data8_run['params4'])
 
 
 def test_initialize_distributed_single_process_and_real_errors():
