@@ -259,6 +259,10 @@ def test_text_conditions_the_unet(wordllama, cross, pool):
   apply = jax.jit(model.apply)
 
   def run(t, m, null=None, frame_mask=None):
+    # Always arrays (None means these values), so per-clip texts compile
+    # once and per-frame texts once.
+    null = jnp.zeros((3,), bool) if null is None else null
+    frame_mask = jnp.ones((3, 4), bool) if frame_mask is None else frame_mask
     return np.asarray(apply({'params': params}, z,
                             jnp.zeros((3,)), text=t, text_mask=m,
                             text_null=null, frame_mask=frame_mask))
