@@ -233,7 +233,9 @@ def _main_cmd(workdir, steps, *extra):
 
 def _env(devices):
   env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  # The suite's XLA flags (tests/conftest.py) with this device count.
+  env['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={devices}'
+                      ' --xla_cpu_use_fusion_emitters=false')
   env['JAX_PLATFORMS'] = 'cpu'
   return env
 
