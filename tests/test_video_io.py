@@ -166,6 +166,19 @@ def test_png_grid(tmp_path):
   assert _no_temp_files(tmp_path)
 
 
+def test_png_grid_keeps_at_most_max_frames_first_and_last(tmp_path):
+  videos = _videos(n=1, t=9, size=16)
+  path = str(tmp_path / 'grid.png')
+  video_io.write_png_grid(path, videos, pad=2, max_frames=3)
+  grid = np.asarray(Image.open(path))
+  cell = 64
+  assert grid.shape[1] == 3 * (cell + 2) + 2
+  up = _upscaled(videos[0], 4)
+  for col, frame in enumerate((0, 4, 8)):
+    x = 2 + col * (cell + 2)
+    np.testing.assert_array_equal(grid[2:2 + cell, x:x + cell], up[frame])
+
+
 def test_corrupt_missing_and_unsupported_files(tmp_path):
   bad = tmp_path / 'x.mp4'
   bad.write_bytes(np.random.default_rng(0).bytes(2000))

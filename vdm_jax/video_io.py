@@ -123,7 +123,8 @@ def write_gif(path: str, video: Any, fps: int = 8) -> None:
 
 
 def write_png_grid(path: str, videos: Any, pad: int = 2,
-                   captions: Optional[Sequence[str]] = None) -> None:
+                   captions: Optional[Sequence[str]] = None,
+                   max_frames: Optional[int] = None) -> None:
   """Writes a PNG with one row per video and one column per frame.
 
   Frames are upscaled (nearest) to a shorter side >= MIN_GRID_CELL; cells
@@ -134,8 +135,15 @@ def write_png_grid(path: str, videos: Any, pad: int = 2,
     videos: uint8 [N, T, H, W, C], C in (1, 3).
     pad: pixels between cells and around the grid.
     captions: N texts (e.g. the prompts), each drawn under its row.
+    max_frames: at most this many columns, evenly spaced from the first
+      frame to the last (None: every frame). A 4x upsampled 32-frame clip
+      has 125 frames: a PNG 32,000 pixels wide at 256 wide frames.
   """
-  videos = _rgb(_upscale(_check_video(videos, ndim=5), MIN_GRID_CELL))
+  videos = _check_video(videos, ndim=5)
+  if max_frames is not None and videos.shape[1] > max_frames:
+    keep = np.round(np.linspace(0, videos.shape[1] - 1, max_frames))
+    videos = videos[:, keep.astype(int)]
+  videos = _rgb(_upscale(videos, MIN_GRID_CELL))
   n, t, h, w, _ = videos.shape
   if captions is not None and len(captions) != n:
     raise ValueError(f'{len(captions)} captions for {n} videos.')

@@ -304,6 +304,10 @@ def run_mode(mode, sampler, rng, video, s) -> tuple[str, jnp.ndarray]:
                         offset=s.interp_offset, max_batch=s.max_batch)
 
 
+# Columns of the PNG overview (evenly spaced frames); the mp4s hold all.
+PNG_MAX_FRAMES = 16
+
+
 def write_outputs(tag: str, videos: np.ndarray, out_dir: str,
                   config: ml_collections.ConfigDict) -> list[str]:
   """mp4 + gif per video, a PNG grid, and <input>_sinfusion_<tag>.mp4."""
@@ -314,7 +318,8 @@ def write_outputs(tag: str, videos: np.ndarray, out_dir: str,
     video_io.write_mp4(base + '.mp4', v, fps=fps)
     video_io.write_gif(base + '.gif', v, fps=fps)
     paths += [base + '.mp4', base + '.gif']
-  video_io.write_png_grid(os.path.join(out_dir, f'{tag}.png'), videos)
+  video_io.write_png_grid(os.path.join(out_dir, f'{tag}.png'), videos,
+                          max_frames=PNG_MAX_FRAMES)
   path = config.data.path
   if config.sample.write_next_to_input and data.input_dir_writable(path):
     beside = f'{os.path.splitext(path)[0]}_sinfusion_{tag}.mp4'
