@@ -22,11 +22,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # twin) compile once.
 os.environ.setdefault(
     'JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='vdm_jax_xla_'))
-# Only programs that took a second or more: writing each of the thousands
-# of tiny ones costs more than compiling it again (test_noise.py +
-# test_attention.py, one process, 2026-12-04: 39.3 -> 35.6 CPU s, the mean
-# of two runs each); the train steps a resumed run reuses take 3-8 s.
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
+# Every program, however small: tests and files compile many identical tiny
+# ones. Caching only those of 1 s or more (2026-12-04, whole suite in a clean
+# clone, same VM, back to back): 528 s with 0, 650 s with 1, though on two
+# files without repeats (test_noise, test_attention) 1 saved ~9% CPU.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 # Tests check numerics and behaviour, not speed: XLA's optimisation passes
 # cost ~40 s per tiny-UNet compile on 2 cores, against ~5 s without them.
