@@ -60,10 +60,6 @@ def _train(config, steps=2, devices=None, restore=None, after=None):
   return jax.tree.map(np.asarray, jax.device_get(state.params)), losses, state
 
 
-def _train_params(config, steps=2, devices=None):
-  return _train(config, steps, devices)
-
-
 # Parameters of two runs that differ only in the order of float32 reductions
 # (mesh, microbatches, processes) agree to rtol 1e-4 plus an absolute 1e-5.
 # The absolute part is for the parameters whose true gradient is zero (e.g. a
@@ -141,7 +137,7 @@ def test_same_parameters_on_every_mesh(data8_run, fsdp8_run):
   batch mean and the gradient all-reduce), so losses agree to rtol 1e-5 and
   parameters to float32 rounding amplified by Adam (RTOL, ATOL above).
   """
-  p1, l1, _ = _train_params(_config(**{'mesh.data': 1}),
+  p1, l1, _ = _train(_config(**{'mesh.data': 1}),
                             devices=jax.devices()[:1])
   for params, losses in ((fsdp8_run['params'], fsdp8_run['losses']),
                          (p1, l1)):
@@ -156,8 +152,8 @@ def test_same_parameters_on_every_mesh(data8_run, fsdp8_run):
 @pytest.mark.slow
 def test_gradient_accumulation_equals_the_full_batch():
   """4 microbatches of 2 give the full-batch update (float32 rounding)."""
-  full, lf, _ = _train_params(_config())
-  acc, la, _ = _train_params(_config(**{'training.grad_accum_steps': 4}))
+  full, lf, _ = _train(_config())
+  acc, la, _ = _train(_config(**{'training.grad_accum_steps': 4}))
   np.testing.assert_allclose(lf, la, rtol=1e-5)
   _assert_trees_close(full, acc)
 
@@ -234,8 +230,10 @@ def _main_cmd(workdir, steps, *extra):
 def _env(devices):
   env = dict(os.environ)
   # The suite's XLA flags (tests/conftest.py) with this device count.
-  env['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={devices}'
-                      ' --xla_cpu_use_fusion_emitters=false')
+  others = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
+                  env.get('XLA_FLAGS', ''))
+  env['XLA_FLAGS'] = (
+      f'--xla_force_host_platform_device_count={devices} {others}'.strip())
   env['JAX_PLATFORMS'] = 'cpu'
   return env
 
