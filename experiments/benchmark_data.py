@@ -1,7 +1,7 @@
 """Input-pipeline throughput (videos/s) on this machine's CPU, by workers.
 
   python experiments/benchmark_data.py [--videos=12] [--frames=186]
-      [--steps=6] [--workers=0,1,2,0,1,2]
+      [--steps=6] [--workers=0,1,2,0,1,2] [--sources=synthetic,tfds,mp4]
 
 Three sources, all 16x64x64 clips with flips at batch 16:
   - the built-in synthetic source (batched rendering);
@@ -15,7 +15,8 @@ Each rate is `Pipeline.iterate` with `num_workers` grain worker processes
 (0: the iterator's thread decodes, as the pipeline did before grain),
 timed over `--steps` batches after the workers have started and made a
 first round of batches (buffers of one batch), the clock stopped before the
-iterator closes. The last line printed is a
+iterator closes (mp4: 2/3 of `--steps`, at least 2; synthetic: 4x).
+`--sources` picks the sources to run. The last line printed is a
 JSON object with the numbers: a list of rates per worker count (and of
 the CPU seconds the process tree spent a video meanwhile), in the
 order run (the default interleaves them, 0,1,2,0,1,2), and the 1-minute
@@ -137,6 +138,8 @@ def main() -> None:
   parser.add_argument('--frames', type=int, default=186)
   parser.add_argument('--steps', type=int, default=6)
   parser.add_argument('--workers', default='0,1,2,0,1,2')
+  parser.add_argument('--sources', default='synthetic,tfds,mp4',
+                      help='comma-separated subset of synthetic,tfds,mp4')
   parser.add_argument('--prepare', default='',
                       help='only prepare the TFDS data in this directory')
   args = parser.parse_args()
@@ -144,45 +147,62 @@ def main() -> None:
     _prepare(args.prepare, args.videos, args.frames)
     return
   workers = [int(w) for w in args.workers.split(',')]
+  sources = set(args.sources.split(','))
+  if not sources or sources - {'synthetic', 'tfds', 'mp4'}:
+    parser.error(f'--sources={args.sources!r}: name some of synthetic, '
+                 'tfds, mp4, comma-separated')
   results = {'batch': BATCH, 'clip': [NUM_FRAMES, SIZE, SIZE],
              'frames_per_video': args.frames, 'videos': args.videos,
              'cpu_count': os.cpu_count(),
              'load_avg_1min_start': round(os.getloadavg()[0], 2)}
-  _rates(results, 'synthetic', synthetic.SyntheticVideos(NUM_FRAMES, SIZE),
-         4 * args.steps, workers)
+  if 'synthetic' in sources:
+    _rates(results, 'synthetic',
+           synthetic.SyntheticVideos(NUM_FRAMES, SIZE), 4 * args.steps,
+           workers)
   with tempfile.TemporaryDirectory() as tmp:
-    t = time.perf_counter()
-    # Prepared in another process: here (and in the workers) the dataset is
-    # then read from its files, not through a builder class of __main__,
-    # which the workers would unpickle as a second registration.
-    subprocess.run([sys.executable, __file__, f'--prepare={tmp}',
-                    f'--videos={args.videos}', f'--frames={args.frames}'],
-                   check=True)
-    print(f'prepared TFDS data in {time.perf_counter() - t:.1f} s')
-    # TFDS loads here, after the synthetic runs: their workers (which
-    # re-import this script) then do not import TF.
-    from vdm_jax.data import tfds_sources
-    source = tfds_sources.TfdsVideos(
-        'bench_ucf_shaped', split='train', video_key='video',
-        label_key='label', image_size=SIZE, data_dir=tmp)
-    _rates(results, 'tfds_ucf101_shaped', source, 2 * args.steps, workers)
-    folder = os.path.join(tmp, 'mp4')
-    os.makedirs(folder)
-    for i, video in enumerate(_content(args.videos, args.frames, 240, 320)):
-      video_io.write_mp4(os.path.join(folder, f'v{i:03d}.mp4'), video,
-                         fps=25)
-    uncached = video_files.VideoFiles(folder, image_size=SIZE, cache_size=1)
-    _rates(results, 'mp4_folder_uncached', uncached,
-           max(2, args.steps * 2 // 3), workers)
-    cached = video_files.VideoFiles(folder, image_size=SIZE,
-                                    cache_size=args.videos)
-    for i in range(len(cached)):
-      cached[i]  # pylint: disable=pointless-statement
-    _rates(results, 'mp4_folder_cached', cached, args.steps, [0])
+    if 'tfds' in sources:
+      _tfds_rates(results, tmp, args, workers)
+    if 'mp4' in sources:
+      _mp4_rates(results, tmp, args, workers)
   results['load_avg_1min_end'] = round(os.getloadavg()[0], 2)
   for key, value in results.items():
     print(f'{key}: {value}')
   print(json.dumps(results))
+
+
+def _tfds_rates(results: dict, tmp: str, args, workers: list[int]) -> None:
+  """The UCF101-shaped ArrayRecord source, prepared in `tmp`."""
+  t = time.perf_counter()
+  # Prepared in another process: here (and in the workers) the dataset is
+  # then read from its files, not through a builder class of __main__,
+  # which the workers would unpickle as a second registration.
+  subprocess.run([sys.executable, __file__, f'--prepare={tmp}',
+                  f'--videos={args.videos}', f'--frames={args.frames}'],
+                 check=True)
+  print(f'prepared TFDS data in {time.perf_counter() - t:.1f} s')
+  # TFDS loads here, after the synthetic runs: their workers (which
+  # re-import this script) then do not import TF.
+  from vdm_jax.data import tfds_sources
+  source = tfds_sources.TfdsVideos(
+      'bench_ucf_shaped', split='train', video_key='video',
+      label_key='label', image_size=SIZE, data_dir=tmp)
+  _rates(results, 'tfds_ucf101_shaped', source, 2 * args.steps, workers)
+
+
+def _mp4_rates(results: dict, tmp: str, args, workers: list[int]) -> None:
+  """A folder of mp4 files written in `tmp`: decoded anew, then cached."""
+  folder = os.path.join(tmp, 'mp4')
+  os.makedirs(folder)
+  for i, video in enumerate(_content(args.videos, args.frames, 240, 320)):
+    video_io.write_mp4(os.path.join(folder, f'v{i:03d}.mp4'), video, fps=25)
+  uncached = video_files.VideoFiles(folder, image_size=SIZE, cache_size=1)
+  _rates(results, 'mp4_folder_uncached', uncached,
+         max(2, args.steps * 2 // 3), workers)
+  cached = video_files.VideoFiles(folder, image_size=SIZE,
+                                  cache_size=args.videos)
+  for i in range(len(cached)):
+    cached[i]  # pylint: disable=pointless-statement
+  _rates(results, 'mp4_folder_cached', cached, args.steps, [0])
 
 
 if __name__ == '__main__':
