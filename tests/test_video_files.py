@@ -141,6 +141,45 @@ def test_stride_flips_processes_and_resume(folder):
         np.concatenate([h[key] for h in halves]), batch[key])
 
 
+def test_uncached_reads_resize_only_the_picked_frames_to_the_same_pixels(
+    folder):
+  """A cache below half the folder resizes only the frames a read picks
+  (and caches nothing): the same batches, bit for bit, as the cached path,
+  bad files skipped alike."""
+  data = _data(folder, frame_stride=2, random_flip=True, crop='random')
+  cached = sources.get_source(data, seed=0)
+  data.cache_size = 2  # 6 files: the cache holds less than half.
+  uncached = sources.get_source(data, seed=0)
+  assert cached.resize_all and not uncached.resize_all
+  sizes = []
+  real_resize = video_files.resize_short_side
+
+  def resize(video, *args):
+    sizes.append(len(video))
+    return real_resize(video, *args)
+
+  def batches(source):
+    make = pipeline.Pipeline(source, global_batch_size=4, num_frames=4,
+                             seed=0, frame_stride=2, image_frames=2,
+                             **sources.pipeline_options(data))
+    sizes.clear()
+    video_files.resize_short_side = resize
+    try:
+      return [make.batch_for_step(step) for step in range(3)], list(sizes)
+    finally:
+      video_files.resize_short_side = real_resize
+
+  (want, whole), (got, picked) = batches(cached), batches(uncached)
+  for step in range(3):
+    for key in want[step]:
+      np.testing.assert_array_equal(got[step][key], want[step][key])
+  assert not uncached._cache  # pylint: disable=protected-access
+  assert uncached.num_skipped == cached.num_skipped == 2
+  # Cached: whole videos, each once. Uncached: 4-frame clips, 1-frame images.
+  assert set(whole) == {FRAMES} and len(whole) <= 4  # each at most once
+  assert sorted(set(picked)) == [1, 4] and len(picked) == 3 * 4 * 3
+
+
 def test_label_names_are_saved_beside_the_checkpoint(folder, tmp_path):
   source = sources.get_source(_data(folder), seed=0)
   path = sources.save_label_names(source, str(tmp_path))

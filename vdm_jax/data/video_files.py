@@ -5,7 +5,10 @@
 ffmpeg (imageio-ffmpeg, through `vdm_jax.video_io.read_video`) or Pillow.
 Each decoded video is resized once (short side to `image_size`, antialiased)
 and kept in a small LRU cache; clips are cropped from it to `image_size`
-squared, at the centre or where the pipeline's random crop puts them.
+squared, at the centre or where the pipeline's random crop puts them. When
+the cache holds fewer than half the files (a large folder, where most reads
+miss), nothing is cached and only the frames a read picks are resized: the
+same pixels (frames are resized one by one), for a fraction of the CPU.
 
 Captions (data.captions=True): a sidecar .txt beside each video or one
 captions.csv / captions.json in the folder (data/captions.py).
@@ -226,6 +229,11 @@ class VideoFiles:
     self.channels = channels
     self.min_frames = min_frames
     self.cache_size = max(1, cache_size)
+    # Caching pays when the cache holds a good share of the files; below
+    # half of them most random reads miss, and resizing every frame of a
+    # video to serve one clip (0.13 of the 0.21 CPU s of a 186-frame
+    # 320x240 mp4, docs/data.md) is wasted.
+    self.resize_all = 2 * self.cache_size >= len(self.files)
     self._read_fn = read_fn
     self._cache = collections.OrderedDict()
     self._bad = {}  # File index -> reason it was skipped.
@@ -271,17 +279,21 @@ class VideoFiles:
     return {self.files[i]: why for i, why in sorted(self._bad.items())}
 
   def _decode(self, index: int) -> np.ndarray:
-    """Short-side-resized uint8 [T, S, L, C] of file `index`; raises."""
+    """Decoded uint8 [T, H, W, C] of file `index` (resized when
+    `resize_all`, to [T, S, L, C]); raises."""
     video = self._read_fn(self.files[index])
     if video.shape[0] < self.min_frames:
       raise ValueError(
           f'{video.shape[0]} frames, fewer than the {self.min_frames} a clip '
           'needs')
+    if not self.resize_all:
+      return video
     return resize_short_side(video, self.image_size, self.channels)
 
   def _load(self, index: int) -> tuple[np.ndarray, int]:
     """(video [T, S, L, C], file index) of example `index`, skipping bad
-    files (the file index names the file that serves it)."""
+    files (the file index names the file that serves it). Without
+    `resize_all` the video is not resized (nor cached)."""
     n = len(self.files)
     for k in range(n):
       i = (index + k) % n
@@ -300,10 +312,11 @@ class VideoFiles:
         logging.warning('Skipping video %s (%d skipped so far): %s',
                         self.files[i], count, e)
         continue
-      with self._lock:
-        self._cache[i] = video
-        while len(self._cache) > self.cache_size:
-          self._cache.popitem(last=False)
+      if self.resize_all:
+        with self._lock:
+          self._cache[i] = video
+          while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
       return video, i
     raise ValueError(
         f'None of the {n} video files under {self.path!r} could be used '
@@ -326,8 +339,10 @@ class VideoFiles:
     if not 0 <= index < len(self.files):
       raise IndexError(f'Index {index} out of range for {len(self)} videos.')
     video, i = self._load(int(index))
-    frames = np.asarray(select(video.shape[0]))
-    item = {'video': _crop(video[frames], self.image_size, crop),
+    video = video[np.asarray(select(video.shape[0]))]
+    if not self.resize_all:
+      video = resize_short_side(video, self.image_size, self.channels)
+    item = {'video': _crop(video, self.image_size, crop),
             'label': int(self.labels[i])}
     if self.captions is not None:
       item['caption'] = self.captions[i]
