@@ -9,8 +9,10 @@ Three sources, all 16x64x64 clips with flips at batch 16:
     in the layout of TFDS `ucf101/ucf101_1_256`: 256x256 JPEG frames,
     `--frames` per video (UCF101 averages 186), smooth moving content;
   - a folder of 320x240 H.264 mp4 files (UCF101's frame size), decoded with
-    ffmpeg, once with no reuse of decoded videos (cache_size=1) and once
-    from the LRU cache (every video decoded before; 0 workers only).
+    ffmpeg, once with no reuse of decoded videos (cache_size=1: only the
+    frames read are resized), once like that but resizing every frame of
+    each video (`resize_all`, what a cache that pays does) and once from the
+    LRU cache (every video decoded before; 0 workers only).
 Each rate is `Pipeline.iterate` with `num_workers` grain worker processes
 (0: the iterator's thread decodes, as the pipeline did before grain),
 timed over `--steps` batches after the workers have started and made a
@@ -197,6 +199,12 @@ def _mp4_rates(results: dict, tmp: str, args, workers: list[int]) -> None:
     video_io.write_mp4(os.path.join(folder, f'v{i:03d}.mp4'), video, fps=25)
   uncached = video_files.VideoFiles(folder, image_size=SIZE, cache_size=1)
   _rates(results, 'mp4_folder_uncached', uncached,
+         max(2, args.steps * 2 // 3), workers)
+  # The same, resizing every frame of each decoded video as the source did
+  # before it resized only the frames a read picks (same pixels).
+  whole = video_files.VideoFiles(folder, image_size=SIZE, cache_size=1)
+  whole.resize_all = True
+  _rates(results, 'mp4_folder_uncached_resize_all', whole,
          max(2, args.steps * 2 // 3), workers)
   cached = video_files.VideoFiles(folder, image_size=SIZE,
                                   cache_size=args.videos)
