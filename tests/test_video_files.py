@@ -142,7 +142,7 @@ def test_stride_flips_processes_and_resume(folder):
 
 
 def test_uncached_reads_resize_only_the_picked_frames_to_the_same_pixels(
-    folder):
+    folder, monkeypatch):
   """A cache below half the folder resizes only the frames a read picks
   (and caches nothing): the same batches, bit for bit, as the cached path,
   bad files skipped alike."""
@@ -163,11 +163,9 @@ def test_uncached_reads_resize_only_the_picked_frames_to_the_same_pixels(
                              seed=0, frame_stride=2, image_frames=2,
                              **sources.pipeline_options(data))
     sizes.clear()
-    video_files.resize_short_side = resize
-    try:
+    with monkeypatch.context() as patch:
+      patch.setattr(video_files, 'resize_short_side', resize)
       return [make.batch_for_step(step) for step in range(3)], list(sizes)
-    finally:
-      video_files.resize_short_side = real_resize
 
   (want, whole), (got, picked) = batches(cached), batches(uncached)
   for step in range(3):

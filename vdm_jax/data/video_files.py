@@ -279,21 +279,18 @@ class VideoFiles:
     return {self.files[i]: why for i, why in sorted(self._bad.items())}
 
   def _decode(self, index: int) -> np.ndarray:
-    """Decoded uint8 [T, H, W, C] of file `index` (resized when
-    `resize_all`, to [T, S, L, C]); raises."""
+    """Decoded uint8 [T, H, W, C] of file `index`, not resized; raises."""
     video = self._read_fn(self.files[index])
     if video.shape[0] < self.min_frames:
       raise ValueError(
           f'{video.shape[0]} frames, fewer than the {self.min_frames} a clip '
           'needs')
-    if not self.resize_all:
-      return video
-    return resize_short_side(video, self.image_size, self.channels)
+    return video
 
   def _load(self, index: int) -> tuple[np.ndarray, int]:
-    """(video [T, S, L, C], file index) of example `index`, skipping bad
-    files (the file index names the file that serves it). Without
-    `resize_all` the video is not resized (nor cached)."""
+    """(video, file index) of example `index`, skipping bad files (the file
+    index names the file that serves it). With `resize_all` the video is
+    resized ([T, S, L, C]) and cached; without, it is as decoded."""
     n = len(self.files)
     for k in range(n):
       i = (index + k) % n
@@ -313,6 +310,7 @@ class VideoFiles:
                         self.files[i], count, e)
         continue
       if self.resize_all:
+        video = resize_short_side(video, self.image_size, self.channels)
         with self._lock:
           self._cache[i] = video
           while len(self._cache) > self.cache_size:
