@@ -101,6 +101,11 @@ def get_config(arg=None):
   config.model.num_res_blocks = 2
   # Spatial resolutions (in pixels) with spatial + temporal attention.
   config.model.attn_resolutions = (8, 16, 32)
+  # Resolutions with temporal attention, if not attn_resolutions (None):
+  # e.g. (8, 16) with attn_resolutions (8,) adds temporal attention only at
+  # 16x16, where spatial attention would cost far more.
+  config.model.temporal_attn_resolutions = (
+      ml_collections.config_dict.placeholder(tuple))
   # Attention head dimension (VDM: 64; 128 for the 9x128^2 model).
   config.model.head_dim = 64
   # Dropout inside residual blocks.

@@ -107,6 +107,50 @@ def test_param_count_matches_hand_count():
   assert unet3d.count_params(shapes) == expected == 53819
 
 
+def test_temporal_attention_at_more_levels_than_spatial():
+  # temporal_attn_resolutions=(8, 16): the 16x16 level (8 channels, 1 head)
+  # gains a temporal attention after each of its 3 residual blocks (1 down,
+  # 2 up) and no spatial attention; the relative bias has 2 * 32 + 1 taps.
+  tattn_8 = _attn(8) + (2 * 32 + 1)
+  _, shapes = _random_params(
+      _model(num_classes=3, temporal_attn_resolutions=(8, 16)), 1, 4,
+      label=True)
+  assert unet3d.count_params(shapes) == 53819 + 3 * tattn_8
+  for level in ('down_0', 'up_0'):
+    assert any(k.startswith('tattn_') for k in shapes[level])
+    assert not any(k.startswith('sattn_') for k in shapes[level])
+  # None means attn_resolutions: the same network, bit for bit; and
+  # temporal_attention=False still leaves every temporal attention out.
+  model = _model()
+  params, shapes = _random_params(model, 1, 4)
+  z, logsnr = _video(1, 4), jnp.array([0.5])
+  same = _model(temporal_attn_resolutions=(8,))
+  assert jax.tree.structure(_random_params(same, 1, 4)[1]) == (
+      jax.tree.structure(shapes))
+  np.testing.assert_array_equal(_apply(same, params, z, logsnr),
+                                _apply(model, params, z, logsnr))
+  _, images = _random_params(
+      _model(temporal_attention=False, temporal_attn_resolutions=(8, 16)),
+      1, 4)
+  assert 'tattn' not in str(jax.tree_util.tree_structure(images))
+
+
+def test_temporal_resolutions_in_the_checkpoint_compatibility(tmp_path):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from vdm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+  checkpoint.save_config(tiny.get_config(), workdir)
+  config = tiny.get_config()
+  assert config.model.temporal_attn_resolutions is None
+  config.model.temporal_attn_resolutions = tuple(
+      config.model.attn_resolutions)
+  checkpoint.check_compatible(config, workdir)  # None: the same levels.
+  config.model.temporal_attn_resolutions += (config.data.image_size,)
+  with pytest.raises(ValueError,
+                     match='model.temporal_attn_resolutions: saved'):
+    checkpoint.check_compatible(config, workdir)
+
+
 def test_real_init_zeroes_last_convs_and_keeps_f32_params():
   # The whole UNet's init compiles slowly on CPU; check its blocks.
   x = _video(1, 2).reshape(2, SIZE, SIZE, 3)
@@ -221,6 +265,8 @@ def test_bfloat16_close_to_float32():
 @pytest.mark.parametrize('image_size,num_frames,overrides,match', [
     (17, 4, {}, 'not divisible by 2'),
     (16, 4, {'attn_resolutions': (4,)}, r'resolutions are \[16, 8\]'),
+    (16, 4, {'temporal_attn_resolutions': (8, 32)},
+     r'temporal_attn_resolutions \[32\] never occur'),
     (16, 4, {'base_channels': 48}, 'GroupNorm group count'),
     (16, 4, {'dtype': 'float16'}, 'model.dtype'),
     (16, 4, {'remat': 'all'}, 'model.remat'),

@@ -31,6 +31,7 @@ COMPATIBILITY_FIELDS = (
     ('model', 'channel_mults'),
     ('model', 'num_res_blocks'),
     ('model', 'attn_resolutions'),
+    ('model', 'temporal_attn_resolutions'),
     ('model', 'head_dim'),
     ('model', 'num_classes'),
     ('model', 'emb_dim'),
@@ -56,6 +57,8 @@ _ABSENT = {
     ('text', 'encoder'): 'none',
     ('text', 'max_length'): 16,
 }
+# None: the same as model.attn_resolutions.
+TEMPORAL_RESOLUTIONS = ('model', 'temporal_attn_resolutions')
 # SinFusion (configs/single_video.py): every NextNet field.
 SINFUSION_COMPATIBILITY_FIELDS = (('model',),)
 
@@ -261,6 +264,16 @@ def _expand(fields, requested):
       yield tuple(keys)
 
 
+def _field(config: dict, keys: tuple[str, ...]) -> Any:
+  """A saved or requested field as the network reads it: absent fields of
+  older configs take _ABSENT's value, and model.temporal_attn_resolutions
+  None stands for model.attn_resolutions."""
+  value = _get(config, keys)
+  if value is None and tuple(keys) == TEMPORAL_RESOLUTIONS:
+    value = _get(config, ('model', 'attn_resolutions'))
+  return _ABSENT.get(tuple(keys)) if value is None else value
+
+
 def check_compatible(config: ml_collections.ConfigDict, workdir: str,
                      fields=COMPATIBILITY_FIELDS) -> None:
   """Raises ValueError if the workdir's saved config cannot be restored into.
@@ -285,9 +298,7 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str,
   if methods[0] != methods[1]:
     diffs.append(f'method: saved {methods[0]!r}, requested {methods[1]!r}')
   for keys in _expand(fields, requested):
-    a, b = _get(saved, keys), _get(requested, keys)
-    a = _ABSENT.get(tuple(keys)) if a is None else a
-    b = _ABSENT.get(tuple(keys)) if b is None else b
+    a, b = _field(saved, keys), _field(requested, keys)
     if _normalize(a) != _normalize(b):
       diffs.append(f'{".".join(keys)}: saved {a!r}, requested {b!r}')
   if diffs:

@@ -148,12 +148,13 @@ def validate_model_config(image_size: int, num_frames: int,
         f' - 1) = {factor}; use an image size that is a multiple of {factor}'
         ' or fewer levels in model.channel_mults.')
   resolutions = [image_size // 2**i for i in range(len(mults))]
-  bad = [r for r in kw['attn_resolutions'] if r not in resolutions]
-  if bad:
-    raise ValueError(
-        f'model.attn_resolutions {bad} never occur: with image_size '
-        f'{image_size} and {len(mults)} levels the resolutions are '
-        f'{resolutions}.')
+  for field in ('attn_resolutions', 'temporal_attn_resolutions'):
+    bad = [r for r in kw[field] or () if r not in resolutions]
+    if bad:
+      raise ValueError(
+          f'model.{field} {bad} never occur: with image_size '
+          f'{image_size} and {len(mults)} levels the resolutions are '
+          f'{resolutions}.')
   normed = {c for pair in _channel_plan(base, mults, kw['num_res_blocks'])
             for c in pair}
   bad = sorted(c for c in normed if c % layers.num_groups(c))
@@ -163,13 +164,24 @@ def validate_model_config(image_size: int, num_frames: int,
         f'divisible by the GroupNorm group count {layers.MAX_GROUPS}; use a '
         f'model.base_channels that is a multiple of {layers.MAX_GROUPS} (or '
         f'at most {layers.MAX_GROUPS} channels at every layer).')
+  attn_at = set(kw['attn_resolutions']) | set(temporal_resolutions(
+      kw['attn_resolutions'], kw['temporal_attn_resolutions']))
   attn_ch = {base * m for m, r in zip(mults, resolutions)
-             if r in kw['attn_resolutions']} | {base * mults[-1]}
+             if r in attn_at} | {base * mults[-1]}
   bad = sorted(c for c in attn_ch if c % layers.num_heads(c, kw['head_dim']))
   if bad:
     raise ValueError(
         f'Attention channel counts {bad} do not split into heads of '
         f'model.head_dim {kw["head_dim"]}; use a head_dim that divides them.')
+
+
+def temporal_resolutions(attn_resolutions: Sequence[int],
+                         temporal_attn_resolutions: Optional[Sequence[int]]
+                         ) -> tuple[int, ...]:
+  """The spatial sizes with temporal attention (None: attn_resolutions)."""
+  if temporal_attn_resolutions is None:
+    return tuple(attn_resolutions)
+  return tuple(temporal_attn_resolutions)
 
 
 def check_offload_supported() -> None:
@@ -230,7 +242,11 @@ def temporal_attention_mask(frame_mask: Array) -> Array:
 
 
 class _Level(nn.Module):
-  """The residual (+ attention) blocks of one UNet level, down or up path."""
+  """The residual (+ attention) blocks of one UNet level, down or up path.
+
+  Each block: a residual block, then (use_attn) spatial attention and
+  cross-attention (cross_attn), then (temporal) temporal attention.
+  """
 
   channels: int
   num_blocks: int
@@ -287,10 +303,10 @@ class _Level(nn.Module):
               xattn_cls(self.head_dim, self.dtype, attention=self.attention,
                         name=f'xattn_{i}')(h, context, context_mask),
               XATTN_OUT)
-        if self.temporal:
-          h = checkpoint_name(
-              tattn_cls(self.num_frames, self.head_dim, self.max_distance,
-                        self.dtype, name=f'tattn_{i}')(h, mask), TATTN_OUT)
+      if self.temporal:
+        h = checkpoint_name(
+            tattn_cls(self.num_frames, self.head_dim, self.max_distance,
+                      self.dtype, name=f'tattn_{i}')(h, mask), TATTN_OUT)
       outs.append(h)
     return h, outs
 
@@ -312,8 +328,14 @@ class UNet3D(nn.Module):
       levels.
     num_res_blocks: residual blocks per level (num_res_blocks + 1 on the up
       path).
-    attn_resolutions: spatial sizes (pixels) with spatial + temporal
-      attention.
+    attn_resolutions: spatial sizes (pixels) with spatial (and cross-)
+      attention, and temporal attention unless temporal_attn_resolutions
+      says otherwise.
+    temporal_attn_resolutions: spatial sizes with temporal attention; None
+      means attn_resolutions. Temporal attention is cheap where spatial
+      attention is not (T keys per pixel against H*W), so it can run at
+      the finer levels too, as in lucidrains/video-diffusion-pytorch's
+      Unet3D (temporal attention at every level).
     head_dim: attention head width; heads = channels // head_dim (>= 1).
     dropout: dropout rate inside residual blocks (train=True only).
     num_classes: label classes; 0 = unconditional. Label num_classes is the
@@ -361,6 +383,7 @@ class UNet3D(nn.Module):
   channel_mults: Sequence[int]
   num_res_blocks: int
   attn_resolutions: Sequence[int]
+  temporal_attn_resolutions: Optional[Sequence[int]] = None
   head_dim: int = 64
   dropout: float = 0.0
   num_classes: int = 0
@@ -591,18 +614,23 @@ class UNet3D(nn.Module):
                   max_distance=self.max_temporal_distance,
                   dropout=self.dropout, deterministic=not train,
                   remat_blocks=remat_blocks, dtype=dtype,
-                  cross_attn=cross, temporal=self.temporal_attention,
-                  spatial_pattern=self.spatial_attention,
+                  cross_attn=cross, spatial_pattern=self.spatial_attention,
                   attention=self.attention)
     ctx = dict(context=text, context_mask=text_mask) if cross else {}
     chans = [self.base_channels * m for m in self.channel_mults]
     last = len(chans) - 1
+    temporal_at = temporal_resolutions(self.attn_resolutions,
+                                       self.temporal_attn_resolutions)
+    # Per level: spatial attention, temporal attention.
+    attn = [(hgt >> i in self.attn_resolutions,
+             self.temporal_attention and hgt >> i in temporal_at)
+            for i in range(len(chans))]
 
     h = layers.Conv3x3(chans[0], dtype=dtype, name='conv_in')(x)
     skips = [h]
     for i, ch in enumerate(chans):
-      h, outs = level_cls(ch, self.num_res_blocks,
-                          hgt >> i in self.attn_resolutions, up=False,
+      h, outs = level_cls(ch, self.num_res_blocks, attn[i][0],
+                          temporal=attn[i][1], up=False,
                           name=f'down_{i}', **common)(h, emb, mask, **ctx)
       skips += outs
       if i != last:
@@ -632,7 +660,7 @@ class UNet3D(nn.Module):
     for i in reversed(range(len(chans))):
       level_skips = skips[-n_up:]
       del skips[-n_up:]
-      h, _ = level_cls(chans[i], n_up, hgt >> i in self.attn_resolutions,
+      h, _ = level_cls(chans[i], n_up, attn[i][0], temporal=attn[i][1],
                        up=True, name=f'up_{i}', **common)(
                            h, emb, mask, level_skips, **ctx)
       if i:
