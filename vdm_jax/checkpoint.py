@@ -57,8 +57,10 @@ _ABSENT = {
     ('text', 'encoder'): 'none',
     ('text', 'max_length'): 16,
 }
-# None: the same as model.attn_resolutions.
-TEMPORAL_RESOLUTIONS = ('model', 'temporal_attn_resolutions')
+# Fields whose None stands for another field's value.
+_SAME_AS = {
+    ('model', 'temporal_attn_resolutions'): ('model', 'attn_resolutions'),
+}
 # SinFusion (configs/single_video.py): every NextNet field.
 SINFUSION_COMPATIBILITY_FIELDS = (('model',),)
 
@@ -265,13 +267,14 @@ def _expand(fields, requested):
 
 
 def _field(config: dict, keys: tuple[str, ...]) -> Any:
-  """A saved or requested field as the network reads it: absent fields of
-  older configs take _ABSENT's value, and model.temporal_attn_resolutions
-  None stands for model.attn_resolutions."""
+  """A saved or requested field as the network reads it: None takes the
+  value of the field _SAME_AS names, then (absent from an older config)
+  _ABSENT's."""
+  keys = tuple(keys)
   value = _get(config, keys)
-  if value is None and tuple(keys) == TEMPORAL_RESOLUTIONS:
-    value = _get(config, ('model', 'attn_resolutions'))
-  return _ABSENT.get(tuple(keys)) if value is None else value
+  if value is None and keys in _SAME_AS:
+    value = _get(config, _SAME_AS[keys])
+  return _ABSENT.get(keys) if value is None else value
 
 
 def check_compatible(config: ml_collections.ConfigDict, workdir: str,
