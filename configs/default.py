@@ -138,6 +138,9 @@ def get_config(arg=None):
   # text-to-image model: configs/t2i_quickstart.py, the base of
   # Tune-A-Video's --mode=tune).
   config.model.temporal_attention = True
+  # Each video frame's index added to its conditioning embedding (absolute
+  # time; without it the network sees only relative frame distances).
+  config.model.frame_positions = False
   # Spatial attention: 'self' (each frame's own pixels) or 'sparse_causal'
   # (frame i attends to frames 0 and i - 1: Tune-A-Video's inflated model).
   config.model.spatial_attention = 'self'

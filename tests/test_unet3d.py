@@ -202,6 +202,59 @@ def test_temporal_translation_equivariance():
   assert np.max(np.abs(out[2, :3][::-1] - out[0, :3])) > 1e-3
 
 
+def test_frame_positions_give_absolute_time():
+  """The same frame T times: one output per frame only with positions."""
+  still = jnp.tile(_video(1, 1, seed=4), (1, 4, 1, 1, 1))
+  for positions in (False, True):
+    model = _model(frame_positions=positions)
+    params, _ = _random_params(model, 1, 4)
+    out = _apply(model, params, still, jnp.zeros((1,)))
+    spread = float(jnp.max(jnp.abs(out - out[:, :1])))
+    if positions:
+      assert spread > 1e-3  # Frame 0 and frame 3 now differ.
+    else:
+      assert spread < 1e-5  # Relative distances alone: all alike.
+
+
+def test_frame_positions_count_video_frames_only():
+  """Image frames get no position; a clip's numbering starts at its first
+  frame wherever the image frames are, and the zero init changes nothing."""
+  model = _model(frame_positions=True)
+  params, _ = _random_params(model, 2, 6)
+  clip, images = _video(1, 3, seed=2)[0], _video(1, 3, seed=3)[0]
+  z = jnp.stack([jnp.concatenate([clip, images]),
+                 jnp.concatenate([images, clip])])
+  mask_first = jnp.array([True] * 3 + [False] * 3)
+  frame_mask = jnp.stack([mask_first, mask_first[::-1]])
+  out = _apply(model, params, z, jnp.zeros((2,)), None, frame_mask)
+  np.testing.assert_allclose(out[1, 3:], out[0, :3], atol=1e-5)
+  # An image frame's output is the one it has without frame_positions.
+  plain = {k: v for k, v in params.items() if k != 'frame_pos'}
+  out_plain = _apply(_model(), plain, z, jnp.zeros((2,)), None, frame_mask)
+  np.testing.assert_allclose(out[0, 3:], out_plain[0, 3:], atol=1e-6)
+  assert np.max(np.abs(out[0, :3] - out_plain[0, :3])) > 1e-3
+  # As initialised (zero kernel and bias) it is the network without it.
+  zero = dict(params, frame_pos=jax.tree.map(jnp.zeros_like,
+                                             params['frame_pos']))
+  np.testing.assert_array_equal(
+      _apply(model, zero, z, jnp.zeros((2,)), None, frame_mask),
+      out_plain)
+
+
+def test_frame_positions_in_the_checkpoint_compatibility(tmp_path):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from vdm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+  old = tiny.get_config()
+  del old.model['frame_positions']  # A config saved before the field.
+  checkpoint.save_config(old, workdir)
+  checkpoint.check_compatible(tiny.get_config(), workdir)  # Absent: off.
+  config = tiny.get_config()
+  config.model.frame_positions = True
+  with pytest.raises(ValueError, match='model.frame_positions: saved'):
+    checkpoint.check_compatible(config, workdir)
+
+
 def test_label_conditioning():
   model = _model(num_classes=3)
   params, _ = _random_params(model, 3, 2, label=True)

@@ -42,6 +42,7 @@ COMPATIBILITY_FIELDS = (
     ('model', 'temporal_attention'),
     ('model', 'spatial_attention'),
     ('model', 'image_condition'),
+    ('model', 'frame_positions'),
     ('diffusion', 'target'),
     # A model trained on one encoder's embeddings needs that encoder.
     ('text', 'encoder'),
@@ -54,6 +55,7 @@ _ABSENT = {
     ('model', 'temporal_attention'): True,
     ('model', 'spatial_attention'): 'self',
     ('model', 'image_condition'): False,
+    ('model', 'frame_positions'): False,
     ('text', 'encoder'): 'none',
     ('text', 'max_length'): 16,
 }

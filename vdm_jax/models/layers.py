@@ -45,7 +45,21 @@ def logsnr_embedding(logsnr: Array, dim: int) -> Array:
   Returns:
     [..., dim] float32 features.
   """
-  t = (logsnr.astype(jnp.float32) + 20.0) * 25.0
+  return sinusoidal_embedding((logsnr.astype(jnp.float32) + 20.0) * 25.0,
+                              dim)
+
+
+def sinusoidal_embedding(t: Array, dim: int) -> Array:
+  """Transformer sinusoidal features of positions t (DDPM's timesteps).
+
+  Args:
+    t: [...] float or int positions.
+    dim: number of features.
+
+  Returns:
+    [..., dim] float32 features.
+  """
+  t = jnp.asarray(t, jnp.float32)
   half = dim // 2
   freqs = jnp.exp(-jnp.log(10000.0) * jnp.arange(half, dtype=jnp.float32)
                   / max(half, 1))

@@ -377,6 +377,14 @@ class UNet3D(nn.Module):
     attention: implementation of spatial and cross-attention: 'auto' (by
       backend and shape), 'xla', 'cudnn' or 'pallas' (models/attention.py).
       Not a parameter: any checkpoint samples under any choice.
+    frame_positions: add each video frame's index (sinusoidal features
+      through a zero-initialised Dense) to its conditioning embedding;
+      image frames of joint training get none. Without it the network
+      knows only relative frame distances (the temporal attention's bias),
+      so its prediction from pure noise is the same for every frame: what
+      only shows in absolute time (a caption's direction of motion, which
+      decides where the object starts and ends) must be learnt from the
+      frames' correlations alone.
   """
 
   base_channels: int
@@ -400,6 +408,7 @@ class UNet3D(nn.Module):
   spatial_attention: str = 'self'
   image_condition: bool = False
   attention: str = 'auto'
+  frame_positions: bool = False
 
   def _config(self) -> dict[str, Any]:
     fields = set(UNet3D.__dataclass_fields__) - {'parent', 'name'}
@@ -446,13 +455,15 @@ class UNet3D(nn.Module):
   def _embed(self, logsnr: Array, label: Optional[Array], b: int,
              t: int, text: Optional[Array] = None,
              text_mask: Optional[Array] = None,
-             image_sigma: Optional[Array] = None) -> Array:
+             image_sigma: Optional[Array] = None,
+             frame_mask: Optional[Array] = None) -> Array:
     """Conditioning embedding [B*T, E] from logsnr, label, text, image.
 
     Each of logsnr and label is per example ([B]) or per frame ([B, T]);
     text [B, Tc, L, D] (from `_text`) adds its attention-pooled vector;
     image_sigma [B] (image models) the embedding of the conditioning
-    frame's noise level.
+    frame's noise level; frame_mask [B, T] (frame_positions) which frames
+    are video frames, numbered 0, 1, ... in order.
     """
     emb_dim = self.emb_dim or 4 * self.base_channels
     logsnr = jnp.asarray(logsnr, jnp.float32)
@@ -490,6 +501,12 @@ class UNet3D(nn.Module):
       raise ValueError('A label was given but model.num_classes is 0.')
     if emb.ndim == 2:
       emb = jnp.broadcast_to(emb[:, None], (b, t, emb_dim))
+    if self.frame_positions:
+      is_video = jnp.asarray(frame_mask, jnp.float32)
+      index = jnp.cumsum(is_video, axis=1) - 1.0
+      emb = emb + is_video[..., None] * nn.Dense(
+          emb_dim, kernel_init=nn.initializers.zeros, name='frame_pos')(
+              layers.sinusoidal_embedding(index, self.base_channels))
     if text is not None and self.text_pooling:
       emb = emb + layers.AttentionPool(emb_dim, self.head_dim,
                                        name='text_pool')(text, text_mask)
@@ -569,9 +586,10 @@ class UNet3D(nn.Module):
     out_ch = self.out_channels or c
     text, text_mask = self._text(text, text_mask, text_null, b, t)
     z, image_sigma = self._image_input(z, image, image_sigma, image_null)
-    emb = self._embed(logsnr, label, b, t, text, text_mask, image_sigma)
     if frame_mask is None:
       frame_mask = jnp.ones((b, t), bool)
+    emb = self._embed(logsnr, label, b, t, text, text_mask, image_sigma,
+                      frame_mask)
     mask = temporal_attention_mask(frame_mask.astype(bool))
 
     trunk = functools.partial(UNet3D._trunk, out_channels=out_ch,
