@@ -1,5 +1,6 @@
 """Log-SNR schedule properties."""
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -100,6 +101,15 @@ def test_shifted_cosine_has_less_signal_for_larger_frames():
   # In the middle the shift is 2 log(64 / 256) exactly.
   mid = schedules.get_logsnr_fn(_cfg('shifted_cosine'), image_size=256)(0.5)
   np.testing.assert_allclose(mid, 2 * np.log(64 / 256), atol=1e-3)
+
+
+@pytest.mark.parametrize('name', schedules.SCHEDULES)
+def test_schedules_can_be_built_inside_jit(name):
+  """The train step builds its schedule while tracing."""
+  eager = schedules.get_logsnr_fn(_cfg(name), image_size=16)(0.3)
+  traced = jax.jit(lambda t: schedules.get_logsnr_fn(
+      _cfg(name), image_size=16)(t))(0.3)
+  np.testing.assert_allclose(traced, eager, rtol=1e-6)
 
 
 def test_bad_schedule_errors():

@@ -5,6 +5,7 @@ logsnr(t) = log(alpha_t^2 / sigma_t^2), decreasing in t. The process is
 variance preserving: alpha_t^2 = sigmoid(logsnr), sigma_t^2 = sigmoid(-logsnr).
 """
 
+import math
 from typing import Callable
 
 import jax
@@ -106,7 +107,8 @@ def get_logsnr_fn(
   if name == 'shifted_cosine':
     if image_size is None:
       raise ValueError("schedule 'shifted_cosine' needs the image size.")
-    shift = 2.0 * float(jnp.log(config.shift_base / image_size))
+    # math, not jnp: the schedule is built inside jitted train steps.
+    shift = 2.0 * math.log(config.shift_base / image_size)
     return lambda t: cosine_logsnr(t, lo - shift, hi - shift) + shift
   raise ValueError(
       f'Unknown diffusion.schedule {name!r}; choose one of {SCHEDULES}.'
