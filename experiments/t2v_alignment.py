@@ -63,7 +63,16 @@ NUM_KINDS = 3
 ATTRIBUTES = ('colour', 'shape', 'direction', 'all')
 
 
-def _load_config(path: str):
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+  """--workdir and --config of the text-to-video model to score."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  parser.add_argument('--workdir', default=os.path.join(root, 'runs', 't2v'))
+  parser.add_argument('--config', default=os.path.join(
+      root, 'configs', 't2v_quickstart.py'))
+
+
+def load_config(path: str):
+  """get_config() of the config file at path."""
   spec = importlib.util.spec_from_file_location('alignment_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -155,11 +164,8 @@ def fvd_table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--workdir', default=os.path.join(root, 'runs', 't2v'))
-  parser.add_argument('--config', default=os.path.join(
-      root, 'configs', 't2v_quickstart.py'))
+  model_arguments(parser)
   parser.add_argument('--per_prompt', type=int, default=8)
   parser.add_argument('--num_steps', type=int, default=64)
   parser.add_argument('--cfg', default='0,1,2,5')
@@ -174,7 +180,7 @@ def main() -> None:
   args = parser.parse_args()
   weights = [float(w) for w in args.cfg.split(',') if w]
 
-  config = _load_config(args.config)
+  config = load_config(args.config)
   combos = combinations(args.num_seen)
   requested = np.repeat(np.concatenate([combos['held_out'], combos['seen']]),
                         args.per_prompt, axis=0)  # [N, 3]

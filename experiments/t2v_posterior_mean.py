@@ -17,7 +17,6 @@ A model that ties the direction word to motion travels as the data does.
 """
 
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -32,9 +31,7 @@ from vdm_jax import sample_inputs
 from vdm_jax import sharding
 from vdm_jax.data import detect
 from vdm_jax.data import synthetic
-
-# Shape kinds of the synthetic data with data.num_classes 0 (sources.py).
-NUM_KINDS = 3
+import t2v_alignment  # Beside this script.
 
 
 def travel(videos: np.ndarray) -> tuple[float, float]:
@@ -53,22 +50,16 @@ def travel(videos: np.ndarray) -> tuple[float, float]:
 
 
 def main() -> None:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--workdir', default=os.path.join(root, 'runs', 't2v'))
-  parser.add_argument('--config', default=os.path.join(
-      root, 'configs', 't2v_quickstart.py'))
+  t2v_alignment.model_arguments(parser)
   parser.add_argument('--logsnr', default='-8,-4,-2')
   parser.add_argument('--n', type=int, default=64)
   args = parser.parse_args()
-  spec = importlib.util.spec_from_file_location('config', args.config)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = t2v_alignment.load_config(args.config)
 
   real, _ = sample_inputs.dataset_clips(config, 512, config.data.num_frames,
                                         seed=1)
-  found = detect.detect(real, config.data.num_classes or NUM_KINDS)
+  found = detect.detect(real, config.data.num_classes or t2v_alignment.NUM_KINDS)
   real = real.astype(np.float32) / 127.5 - 1.0
   model, params, step = sample.restore_ema_params(
       config, args.workdir, sharding.make_mesh(config.mesh))
