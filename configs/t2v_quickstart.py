@@ -23,9 +23,12 @@ from configs import quickstart
 def get_config(arg=None):
   config = quickstart.get_config(arg)
   config.data.motion = 'straight'
-  config.data.num_classes = 3  # Shapes: square, circle, triangle.
   config.data.caption_holdout = 8
-  config.model.num_classes = 0  # Conditioned on the caption only.
+  # Conditioned on the caption only. data.num_classes is the same field
+  # reference, so the data is unlabelled too; unlabelled, the synthetic
+  # source renders its first 3 shapes (square, disc, triangle;
+  # captions call the disc a circle).
+  config.model.num_classes = 0
   config.text.encoder = 'wordllama'
   config.text.max_length = 12
   config.text.dropout = 0.1
