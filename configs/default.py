@@ -199,6 +199,10 @@ def get_config(arg=None):
   config.optimizer.weight_decay = 0.0
   # Linear warmup steps of the learning rate.
   config.optimizer.warmup_steps = 1000
+  # After the warmup: 'constant' (VDM App. A) or 'cosine' (a half cosine
+  # down to decay_to * learning_rate at training.num_train_steps).
+  config.optimizer.decay = 'constant'
+  config.optimizer.decay_to = 0.0
   # Global gradient-norm clipping; 0 disables.
   config.optimizer.grad_clip = 1.0
   # EMA decay of the parameters used for sampling.

@@ -137,10 +137,39 @@ def test_incompatible_workdir_is_refused_before_compiling(tmp_path):
     ({'diffusion.target': 'score'}, 'diffusion.target'),
     ({'diffusion.schedule': 'quadratic'}, 'diffusion.schedule'),
     ({'optimizer.name': 'sgd'}, 'optimizer.name'),
+    ({'optimizer.decay': 'linear'}, 'optimizer.decay'),
+    ({'optimizer.decay_to': 1.5}, 'optimizer.decay_to'),
 ])
 def test_bad_config_errors(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
     train.validate_config(_tiny(**overrides), str(tmp_path))
+
+
+@pytest.mark.parametrize('decay_to', [0.0, 0.2])
+def test_cosine_learning_rate_decay(decay_to):
+  config = _tiny(**{'optimizer.learning_rate': 2.0,
+                    'optimizer.warmup_steps': 10, 'optimizer.decay': 'cosine',
+                    'optimizer.decay_to': decay_to,
+                    'training.num_train_steps': 110})
+  _, lr_fn = training.create_optimizer(config)
+  lr = lambda step: float(lr_fn(step))
+  floor = 2.0 * decay_to
+  np.testing.assert_allclose(
+      [lr(0), lr(5), lr(10), lr(60), lr(110), lr(500)],
+      [0.0, 1.0, 2.0, (2.0 + floor) / 2, floor, floor], atol=1e-6)
+  # A half cosine between the end of the warmup and the last step.
+  np.testing.assert_allclose(
+      lr(35), floor + (2.0 - floor) * (1 + np.cos(np.pi / 4)) / 2, rtol=1e-6)
+
+
+def test_constant_learning_rate_after_warmup():
+  config = _tiny(**{'optimizer.learning_rate': 2.0,
+                    'optimizer.warmup_steps': 10,
+                    'training.num_train_steps': 110})
+  assert config.optimizer.decay == 'constant'
+  _, lr_fn = training.create_optimizer(config)
+  np.testing.assert_allclose([float(lr_fn(s)) for s in (5, 10, 110, 10**6)],
+                             [1.0, 2.0, 2.0, 2.0])
 
 
 def test_batch_not_divisible_by_devices(tmp_path):

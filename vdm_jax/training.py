@@ -46,6 +46,7 @@ from vdm_jax import perf
 from vdm_jax import summary
 
 OPTIMIZERS = ('adam', 'adamw')
+DECAYS = ('constant', 'cosine')
 
 # (step, state, writer) -> None, called after the update of `step`.
 Hook = Callable[[int, Any, summary.SummaryWriter], None]
@@ -188,11 +189,25 @@ def accumulate_gradients(value_and_grad_fn: Callable[..., Any], params: Any,
   return jax.tree.map(lambda a: a / k, total)
 
 
-def learning_rate_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup from 0 to `learning_rate`, then constant (VDM App. A)."""
-  if opt.warmup_steps > 0:
-    return optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps)
-  return optax.constant_schedule(opt.learning_rate)
+def learning_rate_schedule(opt: ml_collections.ConfigDict,
+                           num_train_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `learning_rate`, then constant (VDM App. A).
+
+  With opt.decay == 'cosine' the rate then follows a half cosine from
+  `learning_rate` at the end of the warmup to `decay_to * learning_rate` at
+  num_train_steps (and stays there): a short run ends on small steps
+  instead of relying on the EMA alone. The rate is a function of the step,
+  so resuming is exact; a resumed run given a larger num_train_steps
+  follows the longer schedule from its step on.
+  """
+  warmup = int(opt.warmup_steps)
+  if opt.decay == 'constant':
+    if warmup > 0:
+      return optax.linear_schedule(0.0, opt.learning_rate, warmup)
+    return optax.constant_schedule(opt.learning_rate)
+  return optax.warmup_cosine_decay_schedule(
+      0.0, opt.learning_rate, warmup, max(num_train_steps, warmup + 1),
+      end_value=opt.decay_to * opt.learning_rate)
 
 
 def check_optimizer(opt: ml_collections.ConfigDict) -> None:
@@ -200,6 +215,13 @@ def check_optimizer(opt: ml_collections.ConfigDict) -> None:
   if opt.name not in OPTIMIZERS:
     raise ValueError(
         f'Unknown optimizer.name {opt.name!r}; choose one of {OPTIMIZERS}.')
+  if opt.decay not in DECAYS:
+    raise ValueError(
+        f'Unknown optimizer.decay {opt.decay!r}; choose one of {DECAYS}.')
+  if not 0.0 <= opt.decay_to <= 1.0:
+    raise ValueError(f'optimizer.decay_to={opt.decay_to} must be in [0, 1]'
+                     ' (the final learning rate as a fraction of'
+                     ' optimizer.learning_rate).')
 
 
 def create_optimizer(
@@ -215,7 +237,7 @@ def create_optimizer(
   """
   opt = config.optimizer
   check_optimizer(opt)
-  lr = learning_rate_schedule(opt)
+  lr = learning_rate_schedule(opt, int(config.training.num_train_steps))
   if opt.name == 'adam':
     tx = optax.adam(lr, b1=opt.b1, b2=opt.b2)
   else:
