@@ -190,23 +190,7 @@ def get_config(arg=None):
   config.diffusion.noise_lambda = ml_collections.FieldReference(
       0.5, field_type=object)  # Takes a float or a tuple.
 
-  config.optimizer = ml_collections.ConfigDict()
-  # 'adam' or 'adamw'.
-  config.optimizer.name = 'adam'
-  config.optimizer.learning_rate = 3e-4
-  config.optimizer.b1 = 0.9
-  config.optimizer.b2 = 0.99
-  config.optimizer.weight_decay = 0.0
-  # Linear warmup steps of the learning rate.
-  config.optimizer.warmup_steps = 1000
-  # After the warmup: 'constant' (VDM App. A) or 'cosine' (a half cosine
-  # down to decay_to * learning_rate at training.num_train_steps).
-  config.optimizer.decay = 'constant'
-  config.optimizer.decay_to = 0.0
-  # Global gradient-norm clipping; 0 disables.
-  config.optimizer.grad_clip = 1.0
-  # EMA decay of the parameters used for sampling.
-  config.optimizer.ema_decay = 0.9999
+  config.optimizer = optimizer_config()
 
   config.training = ml_collections.ConfigDict()
   # Global batch size (across all devices and hosts).
@@ -373,3 +357,25 @@ def get_config(arg=None):
   # its largest dimension divisible by mesh.fsdp.
   config.mesh.param_sharding = 'replicated'
   return config
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+  """The optimizer fields, shared by every method's config (one home)."""
+  opt = ml_collections.ConfigDict()
+  # 'adam' or 'adamw'.
+  opt.name = 'adam'
+  opt.learning_rate = 3e-4
+  opt.b1 = 0.9
+  opt.b2 = 0.99
+  opt.weight_decay = 0.0
+  # Linear warmup steps of the learning rate.
+  opt.warmup_steps = 1000
+  # After the warmup: 'constant' (VDM App. A) or 'cosine' (a half cosine
+  # down to decay_to * learning_rate at training.num_train_steps).
+  opt.decay = 'constant'
+  opt.decay_to = 0.0
+  # Global gradient-norm clipping; 0 disables.
+  opt.grad_clip = 1.0
+  # EMA decay of the parameters used for sampling.
+  opt.ema_decay = 0.9999
+  return opt

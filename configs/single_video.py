@@ -12,10 +12,13 @@ videos, extrapolations and temporal upsamplings (docs/sinfusion.md);
 --mode=eval scores diverse videos with patch metrics and FVD.
 
 This config does not derive from configs/default.py: SinFusion shares the
-diffusion and optimizer fields but none of the UNet or dataset fields.
+optimizer block (default.optimizer_config) and the diffusion fields but none
+of the UNet or dataset fields.
 """
 
 import ml_collections
+
+from configs import default
 
 
 def get_config(arg=None):
@@ -73,14 +76,10 @@ def get_config(arg=None):
   config.diffusion.target = 'x'
   config.diffusion.time_sampling = 'uniform'
 
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = 'adam'
+  config.optimizer = default.optimizer_config()
   config.optimizer.learning_rate = 2e-4
-  config.optimizer.b1 = 0.9
-  config.optimizer.b2 = 0.99
-  config.optimizer.weight_decay = 0.0
   config.optimizer.warmup_steps = 500
-  # Global gradient-norm clipping (all three models together); 0 disables.
+  # Global gradient-norm clipping (all three models together).
   config.optimizer.grad_clip = 1.0
   # EMA of the parameters used for sampling.
   config.optimizer.ema_decay = 0.999
