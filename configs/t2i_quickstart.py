@@ -16,6 +16,10 @@ def get_config(arg=None):
   config = t2v_quickstart.get_config(arg)
   config.data.num_frames = 1
   config.model.temporal_attention = False
+  # Images: no frame index, and the plain cosine schedule (the text-to-
+  # video quickstart's shift and frame positions are for its motion).
+  config.model.frame_positions = False
+  config.diffusion.schedule = 'cosine'
   config.data.caption_holdout = 0  # Edits may ask for any combination.
   config.training.batch_size = 32
   config.training.num_train_steps = 3000
