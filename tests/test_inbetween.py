@@ -41,7 +41,7 @@ def model_params():
   model = denoiser.create_model(config)
   params = jax.jit(lambda r: denoiser.init_params(config, model, r))(
       jax.random.key(0))
-  return config, model, perturb.perturbed(params, jax.random.key(1), 0.05)
+  return config, model, perturb.perturbed(params, 1, 0.05)
 
 
 def _inputs(seed=2, b=2):

@@ -87,10 +87,10 @@ def _apply(model):
                                                         logsnr, **cond))
 
 
-def _trained(params, rng, scale=0.2):
+def _trained(params, seed, scale=0.2):
   """params moved off their initialisation (zero output layers included),
   as training would."""
-  return perturb.perturbed(params, rng, scale)
+  return perturb.perturbed(params, seed, scale)
 
 
 def test_sparse_causal_attention_sees_frames_zero_and_previous():
@@ -128,7 +128,7 @@ def test_sparse_causal_attention_sees_frames_zero_and_previous():
 def test_inflated_model_equals_the_image_model_at_step_zero():
   image_config = _image_config()
   image_model, image_params = _params(image_config, jax.random.key(0))
-  image_params = _trained(image_params, jax.random.key(3))
+  image_params = _trained(image_params, 3)
   z, logsnr, cond = _inputs(image_config, 2, jax.random.key(1))
   image_fn = _apply(image_model)
   want = image_fn(image_params, z, logsnr, cond)
