@@ -35,20 +35,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)  # `configs` is importable as a package.
 
-# The longest files first. xdist's loadfile hands whole files to workers in
-# collection order, and alphabetically the longest files (sharding,
-# sinfusion, text, train, tune_a_video) came last, so one worker ran the tail
-# alone while the other idled. Seconds per file, one process, 2026-12-03.
+# The longest files first, so that xdist's loadfile (whole files to
+# workers in collection order) ends with short files on both workers instead
+# of one long file on one. Seconds per file in the suite's two workers
+# (`python -m pytest -v --durations=0`, commit 77034ee, 2026-12-06); the
+# files not listed take under 10 s each.
 _LONGEST_FIRST = (
-    'test_sharding.py',       # ~260 s
-    'test_sinfusion.py',      # ~160
-    'test_tune_a_video.py',   # ~130
-    'test_train.py',          # ~115
-    'test_text.py',           # ~110
-    'test_sample.py',         # ~95
-    'test_golden.py',         # ~65
-    'test_tfds_sources.py',   # ~65
-    'test_configs.py',        # ~60
+    'test_sharding.py',        # 97
+    'test_sinfusion.py',       # 81
+    'test_train.py',           # 65
+    'test_tune_a_video.py',    # 58
+    'test_configs.py',         # 53
+    'test_text.py',            # 50
+    'test_sample.py',          # 47
+    'test_golden.py',          # 38
+    'test_tfds_sources.py',    # 34
+    'test_inbetween.py',       # 26
+    'test_unet3d.py',          # 23
+    'test_grain_workers.py',   # 22
+    'test_remat.py',           # 22
+    'test_fvd.py',             # 17
+    'test_video_files.py',     # 16
+    'test_noise.py',           # 15
+    'test_precision.py',       # 14
+    'test_conditioning.py',    # 13
+    'test_attention.py',       # 12
+    'test_sampling.py',        # 11
 )
 
 

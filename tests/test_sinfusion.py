@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 
@@ -324,11 +325,29 @@ def test_memory_estimate_and_limits(video_path, monkeypatch):
   assert memory._fitting_accum_steps(big, gib, 8, 1) is None
 
 
-def test_train_sample_eval_end_to_end(video_path, tmp_path):
+@pytest.fixture(scope='module', name='straight_run')
+def fixture_straight_run(tmp_path_factory):
+  """The tiny config's 6 steps, uninterrupted: (video path, workdir, state).
+
+  Trained once for the module: the end-to-end test continues a copy of the
+  workdir and the SIGTERM test compares its resumed run with the state.
+  """
+  root = tmp_path_factory.mktemp('straight')
+  path = str(root / 'clip.mp4')
+  video_io.write_mp4(path, moving_square())
+  workdir = str(root / 'work')
+  state = sf_train.train(_config(path), workdir)
+  return path, workdir, state
+
+
+def test_train_sample_eval_end_to_end(straight_run, tmp_path):
+  video_path, trained, state = straight_run
   workdir = str(tmp_path / 'work')
+  shutil.copytree(trained, workdir)
   config = _config(video_path)
-  state = sf_train.train(config, workdir)
   assert int(state.step) == 6
+  # The finished workdir: nothing left to do.
+  assert int(sf_train.train(config, workdir).step) == 6
   # Resumes from step 6 rather than starting over.
   config.training.num_train_steps = 9
   assert int(sf_train.train(config, workdir).step) == 9
@@ -366,7 +385,7 @@ def test_train_sample_eval_end_to_end(video_path, tmp_path):
     assert np.isfinite(scores[key]), key
 
 
-def test_sigterm_saves_and_stops_then_resume_is_exact(video_path, tmp_path,
+def test_sigterm_saves_and_stops_then_resume_is_exact(straight_run, tmp_path,
                                                      monkeypatch):
   """SIGTERM during step 2 (training.run's handler): saved at 2, stopped.
 
@@ -374,8 +393,8 @@ def test_sigterm_saves_and_stops_then_resume_is_exact(video_path, tmp_path,
   the same call again resumes there and ends where an uninterrupted run
   does, bit for bit (XLA on CPU is deterministic).
   """
+  video_path, _, straight = straight_run
   config = _config(video_path)  # 6 steps.
-  straight = sf_train.train(config, str(tmp_path / 'straight'))
   make_step = sf_train.make_train_step
 
   def make_step_that_gets_sigterm(*args):
