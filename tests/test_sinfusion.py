@@ -11,6 +11,7 @@ and the errors on bad inputs.
 
 import functools
 import json
+import logging
 import os
 import signal
 import shutil
@@ -340,17 +341,17 @@ def fixture_straight_run(tmp_path_factory):
   return path, workdir, state
 
 
-def test_train_sample_eval_end_to_end(straight_run, tmp_path):
+def test_train_sample_eval_end_to_end(straight_run, tmp_path, caplog):
   video_path, trained, state = straight_run
   workdir = str(tmp_path / 'work')
   shutil.copytree(trained, workdir)
   config = _config(video_path)
   assert int(state.step) == 6
-  # The finished workdir: nothing left to do.
-  assert int(sf_train.train(config, workdir).step) == 6
   # Resumes from step 6 rather than starting over.
   config.training.num_train_steps = 9
-  assert int(sf_train.train(config, workdir).step) == 9
+  with caplog.at_level(logging.INFO, logger='absl'):
+    assert int(sf_train.train(config, workdir).step) == 9
+  assert 'Resuming from checkpoint at step 6' in caplog.text
   t, n = NUM_FRAMES, config.sample.num_frames_out
   results = sinfusion.sample_and_save(config, workdir)
   expected = {'diverse_forward': (2, n), 'extrapolate_forward': (2, t + n),
