@@ -23,7 +23,9 @@ policy asks for on any backend, in seconds.
 The last line printed is one JSON object: compile_s, the compiled step's
 memory analysis per device (argument, output, alias, temp and peak bytes,
 and peak and temp bytes per example on a device; see `memory_report`),
-flops_per_step (XLA cost analysis), and unless --compile_only: step_time_s
+flops_per_step (XLA cost analysis), matmul_conv_flops_per_step (dots and
+convolutions only, 2 per multiply-add, as PyTorch's flop counter counts; see
+perf.matmul_flops), and unless --compile_only: step_time_s
 (median after warm-up), videos_per_s, achieved_flops_per_s,
 matmul_flops_per_s (a large float32 matmul timed in the same process on the
 same device) and mfu (their ratio).
@@ -44,6 +46,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vdm_jax import denoiser  # pylint: disable=g-import-not-at-top
+from vdm_jax import perf  # pylint: disable=g-import-not-at-top
 from vdm_jax import sharding  # pylint: disable=g-import-not-at-top
 from vdm_jax import train  # pylint: disable=g-import-not-at-top
 from vdm_jax import training  # pylint: disable=g-import-not-at-top
@@ -209,11 +212,15 @@ def main(argv):
     batch = random_batch(config, mesh)
   step_fn = train.make_train_step(config, model, tx, lr_fn, mesh, shardings)
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch, rng).compile()
+  traced = step_fn.trace(state, batch, rng)
+  compiled = traced.lower().compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get('flops', float('nan'))) * mesh.devices.size
+  # Counted as PyTorch's flop counter counts (experiments/lucidrains_step.py):
+  # matmuls and convolutions only, over the global batch.
+  matmul_conv_flops = perf.matmul_flops(traced.jaxpr)
   result = {
       'config': config_summary(config, mesh),
       'device': str(mesh.devices.flat[0].device_kind),
@@ -221,6 +228,7 @@ def main(argv):
       'params': int(sum(x.size for x in jax.tree.leaves(state.params))),
       'compile_s': round(compile_s, 2),
       'flops_per_step': flops,
+      'matmul_conv_flops_per_step': matmul_conv_flops,
       'memory_bytes_per_device': memory_report(
           compiled.memory_analysis(), per_device_batch),
   }
@@ -229,6 +237,8 @@ def main(argv):
   if not _COMPILE_ONLY.value:
     result.update(time_steps(compiled, state, batch, rng, flops, mesh))
     result['videos_per_s'] = config.training.batch_size / result['step_time_s']
+    result['matmul_conv_flops_per_s'] = (
+        matmul_conv_flops / result['step_time_s'])
   print(json.dumps(result))
 
 

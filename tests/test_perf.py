@@ -181,3 +181,39 @@ def test_profile_steps_from_the_config():
 def test_loop_bodies_are_counted_once_here():
   # The reason LoopSettings.grad_accum_steps scales the FLOPs.
   assert perf.loops_counted_once()
+
+
+def test_matmul_flops_count_dots_and_convolutions_like_torch():
+  """2 per multiply-add: a conv, a dot, their backward, a scan of dots."""
+  x = jnp.ones((2, 8, 8, 4))          # NHWC
+  k = jnp.ones((3, 3, 4, 6))          # HWIO
+  w = jnp.ones((6, 5))
+
+  def f(x, k, w):
+    y = jax.lax.conv_general_dilated(
+        x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jnp.sum(jnp.tanh(y.mean((1, 2)) @ w))
+
+  conv = 2 * (2 * 8 * 8 * 6) * (3 * 3 * 4)
+  dot = 2 * 2 * 6 * 5
+  assert perf.matmul_flops(jax.make_jaxpr(f)(x, k, w)) == conv + dot
+  # The gradient in k and w: each product once more per operand
+  # differentiated through it (the input gradient of the conv is not
+  # needed: x is not differentiated, but y's is, through the dot).
+  grad = jax.make_jaxpr(jax.grad(f, argnums=(1, 2)))(x, k, w)
+  assert perf.matmul_flops(grad) == 2 * conv + 3 * dot
+  # A scan body counts once per iteration; a jit inside counts too.
+  body = jax.jit(lambda c, _: (c @ jnp.ones((5, 5)), None))
+  scan = jax.make_jaxpr(
+      lambda c: jax.lax.scan(body, c, None, length=7)[0])(jnp.ones((3, 5)))
+  assert perf.matmul_flops(scan) == 7 * 2 * 3 * 5 * 5
+  # XLA's cost analysis agrees on one unpadded convolution (with padding it
+  # leaves out the products with the padding's zeros; torch and this count
+  # them, as the output shape times the kernel size).
+  valid = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  ours = perf.matmul_flops(jax.make_jaxpr(valid)(x, k))
+  assert ours == 2 * (2 * 6 * 6 * 6) * (3 * 3 * 4)
+  xla = perf.compiled_flops(jax.jit(valid).lower(x, k).compile())
+  assert xla is not None  # The CPU backend has a cost analysis.
+  np.testing.assert_allclose(xla, ours, rtol=0.01)

@@ -19,6 +19,7 @@ Custom calls (fused attention kernels) count as 0 FLOPs.
 
 import dataclasses
 import functools
+import math
 import time
 from typing import Any
 
@@ -152,6 +153,48 @@ def matmul_dtype(jaxpr: Any) -> str:
              for v in eqn.invars):
         return 'bfloat16'
   return 'float32'
+
+
+def matmul_flops(jaxpr: Any) -> float:
+  """FLOPs of the jaxpr's dots and convolutions: 2 per multiply-add.
+
+  Counted the way PyTorch's torch.utils.flop_counter counts (matmuls,
+  convolutions and attention, nothing elementwise), so that FLOP rates of
+  the two frameworks compare; XLA's cost analysis (`compiled_flops`) also
+  counts elementwise work. A scan body counts `length` times, a cond its
+  most expensive branch, a while body once (its trip count is not in the
+  jaxpr).
+
+  Args:
+    jaxpr: a (closed) jaxpr, e.g. `jitted.trace(*args).jaxpr` of a train
+      step (its backward pass included).
+  """
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'dot_general':
+      (lhs_contract, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+          lhs[d] for d in lhs_contract)
+    elif name == 'conv_general_dilated':
+      rhs = eqn.invars[1].aval.shape
+      out_features = rhs[eqn.params['dimension_numbers'].rhs_spec[0]]
+      # Each output element: the kernel window times its input features.
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * (
+          math.prod(rhs) / out_features)
+    elif name == 'scan':
+      total += eqn.params['length'] * matmul_flops(eqn.params['jaxpr'])
+    elif name == 'cond':
+      total += max(matmul_flops(b) for b in eqn.params['branches'])
+    else:
+      for param in eqn.params.values():
+        for sub in (param if isinstance(param, (list, tuple)) else (param,)):
+          if hasattr(sub, 'eqns') or hasattr(getattr(sub, 'jaxpr', None),
+                                             'eqns'):
+            total += matmul_flops(sub)
+  return total
 
 
 def _eqns(jaxpr):
