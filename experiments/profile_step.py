@@ -35,6 +35,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vdm_jax import denoiser  # pylint: disable=g-import-not-at-top
+from vdm_jax import perf  # pylint: disable=g-import-not-at-top
 from vdm_jax import sharding  # pylint: disable=g-import-not-at-top
 from vdm_jax import train  # pylint: disable=g-import-not-at-top
 from vdm_jax import training  # pylint: disable=g-import-not-at-top
@@ -44,45 +45,6 @@ _STEPS = flags.DEFINE_integer('steps', 3, 'Traced steps.')
 _TOP = flags.DEFINE_integer('top', 15, 'Rows of each list.')
 _TRACE_DIR = flags.DEFINE_string('trace_dir', '/tmp/vdm_jax_profile_step',
                                  'Where the trace is written (replaced).')
-
-_KINDS = ('convolution', 'dot', 'reduce-window', 'reduce', 'scatter',
-          'gather', 'transpose', 'concatenate', 'pad', 'slice')
-_INSTRUCTION = re.compile(r'\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\(')
-
-
-def parse_hlo(text):
-  """(computation name -> body lines, instruction -> (opcode, called, line))."""
-  comps, current = {}, None
-  for line in text.splitlines():
-    if line and not line.startswith(' ') and line.rstrip().endswith('{'):
-      current = line.split()[1 if line.startswith('ENTRY') else 0].lstrip('%')
-      comps[current] = []
-    elif current is not None and line.startswith(' '):
-      comps[current].append(line)
-  instructions = {}
-  for lines in comps.values():
-    for line in lines:
-      m = _INSTRUCTION.match(line)
-      if m:
-        called = re.findall(r'calls=%?([\w.\-]+)', line)
-        instructions[m.group(1)] = (m.group(2), called[0] if called else None,
-                                    line)
-  return comps, instructions
-
-
-def kind_of(name, comps, instructions):
-  """What an executed operation computes (see the module docstring)."""
-  if name not in instructions:
-    return None
-  opcode, called, _ = instructions[name]
-  if opcode != 'fusion' or called is None:
-    return opcode
-  body = ' '.join(comps.get(called, []))
-  for kind in _KINDS:
-    if f' {kind}(' in body:
-      return 'fusion:' + kind
-  return 'fusion:elementwise'
-
 
 def _op_name(line):
   m = re.search(r'op_name="([^"]+)"', line)
@@ -102,7 +64,7 @@ def main(argv):
       train.create_pipeline(config).batch_for_step(0), mesh)
   key = jax.random.key(1)
   compiled = getattr(step_fn, 'fn', step_fn).lower(state, batch, key).compile()
-  comps, instructions = parse_hlo(compiled.as_text())
+  comps, instructions = perf.parse_hlo(compiled.as_text())
 
   def run(n):
     nonlocal state
@@ -129,7 +91,7 @@ def main(argv):
 
   by_kind, count = collections.Counter(), collections.Counter()
   for name, ms in per_op.items():
-    kind = kind_of(name, comps, instructions)
+    kind = perf.hlo_kind(name, comps, instructions)
     by_kind[kind] += ms
     count[kind] += 1
   print(f'step {step_time:.3f} s (mean of {_STEPS.value} untraced steps);'
@@ -141,7 +103,7 @@ def main(argv):
   print('\nslowest convolutions (ms/step, operand shapes, window)')
   convs = []
   for name, ms in per_op.items():
-    if kind_of(name, comps, instructions) != 'fusion:convolution':
+    if perf.hlo_kind(name, comps, instructions) != 'fusion:convolution':
       continue
     body = comps[instructions[name][1]]
     for line in (x for x in body if ' convolution(' in x):
@@ -154,7 +116,7 @@ def main(argv):
   print('\nslowest memory-bound operations (ms/step, kind, model op)')
   memory_bound = []
   for name, ms in per_op.items():
-    kind = kind_of(name, comps, instructions)
+    kind = perf.hlo_kind(name, comps, instructions)
     if kind in ('fusion:transpose', 'fusion:slice', 'fusion:concatenate',
                 'copy', 'fusion:reduce', 'fusion:elementwise', 'transpose'):
       memory_bound.append((ms, kind, name, _op_name(instructions[name][2])))

@@ -217,3 +217,37 @@ def test_matmul_flops_count_dots_and_convolutions_like_torch():
   xla = perf.compiled_flops(jax.jit(valid).lower(x, k).compile())
   assert xla is not None  # The CPU backend has a cost analysis.
   np.testing.assert_allclose(xla, ours, rtol=0.01)
+
+
+def test_compiled_operations_are_classified_by_what_they_compute():
+  """perf.parse_hlo / hlo_kind, which experiments/profile_step.py sums by."""
+  def f(x, k, w):
+    y = jax.lax.conv_general_dilated(
+        x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jnp.sum(y ** 2, axis=(1, 2)) @ w
+
+  args = (jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4)), jnp.ones((4, 4)))
+  # With XLA's optimisations (tests/conftest.py turns most off), as a real
+  # step is compiled: some operations arrive fused.
+  was = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)
+  try:
+    text = jax.jit(f).lower(*args).compile().as_text()
+  finally:
+    jax.config.update('jax_disable_most_optimizations', was)
+  comps, instructions = perf.parse_hlo(text)
+  entry = next(line for line in text.splitlines()
+               if line.startswith('ENTRY'))
+  assert entry.split()[1].lstrip('%') in comps
+  kinds = {perf.hlo_kind(name, comps, instructions)
+           for name in instructions}
+  assert 'fusion' not in kinds, kinds  # Every fusion is looked into.
+  # The convolution, the dot and the sum each land in their own kind,
+  # whether XLA left them alone or fused them.
+  assert {'convolution', 'fusion:convolution'} & kinds, kinds
+  assert {'dot', 'fusion:dot'} & kinds, kinds
+  assert {'reduce', 'fusion:reduce'} & kinds, kinds
+  # sum(y ** 2) arrives as one fusion (a multiply into a reduce), read as a
+  # reduction, not as elementwise work.
+  assert 'fusion:reduce' in kinds, kinds
+  assert perf.hlo_kind('no such op', comps, instructions) is None

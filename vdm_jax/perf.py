@@ -20,6 +20,7 @@ Custom calls (fused attention kernels) count as 0 FLOPs.
 import dataclasses
 import functools
 import math
+import re
 import time
 from typing import Any
 
@@ -122,6 +123,56 @@ def compiled_flops(compiled: jax.stages.Compiled) -> float | None:
     cost = cost[0] if cost else None
   flops = (cost or {}).get('flops')
   return None if flops is None or flops < 0 else float(flops)
+
+
+_HLO_KINDS = ('convolution', 'dot', 'reduce-window', 'reduce', 'scatter',
+          'gather', 'transpose', 'concatenate', 'pad', 'slice')
+_INSTRUCTION = re.compile(r'\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\(')
+
+
+def parse_hlo(text: str) -> tuple[dict, dict]:
+  """A compiled module's text (`Compiled.as_text()`), indexed.
+
+  Returns:
+    (computation name -> its body lines, instruction name -> (opcode, the
+    computation it calls or None, its line)). Instruction names are those
+    of the executed operations in a jax.profiler trace.
+  """
+  comps, current = {}, None
+  for line in text.splitlines():
+    if line and not line.startswith(' ') and line.rstrip().endswith('{'):
+      current = line.split()[1 if line.startswith('ENTRY') else 0].lstrip('%')
+      comps[current] = []
+    elif current is not None and line.startswith(' '):
+      comps[current].append(line)
+  instructions = {}
+  for lines in comps.values():
+    for line in lines:
+      m = _INSTRUCTION.match(line)
+      if m:
+        called = re.findall(r'calls=%?([\w.\-]+)', line)
+        instructions[m.group(1)] = (m.group(2), called[0] if called else None,
+                                    line)
+  return comps, instructions
+
+
+def hlo_kind(name: str, comps: dict, instructions: dict) -> str | None:
+  """What an instruction of `parse_hlo` computes; None if it is not there.
+
+  Its opcode, or for a fusion 'fusion:' and the first of convolution, dot,
+  reduce-window, reduce, scatter, gather, transpose, concatenate, pad and
+  slice that its body contains ('fusion:elementwise' for none of them).
+  """
+  if name not in instructions:
+    return None
+  opcode, called, _ = instructions[name]
+  if opcode != 'fusion' or called is None:
+    return opcode
+  body = ' '.join(comps.get(called, []))
+  for kind in _HLO_KINDS:
+    if f' {kind}(' in body:
+      return 'fusion:' + kind
+  return 'fusion:elementwise'
 
 
 @functools.cache
