@@ -9,6 +9,7 @@ the duration of each executed XLA operation (one event per thunk on CPU,
 per kernel on GPU) by what its HLO computes: convolution, dot, reduce,
 transpose, slice, concatenate or elementwise (a fusion counts as the first
 of these its body contains). Then the slowest convolutions with their
+FLOP rates (perf.hlo_conv_flops: 2 per multiply-add, padding included) and
 shapes, and the slowest memory-bound operations with the model op (flax
 module path) they come from.
 
@@ -100,18 +101,26 @@ def main(argv):
   for kind, ms in by_kind.most_common():
     print(f'{ms:7.1f} {count[kind]:5d}  {kind}')
 
-  print('\nslowest convolutions (ms/step, operand shapes, window)')
+  print('\nslowest convolutions (ms/step, GFLOP/s, output shape, window)')
   convs = []
   for name, ms in per_op.items():
-    if perf.hlo_kind(name, comps, instructions) != 'fusion:convolution':
+    if perf.hlo_kind(name, comps, instructions) not in (
+        'convolution', 'fusion:convolution'):
       continue
-    body = comps[instructions[name][1]]
-    for line in (x for x in body if ' convolution(' in x):
-      shapes = re.findall(r'[a-z0-9]+\[[\d,]*\]', line.split('=', 1)[1])
-      window = re.findall(r'window=\{([^}]*)\}', line)
-      convs.append((ms, name, shapes[:3], window))
-  for ms, name, shapes, window in sorted(convs, reverse=True)[:_TOP.value]:
-    print(f'{ms:7.2f}  {name:22s} {" ".join(shapes)}  {window}')
+    opcode, called, line = instructions[name]
+    body = comps.get(called, []) if opcode == 'fusion' else [line]
+    conv = next(x for x in body if ' convolution(' in x)
+    shape = re.findall(r'[a-z0-9]+\[[\d,]*\]', conv.split('=', 1)[1])[0]
+    window = re.findall(r'window=\{([^}]*)\}', conv)
+    flops = perf.hlo_conv_flops(name, comps, instructions)
+    convs.append((ms, flops / (ms * 1e6) if ms else 0.0, name, shape, window))
+  conv_ms = sum(c[0] for c in convs)
+  conv_flops = sum(c[1] * c[0] * 1e6 for c in convs)
+  for ms, rate, name, shape, window in sorted(convs, reverse=True)[:_TOP.value]:
+    print(f'{ms:7.2f} {rate:6.1f}  {name:22s} {shape}  {window}')
+  if conv_ms:
+    print(f'all convolutions: {conv_flops / 1e9:.2f} GFLOP in {conv_ms:.1f} ms'
+          f' per step, {conv_flops / (conv_ms * 1e6):.1f} GFLOP/s')
 
   print('\nslowest memory-bound operations (ms/step, kind, model op)')
   memory_bound = []
@@ -123,6 +132,8 @@ def main(argv):
   for ms, kind, name, op in sorted(memory_bound, reverse=True)[:_TOP.value]:
     print(f'{ms:7.2f}  {kind:20s} {name:28s} {op[-80:]}')
   print(json.dumps({'step_time_s': round(step_time, 4),
+                    'conv_gflops_per_s': (round(conv_flops / (conv_ms * 1e6), 2)
+                                          if conv_ms else None),
                     'ms_per_step_by_kind': {k: round(v, 2) for k, v in
                                             by_kind.most_common()}}))
 

@@ -226,7 +226,7 @@ def test_compiled_operations_are_classified_by_what_they_compute():
         x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     return jnp.sum(y ** 2, axis=(1, 2)) @ w
 
-  args = (jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4)), jnp.ones((4, 4)))
+  args = (jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 6)), jnp.ones((6, 5)))
   # With XLA's optimisations (tests/conftest.py turns most off), as a real
   # step is compiled: some operations arrive fused.
   was = jax.config.read('jax_disable_most_optimizations')
@@ -251,3 +251,10 @@ def test_compiled_operations_are_classified_by_what_they_compute():
   # reduction, not as elementwise work.
   assert 'fusion:reduce' in kinds, kinds
   assert perf.hlo_kind('no such op', comps, instructions) is None
+  # The convolution's FLOPs from the HLO: 2 per multiply-add, padding
+  # included (as perf.matmul_flops counts on the jaxpr).
+  convs = [n for n in instructions if perf.hlo_kind(n, comps, instructions)
+           in ('convolution', 'fusion:convolution')]
+  assert len(convs) == 1, convs
+  assert perf.hlo_conv_flops(convs[0], comps, instructions) == (
+      2 * (2 * 8 * 8 * 6) * (3 * 3 * 4))

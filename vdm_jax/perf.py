@@ -175,6 +175,36 @@ def hlo_kind(name: str, comps: dict, instructions: dict) -> str | None:
   return 'fusion:elementwise'
 
 
+_SHAPE = re.compile(r'\s*(?:ROOT )?%?[\w.\-]+ = \w+\[([\d,]*)\]')
+
+
+def _hlo_shape(line: str) -> tuple[int, ...]:
+  dims = _SHAPE.match(line).group(1)
+  return tuple(int(d) for d in dims.split(',') if d)
+
+
+def hlo_conv_flops(name: str, comps: dict, instructions: dict) -> float:
+  """FLOPs of a convolution of `parse_hlo`, or of those a fusion calls.
+
+  Counted as `matmul_flops` counts (2 per multiply-add, padding included):
+  the output's elements times the kernel's elements per output feature,
+  which holds for the kernel gradient too (XLA writes it as a convolution
+  of the input with the output gradient).
+  """
+  opcode, called, line = instructions[name]
+  lines = comps.get(called, []) if opcode == 'fusion' else [line]
+  total = 0.0
+  for conv in (x for x in lines if ' convolution(' in x):
+    operands = re.search(r' convolution\(%?([\w.\-]+), %?([\w.\-]+)\)', conv)
+    labels = re.search(r'dim_labels=[^_]+_([^-]+)->', conv)
+    if operands is None or labels is None or operands.group(2) not in instructions:
+      continue
+    rhs = _hlo_shape(instructions[operands.group(2)][2])
+    out_features = rhs[labels.group(1).index('o')]
+    total += 2.0 * math.prod(_hlo_shape(conv)) * math.prod(rhs) / out_features
+  return total
+
+
 @functools.cache
 def loops_counted_once() -> bool:
   """True if this backend's cost analysis counts a loop body once.
