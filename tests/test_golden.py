@@ -6,8 +6,8 @@ sampler, task, preview and SinFusion output must match it. With
 GOLDEN_FULL=1 every recorded case runs (by default a subset of each group,
 to keep the suite short); with GOLDEN_EXACT=1 the comparison is bitwise (it
 was, on the machine that made the refactor, for every case); by default a
-1e-6 tolerance (1e-5 for SinFusion's, see TOLERANCE) absorbs a different
-CPU's floating-point kernels.
+1e-6 tolerance (more for SinFusion and upsampling, see TOLERANCE) absorbs
+a different CPU's floating-point kernels.
 
 One output changed on purpose and was recorded again after the refactor:
 'preview'. Training previews used to call their own copy of the sampler
@@ -31,7 +31,12 @@ PATH = os.path.join(os.path.dirname(__file__), 'data', 'golden.npz')
 # implementations. Adam's first steps are ~lr * sign(g), so a real change
 # (a lost step, a wrong gradient) moves them by ~lr = 2e-3 (tiny config),
 # 200x this tolerance.
-TOLERANCE = {'sinfusion': 1e-5}
+# The upsample task's reconstruction guidance (weight 4) amplifies rounding:
+# on an AMD EPYC VM without AVX-512 (2026-12-07) it differs from the
+# recording by up to 1.1e-5, every other sampler and task output by under
+# 7e-7 (GOLDEN_FULL=1). Its guidance weight changed by 1% (4 -> 3.96 or
+# 4.04) moves it by 1.2-1.3, 10^4 times this tolerance.
+TOLERANCE = {'sinfusion': 1e-5, 'task/upsample': 1e-4}
 
 
 @pytest.mark.parametrize('case', golden_cases.CASES,
@@ -52,6 +57,6 @@ def test_outputs_unchanged(case):
       if os.environ.get('GOLDEN_EXACT'):
         assert np.array_equal(out[k], ref[k]), k
       else:
-        tol = TOLERANCE.get(k.split('/')[0], 1e-6)
+        tol = TOLERANCE.get(k, TOLERANCE.get(k.split('/')[0], 1e-6))
         np.testing.assert_allclose(out[k], ref[k], rtol=tol, atol=tol,
                                    err_msg=k)
