@@ -5,12 +5,14 @@ logsnr(t) = log(alpha_t^2 / sigma_t^2), decreasing in t. The process is
 variance preserving: alpha_t^2 = sigmoid(logsnr), sigma_t^2 = sigmoid(-logsnr).
 """
 
+import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 LogSNRFn = Callable[[jnp.ndarray], jnp.ndarray]
 
@@ -113,3 +115,216 @@ def get_logsnr_fn(
   raise ValueError(
       f'Unknown diffusion.schedule {name!r}; choose one of {SCHEDULES}.'
   )
+
+
+# Pretrained discrete schedules ------------------------------------------------
+
+BETA_SCHEDULES = ('linear', 'scaled_linear', 'squaredcos_cap_v2')
+PREDICTION_TYPES = {'epsilon': 'eps', 'v_prediction': 'v', 'sample': 'x'}
+TIMESTEP_SPACINGS = ('leading', 'trailing', 'linspace')
+PRETRAINED_SAMPLERS = ('ddim', 'euler', 'ancestral')
+
+
+def _cosine_betas(num: int, max_beta: float = 0.999) -> np.ndarray:
+  """Betas of alpha_bar(t) = cos^2((t + 0.008) / 1.008 pi / 2) (Nichol &
+  Dhariwal 2021, eq. 17), diffusers' `betas_for_alpha_bar`."""
+  def alpha_bar(t):
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+  return np.array([min(1 - alpha_bar((i + 1) / num) / alpha_bar(i / num),
+                       max_beta) for i in range(num)], np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscreteSchedule:
+  """The discrete-time schedule of a pretrained model, as log-SNRs.
+
+  A model trained on timesteps n = 0..N-1 with alpha_bar_n = prod_{m<=n}
+  (1 - beta_m) (Ho et al. 2020) sees z_n = sqrt(alpha_bar_n) x + sqrt(1 -
+  alpha_bar_n) eps, which is this library's variance-preserving z at
+  logsnr_n = log(alpha_bar_n / (1 - alpha_bar_n)). The model's time input
+  is n, recovered from a log-SNR by `timestep` (so the library's samplers,
+  which speak log-SNR, drive it unchanged), and the samplers' grids of
+  log-SNRs are the pretrained schedulers' timesteps (`grid`).
+
+  Attributes:
+    alphas_cumprod: float64 [N] alpha_bar_n.
+    target: the model's parameterization ('eps', 'v' or 'x').
+    timestep_spacing: diffusers' spacing of inference timesteps.
+    steps_offset: added to 'leading' timesteps (SD-1.x: 1).
+    final_logsnr: log-SNR after the last DDIM step: +inf with
+      `set_alpha_to_one` (the last step returns x_hat), else that of
+      alpha_bar_0 (diffusers' DDIMScheduler `final_alpha_cumprod`).
+  """
+
+  alphas_cumprod: np.ndarray
+  target: str = 'eps'
+  timestep_spacing: str = 'leading'
+  steps_offset: int = 0
+  final_logsnr: float = math.inf
+
+  @property
+  def num_train_timesteps(self) -> int:
+    return int(self.alphas_cumprod.shape[0])
+
+  def logsnr_table(self) -> np.ndarray:
+    """float64 [N] log-SNR of each training timestep (decreasing)."""
+    a = self.alphas_cumprod
+    return np.log(a) - np.log1p(-a)
+
+  def timestep(self, logsnr: jnp.ndarray) -> jnp.ndarray:
+    """The model's (fractional) timestep of a log-SNR, any shape.
+
+    Linear in sigma = exp(-logsnr / 2) between training timesteps, which is
+    how diffusers' EulerDiscreteScheduler interpolates its sigmas, and
+    exact at the training timesteps themselves (their log-SNRs, rounded to
+    float32, are the table the search runs on). Clipped to [0, N - 1].
+    """
+    table = jnp.asarray(self.logsnr_table(), jnp.float32)
+    steps = jnp.arange(self.num_train_timesteps, dtype=jnp.float32)
+    x = jnp.exp(-0.5 * jnp.asarray(logsnr, jnp.float32))
+    return jnp.interp(x, jnp.exp(-0.5 * table), steps)
+
+  def timesteps(self, num_steps: int, spacing: str | None = None
+                ) -> np.ndarray:
+    """diffusers' inference timesteps (DDIMScheduler.set_timesteps).
+
+    Returns:
+      int64 [num_steps], decreasing.
+    """
+    n, big = int(num_steps), self.num_train_timesteps
+    spacing = spacing or self.timestep_spacing
+    if not 1 <= n <= big:
+      raise ValueError(f'num_steps must lie in [1, {big}], got {n}.')
+    if spacing == 'leading':
+      t = (np.arange(0, n) * (big // n)).round()[::-1] + self.steps_offset
+    elif spacing == 'trailing':
+      t = np.round(np.arange(big, 0, -big / n)) - 1
+    elif spacing == 'linspace':
+      t = np.linspace(0, big - 1, n).round()[::-1]
+    else:
+      raise ValueError(f'Unknown timestep_spacing {spacing!r}; choose one of '
+                       f'{TIMESTEP_SPACINGS}.')
+    return t.astype(np.int64)
+
+  def grid(self, sampler: str, num_steps: int) -> dict[str, Any]:
+    """The sampler's log-SNR grid and start, as a diffusers scheduler has it.
+
+    'ddim' (and 'ancestral', DDPM's posterior on the same timesteps): the
+    DDIM timesteps, then `final_logsnr`. 'euler': EulerDiscreteScheduler
+    (Karras et al. 2022, Alg. 2 without churn) on sigmas interpolated at its
+    (fractional) timesteps, then sigma = 0; Euler's step on sigma is DDIM's
+    step on log-SNR (eta = 0), so the library's DDIM runs it.
+
+    Returns:
+      {'logsnrs': float32 [num_steps + 1] increasing (the last may be inf),
+       'timesteps': float64 [num_steps], 'denoise_last': whether the last
+       step returns x_hat (the grid ends at t = 0), 'logsnrs_to' (DDIM,
+       only where it differs from logsnrs[1:]): where each step goes,
+       'init_scale': the factor
+       from diffusers' initial latents (unit normal) to this library's z at
+       the first log-SNR (Euler multiplies them by its init_noise_sigma).}
+    """
+    if sampler not in PRETRAINED_SAMPLERS:
+      raise ValueError(f'Unknown sampler {sampler!r} for a pretrained '
+                       f'model; choose one of {PRETRAINED_SAMPLERS}.')
+    table = self.logsnr_table()
+    if sampler in ('ddim', 'ancestral'):
+      t = self.timesteps(num_steps)
+      logsnrs = np.append(table[t], self.final_logsnr)
+      out = {'logsnrs': np.asarray(logsnrs, np.float32),
+             'timesteps': t.astype(np.float64),
+             'denoise_last': bool(np.isinf(self.final_logsnr)),
+             'init_scale': 1.0}
+      if sampler == 'ddim':  # DDIMScheduler.step: t -> t - N_train // N.
+        prev = t - self.num_train_timesteps // int(num_steps)
+        to = np.where(prev >= 0, table[np.maximum(prev, 0)],
+                      self.final_logsnr)
+        if not np.array_equal(to, logsnrs[1:]):
+          out['logsnrs_to'] = np.asarray(to, np.float32)
+          out['denoise_last'] = bool(np.isinf(to[-1]))
+      return out
+    spacing = self.timestep_spacing
+    big = self.num_train_timesteps
+    if spacing == 'linspace':
+      t = np.linspace(0, big - 1, num_steps, dtype=np.float64)[::-1].copy()
+    elif spacing == 'leading':
+      t = (np.arange(0, num_steps) * (big // num_steps)).round()[::-1]
+      t = t.astype(np.float64) + self.steps_offset
+    else:
+      t = np.arange(big, 0, -big / num_steps).round().astype(np.float64) - 1
+    all_sigmas = np.exp(-0.5 * table)
+    sigmas = np.interp(t, np.arange(big), all_sigmas)
+    init = (sigmas.max() if spacing in ('linspace', 'trailing')
+            else math.sqrt(sigmas.max() ** 2 + 1))
+    logsnrs = np.append(-2.0 * np.log(sigmas), math.inf)
+    return {'logsnrs': np.asarray(logsnrs, np.float32), 'timesteps': t,
+            'denoise_last': True,
+            'init_scale': float(init / math.sqrt(sigmas[0] ** 2 + 1))}
+
+  def logsnr_fn(self) -> LogSNRFn:
+    """t in [0, 1] -> the log-SNR of training timestep floor(t N) (clipped
+    to N - 1): uniform t draws the model's discrete training timesteps."""
+    table = jnp.asarray(self.logsnr_table(), jnp.float32)
+    big = self.num_train_timesteps
+
+    def fn(t):
+      n = jnp.clip(jnp.floor(jnp.asarray(t, jnp.float32) * big), 0, big - 1)
+      return table[n.astype(jnp.int32)]
+
+    return fn
+
+
+def from_scheduler_config(config: Mapping[str, Any]) -> DiscreteSchedule:
+  """The schedule of a diffusers scheduler_config.json (any scheduler class).
+
+  Reads num_train_timesteps, the betas (beta_schedule and beta_start /
+  beta_end, or trained_betas), prediction_type, timestep_spacing,
+  steps_offset and set_alpha_to_one (DDIM's final step). The sampler is
+  chosen separately (config.sample.sampler).
+
+  Raises:
+    ValueError: a beta schedule, prediction type or option not supported,
+      named with the supported ones.
+  """
+  cfg = dict(config)
+  if cfg.get('rescale_betas_zero_snr'):
+    raise ValueError('scheduler option rescale_betas_zero_snr=True is not '
+                     'supported (its last timestep has infinite noise).')
+  num = int(cfg.get('num_train_timesteps', 1000))
+  if cfg.get('trained_betas') is not None:
+    betas = np.asarray(cfg['trained_betas'], np.float64)
+  else:
+    name = cfg.get('beta_schedule', 'linear')
+    start = float(cfg.get('beta_start', 0.0001))
+    end = float(cfg.get('beta_end', 0.02))
+    if name == 'linear':
+      betas = np.linspace(start, end, num, dtype=np.float32)
+    elif name == 'scaled_linear':
+      betas = np.linspace(start ** 0.5, end ** 0.5, num, dtype=np.float32) ** 2
+    elif name == 'squaredcos_cap_v2':
+      betas = _cosine_betas(num)
+    else:
+      raise ValueError(f'Unknown beta_schedule {name!r}; supported: '
+                       f'{BETA_SCHEDULES} or trained_betas.')
+  # diffusers computes alphas_cumprod in float32 (torch.cumprod of float32
+  # betas): rounding it the same way keeps the timesteps' log-SNRs exact.
+  betas = np.asarray(betas, np.float32)
+  alphas_cumprod = np.cumprod(1.0 - betas, dtype=np.float32).astype(
+      np.float64)
+  pred = cfg.get('prediction_type', 'epsilon')
+  if pred not in PREDICTION_TYPES:
+    raise ValueError(f'Unknown prediction_type {pred!r}; supported: '
+                     f'{sorted(PREDICTION_TYPES)}.')
+  spacing = cfg.get('timestep_spacing') or (
+      'linspace' if cfg.get('_class_name') == 'EulerDiscreteScheduler'
+      else 'leading')
+  if spacing not in TIMESTEP_SPACINGS:
+    raise ValueError(f'Unknown timestep_spacing {spacing!r}; supported: '
+                     f'{TIMESTEP_SPACINGS}.')
+  final = (math.inf if cfg.get('set_alpha_to_one', True)
+           else float(np.log(alphas_cumprod[0]) - np.log1p(-alphas_cumprod[0])))
+  return DiscreteSchedule(alphas_cumprod=alphas_cumprod,
+                          target=PREDICTION_TYPES[pred],
+                          timestep_spacing=spacing,
+                          steps_offset=int(cfg.get('steps_offset', 0)),
+                          final_logsnr=final)
