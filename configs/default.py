@@ -189,6 +189,10 @@ def get_config(arg=None):
   # (VideoFusion: about 0.5 works best); frames correlate by sqrt(l_i l_j).
   config.diffusion.noise_lambda = ml_collections.FieldReference(
       0.5, field_type=object)  # Takes a float or a tuple.
+  # 'decomposed': -1, or VideoFusion's key frame k (T // 2) whose whole
+  # noise is the base noise (lambda_k = 1 where lambda_k > 0), the frame its
+  # base generator reads (vdm_jax/videofusion.py says why).
+  config.diffusion.noise_key_frame = -1
 
   config.optimizer = optimizer_config()
 
@@ -329,6 +333,31 @@ def get_config(arg=None):
   config.tune.backward_learning_rate = 1e-4
   config.tune.backward_batch_size = 1
   config.tune.backward_steps = 2000
+
+  config.videofusion = ml_collections.ConfigDict()
+  # VideoFusion (Luo et al. 2023; vdm_jax/videofusion.py, configs/
+  # videofusion_*.py): a base generator (an image UNet on the key frame
+  # T // 2) estimates the shared base noise, a residual generator (the UNet
+  # of config.model, with model.frame_positions) each frame's residual;
+  # needs diffusion.noise='decomposed' and target 'eps'. False: one UNet.
+  config.videofusion.enabled = False
+  # The base generator's UNet fields (temporal attention off: an image
+  # model on one frame); num_classes 0 or model.num_classes.
+  config.videofusion.base_model = ml_collections.ConfigDict(dict(
+      base_channels=128, channel_mults=(1, 2, 4, 8), num_res_blocks=2,
+      attn_resolutions=(8, 16, 32), head_dim=64, dropout=0.1, num_classes=0,
+      temporal_attention=False))
+  # What the base predicts: 'eps', 'v' or 'x' (the image model's target).
+  config.videofusion.base_target = 'eps'
+  # The base also takes the text (a text-to-image base of a text model).
+  config.videofusion.base_text = False
+  # A workdir of the pretrained image model (its last EMA parameters start
+  # the base, e.g. configs/videofusion_quickstart.py:base); '': from scratch.
+  config.videofusion.base_workdir = ''
+  # 'joint': trained with the residual generator, the base's gradient
+  # flowing through the key frame only (the paper's stop-gradient);
+  # 'frozen': the pretrained base is not trained.
+  config.videofusion.base_training = 'joint'
 
   config.eval = ml_collections.ConfigDict()
   # FVD protocol preset (vdm_jax/evaluation/protocols.py) of --mode=eval.

@@ -43,6 +43,7 @@ COMPATIBILITY_FIELDS = (
     ('model', 'spatial_attention'),
     ('model', 'image_condition'),
     ('model', 'frame_positions'),
+    ('videofusion', 'enabled'),
     ('diffusion', 'target'),
     # A model trained on one encoder's embeddings needs that encoder.
     ('text', 'encoder'),
@@ -56,6 +57,7 @@ _ABSENT = {
     ('model', 'spatial_attention'): 'self',
     ('model', 'image_condition'): False,
     ('model', 'frame_positions'): False,
+    ('videofusion', 'enabled'): False,
     ('text', 'encoder'): 'none',
     ('text', 'max_length'): 16,
 }

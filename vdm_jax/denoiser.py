@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vdm_jax import sharding
+from vdm_jax import videofusion
 from vdm_jax.models import nextnet
 from vdm_jax.models import unet3d
 from vdm_jax.text import encoders
@@ -45,8 +46,12 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return kwargs
 
 
-def create_model(config: ml_collections.ConfigDict) -> unet3d.UNet3D:
-  """The space-time UNet of config.model (and config.text)."""
+def create_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """The space-time UNet of config.model (and config.text); with
+  videofusion.enabled, VideoFusion's base (image) and residual (this UNet)
+  generators as one network (vdm_jax/videofusion.py)."""
+  if videofusion.enabled(config):
+    return videofusion.create_model(config, model_kwargs(config))
   return unet3d.UNet3D(**model_kwargs(config))
 
 
@@ -54,6 +59,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError on a config.model the UNet cannot run (no compile)."""
   unet3d.validate_model_config(
       config.data.image_size, config.data.num_frames, **model_kwargs(config))
+  if videofusion.enabled(config):
+    videofusion.validate(config, model_kwargs(config))
 
 
 def example_inputs(config: ml_collections.ConfigDict, batch: int = 1

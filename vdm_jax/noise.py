@@ -32,6 +32,29 @@ _BASE_STREAM = 0x62617365
 _RESIDUAL_STREAM = 0x72657369
 
 
+def with_key_frame(lam: np.ndarray, key_frame: int) -> np.ndarray:
+  """Lambdas with VideoFusion's key frame whose whole noise is the base.
+
+  Args:
+    lam: float32 [T] lambdas (frame_lambdas broadcast to the frames).
+    key_frame: -1 (lam unchanged) or the frame k whose lambda becomes 1
+      where it is > 0 (lambda 0 stays i.i.d. noise): the base generator of
+      vdm_jax/videofusion.py then reads b alone on that frame.
+
+  Returns:
+    float32 [T].
+  """
+  lam = np.array(lam, np.float32)
+  if key_frame < 0:
+    return lam
+  if lam.ndim != 1 or key_frame >= lam.shape[0]:
+    raise ValueError(f'diffusion.noise_key_frame={key_frame} is not a frame'
+                     f' of the {lam.shape} lambdas.')
+  if lam[key_frame] > 0:
+    lam[key_frame] = 1.0
+  return lam
+
+
 def frame_lambdas(noise_lambda: Any, num_frames: int) -> np.ndarray:
   """Checked per-frame VideoFusion lambdas from a config value.
 
@@ -178,5 +201,8 @@ def from_config(diffusion_config: ml_collections.ConfigDict,
     )
   if name == 'iid':
     return Noise()
-  return Noise(noise_lambda=jnp.asarray(
-      frame_lambdas(diffusion_config.noise_lambda, num_frames)))
+  lam = frame_lambdas(diffusion_config.noise_lambda, num_frames)
+  key = diffusion_config.get('noise_key_frame', -1)
+  if key >= 0:  # VideoFusion's key frame (vdm_jax/videofusion.py).
+    lam = with_key_frame(np.broadcast_to(lam, (num_frames,)), key)
+  return Noise(noise_lambda=jnp.asarray(lam))

@@ -27,6 +27,7 @@ from vdm_jax import sharding
 from vdm_jax import tasks
 from vdm_jax import training
 from vdm_jax import video_io
+from vdm_jax import videofusion
 from vdm_jax.data import pipeline
 from vdm_jax.data import sources
 
@@ -309,6 +310,7 @@ def train(config: ml_collections.ConfigDict,
   if ckpt.latest_step() is None:
     logging.info('Model has %d parameters.',
                  denoiser.count_params(state.params))
+    state = videofusion.init_base_from_workdir(config, state)
   encoder = denoiser.text_encoder(config)
   if encoder is not None:
     checkpoint.check_text_dim(workdir, encoder.dim, f'text.encoder='
