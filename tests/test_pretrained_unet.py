@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
-from vdm_jax.models import sd_unet  # pylint: disable=g-import-not-at-top
+from vdm_jax.models import sd_blocks  # pylint: disable=g-import-not-at-top
 from vdm_jax.pretrained import convert  # pylint: disable=g-import-not-at-top
 from vdm_jax.pretrained import unet2d  # pylint: disable=g-import-not-at-top
 
@@ -145,4 +145,137 @@ def test_prediction_matches_diffusers(case):
   err = np.abs(got - want).max()
   print(f'{case["name"]}: max |diff| {err:.2e}, max |want| '
         f'{np.abs(want).max():.2f}')
+  np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
+
+
+def test_module_fields_from_config(case):
+  module, cfg = case['module'], CONFIGS[case['name']]
+  n = len(cfg['block_out_channels'])
+  heads = cfg['attention_head_dim']
+  assert tuple(module.num_attention_heads) == tuple(
+      heads if isinstance(heads, list) else [heads] * n)
+  assert module.sample_size == cfg['sample_size']
+  assert module.in_channels == cfg.get('in_channels', 4)
+  assert module.out_channels == cfg.get('out_channels', 4)
+
+
+@pytest.mark.parametrize('option, value', [
+    ('class_embed_type', 'timestep'),
+    ('addition_embed_type', 'text_time'),
+    ('resnet_time_scale_shift', 'scale_shift'),
+    ('num_attention_heads', 8),
+    ('time_embedding_type', 'fourier'),
+    ('down_block_types', ['AttnDownBlock2D', 'DownBlock2D']),
+    ('mid_block_type', 'UNetMidBlock2DSimpleCrossAttn'),
+    ('cross_attention_dim', [24, 32]),
+])
+def test_unsupported_option_is_named(option, value):
+  with pytest.raises(ValueError, match=option):
+    unet2d.module_kwargs(dict(CONFIGS['sd1'], **{option: value}))
+
+
+def test_unsupported_class_is_named():
+  with pytest.raises(ValueError, match='UNet2DConditionModel'):
+    unet2d.module_kwargs(dict(CONFIGS['sd1'],
+                              _class_name='UNetSpatioTemporalConditionModel'))
+
+
+def _meta_state_shapes(cfg):
+  with torch.device('meta'):
+    model = diffusers.UNet2DConditionModel.from_config(cfg)
+  return {k: tuple(v.shape) for k, v in model.state_dict().items()}, model
+
+
+@pytest.mark.parametrize('cfg', [SD15, SD21], ids=['sd15', 'sd21'])
+def test_full_size_keys_map(cfg):
+  """Every state-dict key of the real config maps onto the Flax tree with
+  its shape (no weights: meta device and jax.eval_shape)."""
+  shapes, model = _meta_state_shapes(cfg)
+  module = unet2d.build(cfg)
+  abstract = unet2d.abstract_params(module)
+  entries = convert.plan(shapes, abstract, unet2d.TABLE)
+  assert len(entries) == len(shapes)
+  torch_count = sum(p.numel() for p in model.parameters())
+  assert convert.count(abstract) == torch_count
+  if cfg is SD15:
+    assert torch_count == SD15_PARAMS
+    assert module.num_attention_heads == (8, 8, 8, 8)
+  else:
+    assert module.num_attention_heads == (5, 10, 20, 20)
+
+
+# Block parity at inputs where the details show: activations of scale 1e-3
+# make every GroupNorm / LayerNorm epsilon matter (variance ~ eps), and a
+# feed-forward gate of order 3 separates exact from tanh GELU by ~1e-3.
+SMALL = 1e-3
+
+
+def _block_params(torch_block, flax_block, *inputs):
+  abstract = jax.eval_shape(flax_block.init, jax.random.PRNGKey(0),
+                            *inputs)['params']
+  state = {k: v.detach().numpy() for k, v in torch_block.state_dict().items()}
+  return convert.convert(state, abstract, convert.RuleTable('block'))
+
+
+def _block_case(torch_block, flax_block, torch_inputs, flax_inputs):
+  params = _block_params(torch_block, flax_block, *flax_inputs)
+  with torch.no_grad():
+    want = torch_block(*torch_inputs)
+  want = getattr(want, 'sample', want)
+  want = want[0] if isinstance(want, tuple) else want
+  got = jax.jit(lambda p, *a: flax_block.apply({'params': p}, *a))(
+      params, *flax_inputs)
+  return np.asarray(got), want.detach().numpy()
+
+
+def test_resnet_block_matches_diffusers_at_small_scale():
+  from diffusers.models import resnet  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  block = _randomize(resnet.ResnetBlock2D(
+      in_channels=8, out_channels=16, temb_channels=12, groups=4,
+      eps=1e-5), 2)
+  rng = np.random.RandomState(1)
+  x = (SMALL * rng.randn(2, 5, 3, 8)).astype(np.float32)
+  temb = rng.randn(2, 12).astype(np.float32)
+  got, want = _block_case(
+      block, sd_blocks.ResnetBlock2D(16, groups=4, eps=1e-5),
+      (_nchw(x), torch.from_numpy(temb)), (x, temb))
+  want = want.transpose(0, 2, 3, 1)
+  assert 0.5 < np.abs(want).max() < 20
+  np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
+
+
+def test_transformer_matches_diffusers_at_small_scale():
+  """Transformer2DModel (GroupNorm eps 1e-6) on inputs of scale 1e-3."""
+  torch.manual_seed(0)
+  block = _randomize(diffusers.Transformer2DModel(
+      num_attention_heads=2, attention_head_dim=8, in_channels=16,
+      norm_num_groups=4, cross_attention_dim=12), 3)
+  rng = np.random.RandomState(2)
+  x = (SMALL * rng.randn(2, 5, 3, 16)).astype(np.float32)
+  ctx = rng.randn(2, 4, 12).astype(np.float32)
+  got, want = _block_case(
+      block, sd_blocks.Transformer2D(heads=2, dim_head=8, groups=4),
+      (_nchw(x), torch.from_numpy(ctx)), (x, ctx))
+  want = want.transpose(0, 2, 3, 1)
+  assert 0.5 < np.abs(want).max() < 20
+  np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
+
+
+def test_transformer_block_matches_diffusers_at_small_scale():
+  """BasicTransformerBlock: LayerNorm eps 1e-5 on tokens of scale 1e-3,
+  exact GELU on a gate of order 3."""
+  from diffusers.models import attention  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  block = _randomize(attention.BasicTransformerBlock(
+      16, 2, 8, cross_attention_dim=12), 4)
+  with torch.no_grad():
+    block.ff.net[0].proj.weight.mul_(4.0)
+  rng = np.random.RandomState(3)
+  x = (SMALL * rng.randn(2, 7, 16)).astype(np.float32)
+  ctx = rng.randn(2, 4, 12).astype(np.float32)
+  got, want = _block_case(
+      block, sd_blocks.BasicTransformerBlock(2, 8),
+      (torch.from_numpy(x), None, torch.from_numpy(ctx)), (x, ctx))
+  assert 0.5 < np.abs(want).max() < 50
   np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
