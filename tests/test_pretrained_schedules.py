@@ -80,7 +80,7 @@ def test_ddim_matches_diffusers(overrides):
 
 
 @pytest.mark.parametrize('overrides', [
-    {},  # Euler's default for this config: linspace (fractional t).
+    {},  # Unset: Euler's own default, linspace (fractional t).
     {'timestep_spacing': 'leading'},
     {'timestep_spacing': 'trailing', 'prediction_type': 'v_prediction'},
 ])
@@ -88,8 +88,7 @@ def test_euler_matches_diffusers(overrides):
   cfg = dict(SD15, **overrides)
   want, sched = _diffusers_loop(diffusers.EulerDiscreteScheduler, cfg,
                                 LATENTS, 6)
-  got, grid = _ours(dict(cfg, _class_name='EulerDiscreteScheduler'),
-                    'euler', LATENTS, 6)
+  got, grid = _ours(cfg, 'euler', LATENTS, 6)
   np.testing.assert_allclose(grid['timesteps'], sched.timesteps.numpy(),
                              rtol=1e-6)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

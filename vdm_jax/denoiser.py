@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vdm_jax import schedules
 from vdm_jax import sharding
 from vdm_jax import videofusion
 from vdm_jax.models import nextnet
@@ -319,3 +320,75 @@ def training_denoise_fn(model: nn.Module, params: Any,
 
 
 count_params = unet3d.count_params
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscreteTimeApply:
+  """A pretrained discrete-time UNet as (params, z, logsnr, cond) -> pred.
+
+  Stable Diffusion's UNet2DConditionModel (and its Tune-A-Video inflation)
+  takes the training timestep n of alpha_bar_n, not a log-SNR: the log-SNR
+  the samplers pass is mapped to n by the schedule's table
+  (schedules.discrete_timestep), and the model sees z itself (a DDPM-trained
+  model's input is sqrt(alpha_bar) x + sqrt(1 - alpha_bar) eps, this
+  library's variance-preserving z). Its prediction is in the scheduler's
+  prediction type (schedules.DiscreteSchedule.target). Hashable, so jit
+  caches on it.
+
+  cond: 'text' [B, L, D] (or [B, T, L, D] per frame) the text encoder's
+  hidden states; 'text_null' [B] bool selects 'text_uncond' [B, L, D] (the
+  negative prompt's states) instead, which is how
+  sampling.classifier_free's unconditional branch reaches the model; an
+  optional 'text_mask' [B, L] bool is passed as the attention mask.
+
+  Attributes:
+    model: the Flax UNet, applied as model(x [N, h, w, c], timesteps [N],
+      context [N, L, D], context_mask) -> [N, h, w, c'].
+    logsnr_table: the log-SNR of each training timestep, as a tuple.
+    frames: 'batch' applies the image model to every frame on its own
+      (frames folded into the batch); 'video' passes [B, T, ...] through
+      (a video model's own frame handling).
+    mesh: constrain the batch to the mesh's batch sharding, or None.
+  """
+
+  model: nn.Module
+  logsnr_table: tuple[float, ...]
+  frames: str = 'batch'
+  mesh: Optional[jax.sharding.Mesh] = None
+
+  def __call__(self, params, z, logsnr, cond):
+    b, t = z.shape[:2]
+    if self.mesh is not None and b % self.mesh.size == 0:
+      z = jax.lax.with_sharding_constraint(
+          z, sharding.batch_sharding(self.mesh))
+    logsnr = jnp.broadcast_to(
+        jnp.asarray(logsnr, jnp.float32).reshape((b, -1)), (b, t))
+    steps = schedules.discrete_timestep(logsnr, self.logsnr_table)
+    text = cond['text']
+    if 'text_null' in cond:
+      null = jnp.asarray(cond['text_null'], bool)
+      null = null.reshape(null.shape + (1,) * (text.ndim - null.ndim))
+      text = jnp.where(null, cond['text_uncond'], text)
+    mask = cond.get('text_mask')
+    if self.frames == 'video':
+      return self.model.apply({'params': params}, z, steps[:, 0], text, mask)
+    if text.ndim == 3:
+      text = jnp.repeat(text, t, axis=0)
+      mask = None if mask is None else jnp.repeat(mask, t, axis=0)
+    else:
+      text = text.reshape((b * t,) + text.shape[2:])
+    x = z.reshape((b * t,) + z.shape[2:])
+    out = self.model.apply({'params': params}, x, steps.reshape(-1), text,
+                           mask)
+    return out.reshape((b, t) + out.shape[1:])
+
+
+def make_pretrained_denoise_fn(model: nn.Module, params: Any,
+                               schedule: schedules.DiscreteSchedule,
+                               frames: str = 'batch',
+                               mesh: Optional[jax.sharding.Mesh] = None):
+  """(z, logsnr, cond) -> prediction of a pretrained discrete-time UNet
+  (`DiscreteTimeApply`), parameters bound as a traced Partial."""
+  table = tuple(float(x) for x in schedule.logsnr_table())
+  return jax.tree_util.Partial(
+      DiscreteTimeApply(model, table, frames, mesh), params)

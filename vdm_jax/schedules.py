@@ -119,6 +119,14 @@ def get_logsnr_fn(
 
 # Pretrained discrete schedules ------------------------------------------------
 
+
+def discrete_timestep(logsnr: jnp.ndarray, table: Any) -> jnp.ndarray:
+  """DiscreteSchedule.timestep from the log-SNR table [N] alone."""
+  table = jnp.asarray(table, jnp.float32)
+  steps = jnp.arange(table.shape[0], dtype=jnp.float32)
+  x = jnp.exp(-0.5 * jnp.asarray(logsnr, jnp.float32))
+  return jnp.interp(x, jnp.exp(-0.5 * table), steps)
+
 BETA_SCHEDULES = ('linear', 'scaled_linear', 'squaredcos_cap_v2')
 PREDICTION_TYPES = {'epsilon': 'eps', 'v_prediction': 'v', 'sample': 'x'}
 TIMESTEP_SPACINGS = ('leading', 'trailing', 'linspace')
@@ -149,7 +157,10 @@ class DiscreteSchedule:
   Attributes:
     alphas_cumprod: float64 [N] alpha_bar_n.
     target: the model's parameterization ('eps', 'v' or 'x').
-    timestep_spacing: diffusers' spacing of inference timesteps.
+    timestep_spacing: diffusers' spacing of inference timesteps, or None
+      for the default of the scheduler class that runs the sampler ('leading'
+      for DDIM and DDPM, 'linspace' for Euler), as diffusers does when the
+      folder's config leaves it unset.
     steps_offset: added to 'leading' timesteps (SD-1.x: 1).
     final_logsnr: log-SNR after the last DDIM step: +inf with
       `set_alpha_to_one` (the last step returns x_hat), else that of
@@ -158,7 +169,7 @@ class DiscreteSchedule:
 
   alphas_cumprod: np.ndarray
   target: str = 'eps'
-  timestep_spacing: str = 'leading'
+  timestep_spacing: str | None = None
   steps_offset: int = 0
   final_logsnr: float = math.inf
 
@@ -179,10 +190,7 @@ class DiscreteSchedule:
     exact at the training timesteps themselves (their log-SNRs, rounded to
     float32, are the table the search runs on). Clipped to [0, N - 1].
     """
-    table = jnp.asarray(self.logsnr_table(), jnp.float32)
-    steps = jnp.arange(self.num_train_timesteps, dtype=jnp.float32)
-    x = jnp.exp(-0.5 * jnp.asarray(logsnr, jnp.float32))
-    return jnp.interp(x, jnp.exp(-0.5 * table), steps)
+    return discrete_timestep(logsnr, self.logsnr_table())
 
   def timesteps(self, num_steps: int, spacing: str | None = None
                 ) -> np.ndarray:
@@ -192,7 +200,7 @@ class DiscreteSchedule:
       int64 [num_steps], decreasing.
     """
     n, big = int(num_steps), self.num_train_timesteps
-    spacing = spacing or self.timestep_spacing
+    spacing = spacing or self.timestep_spacing or 'leading'
     if not 1 <= n <= big:
       raise ValueError(f'num_steps must lie in [1, {big}], got {n}.')
     if spacing == 'leading':
@@ -243,7 +251,7 @@ class DiscreteSchedule:
           out['logsnrs_to'] = np.asarray(to, np.float32)
           out['denoise_last'] = bool(np.isinf(to[-1]))
       return out
-    spacing = self.timestep_spacing
+    spacing = self.timestep_spacing or 'linspace'
     big = self.num_train_timesteps
     if spacing == 'linspace':
       t = np.linspace(0, big - 1, num_steps, dtype=np.float64)[::-1].copy()
@@ -315,10 +323,12 @@ def from_scheduler_config(config: Mapping[str, Any]) -> DiscreteSchedule:
   if pred not in PREDICTION_TYPES:
     raise ValueError(f'Unknown prediction_type {pred!r}; supported: '
                      f'{sorted(PREDICTION_TYPES)}.')
-  spacing = cfg.get('timestep_spacing') or (
-      'linspace' if cfg.get('_class_name') == 'EulerDiscreteScheduler'
-      else 'leading')
-  if spacing not in TIMESTEP_SPACINGS:
+  # Unset (or marked by diffusers as a default it filled in): each sampler's
+  # scheduler class uses its own default.
+  spacing = cfg.get('timestep_spacing')
+  if 'timestep_spacing' in cfg.get('_use_default_values', ()):
+    spacing = None
+  if spacing is not None and spacing not in TIMESTEP_SPACINGS:
     raise ValueError(f'Unknown timestep_spacing {spacing!r}; supported: '
                      f'{TIMESTEP_SPACINGS}.')
   final = (math.inf if cfg.get('set_alpha_to_one', True)
