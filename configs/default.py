@@ -385,6 +385,35 @@ def get_config(arg=None):
   # 'replicated' parameters and optimizer state, or 'fsdp': each split along
   # its largest dimension divisible by mesh.fsdp.
   config.mesh.param_sharding = 'replicated'
+
+  # --mode=plan (vdm_jax/plan.py): compile for TPU / GPU targets on a CPU.
+  config.plan = ml_collections.ConfigDict()
+  # Comma-separated targets, e.g. 'tpu:v5p:4x4x4,tpu:v5e:8x8,gpu:h100:8'.
+  config.plan.targets = ''
+  # Also compile one denoiser call of the sampler (EMA params replicated).
+  config.plan.sample = True
+  # Also find the largest global batch that fits, and the cheapest
+  # (model.dtype, model.remat) that fits training.batch_size.
+  config.plan.search = False
+  # Fraction of each device's memory left free by a plan that fits.
+  config.plan.headroom = 0.05
+  # Share of a GPU's memory that JAX may use (its default preallocation,
+  # XLA_PYTHON_CLIENT_MEM_FRACTION=0.75).
+  config.plan.gpu_memory_fraction = 0.75
+
+  # A pretrained model from a local diffusers folder (docs/pretrained.md).
+  config.pretrained = ml_collections.ConfigDict()
+  # Pipeline folder (model_index.json, unet/, vae/, text_encoder/, ...);
+  # '' = this library's own models (train from scratch).
+  config.pretrained.path = ''
+  # Compute dtype of the pretrained networks ('float32' | 'bfloat16');
+  # parameters are read into float32.
+  config.pretrained.dtype = 'float32'
+  # Weight file variant to read ('fp16', 'bf16', ...; '' = the plain files,
+  # else the first variant present).
+  config.pretrained.variant = ''
+  # Frames per autoencoder call (bounds the decoder's memory).
+  config.pretrained.vae_chunk = 8
   return config
 
 

@@ -101,6 +101,13 @@ def main(argv):
     from vdm_jax.adapt import tune_backward  # pylint: disable=g-import-not-at-top
     tune_backward.tune_backward(config, workdir)
     return
+  if config.method == 'pretrained':  # configs/stable_diffusion.py
+    if _MODE.value != 'sample':
+      raise app.UsageError(f'--mode={_MODE.value} does not apply to a '
+                           'pretrained text-to-image config; use --mode=sample.')
+    from vdm_jax import sample_pretrained  # pylint: disable=g-import-not-at-top
+    sample_pretrained.sample_and_save(config, workdir)
+    return
   if config.method == 'sinfusion':
     if _MODE.value == 'train':  # The package never imports the optimizer.
       from vdm_jax.sinfusion import train as program  # pylint: disable=g-import-not-at-top
