@@ -55,6 +55,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from vdm_jax import diffusion
 from vdm_jax import noise as noise_lib
@@ -649,10 +650,10 @@ def renoise(z_s, noise, logsnr_s, logsnr_t):
 
 @functools.partial(
     jax.jit, static_argnames=('shape', 'target', 'sampler', 'clip_x',
-                              'reinject'))
+                              'reinject', 'denoise_last'))
 def _sample_scan(denoise_fn, noise, rng, z, logsnrs, cond, guidance, gamma,
                  eta, delta, *, shape, target, sampler, clip_x,
-                 reinject=(0, 1)):
+                 reinject=(0, 1), denoise_last=True, logsnrs_to=None):
   """The compiled sampler: one lax.scan over the len(logsnrs) - 1 steps."""
   num_steps = logsnrs.shape[0] - 1
   batch = shape[0]
@@ -672,7 +673,8 @@ def _sample_scan(denoise_fn, noise, rng, z, logsnrs, cond, guidance, gamma,
     keys = jax.random.split(key, len(names))
     noises = jax.vmap(lambda k: noise.draw(k, shape))(keys)
     noises = dict(zip(names, noises))
-    lt, ls = logsnrs[i], logsnrs[i + 1]
+    lt = logsnrs[i]
+    ls = logsnrs[i + 1] if logsnrs_to is None else logsnrs_to[i]
     last = i == num_steps - 1
     z, x_hat, eps_hat = predict(z, jnp.full((batch,), lt),
                                 noises.get('replace_t'))
@@ -689,7 +691,7 @@ def _sample_scan(denoise_fn, noise, rng, z, logsnrs, cond, guidance, gamma,
         return langevin_step(z_s, eps_s, noises['langevin'], ls, delta)
 
       z_s = jax.lax.cond(last, lambda z_s: z_s, correct, z_s)
-    return jnp.where(last, x_c, z_s)
+    return jnp.where(last & denoise_last, x_c, z_s)
 
   reinject_steps, repeats = reinject
 
@@ -743,6 +745,21 @@ def _as_partial(fn):
   Callables that are pytrees themselves (a tree_util.Partial, a
   flax.struct.dataclass such as noise.Noise) pass through with
   their leaves traced; any other callable becomes a leafless Partial, keyed
+def check_grid(logsnrs: Any) -> jnp.ndarray:
+  """An explicit log-SNR grid as float32 [N + 1], checked non-decreasing.
+
+  A pretrained model's scheduler fixes its grid (schedules.DiscreteSchedule
+  .grid); the last entry may be +inf (the step to t = 0).
+  """
+  grid = np.asarray(logsnrs, np.float32)
+  if grid.ndim != 1 or grid.shape[0] < 2:
+    raise ValueError(f'logsnrs must be a vector of N + 1 >= 2 log-SNRs, got '
+                     f'shape {grid.shape}.')
+  if not np.all(np.diff(grid) >= 0) or np.isnan(grid).any():
+    raise ValueError('logsnrs must not decrease (noise to data).')
+  return jnp.asarray(grid)
+
+
   by its identity.
   """
   leaves = jax.tree_util.tree_leaves(fn)
@@ -778,6 +795,9 @@ def sample(
   Args:
     denoise_fn: (z [B, T, H, W, C], logsnr [B], cond) -> prediction.
     rng: PRNG key, split into the z_1 key and the step key; step i draws
+    logsnrs: jnp.ndarray | None = None,
+    denoise_last: bool = True,
+    logsnrs_to: jnp.ndarray | None = None,
       its noise from fold_in(step key, i).
     shape: (B, T, H, W, C).
     logsnr_fn: schedule t -> logsnr.
@@ -796,9 +816,21 @@ def sample(
     t_start: start at t = t_start of the num_steps grid instead of t = 1
       (the steps of t > t_start are skipped; `start_index`), from z_init:
       SDEdit-style partial regeneration of an inverted video.
-    reinject: (steps, repeats): each of the first `steps` steps is taken
-      `repeats` times, its result re-noised back to t (`renoise`) between
-      takes (Generative Inbetweening's noise re-injection; (0, 1): none).
+    reinject: (steps, repeats): each of the first `steps` steps is taken,
+      then `repeats` times its result is re-noised back to t (`renoise`)
+      and the step taken again (Generative Inbetweening's noise
+      re-injection as their code does it: `repeats` re-noisings, repeats +
+      1 denoiser evaluations per step; steps or repeats 0: none).
+    logsnrs: an explicit grid, float32 [N + 1] increasing, used instead of
+      logsnr_fn on t_i = 1 - i / N (a pretrained scheduler's timesteps;
+      schedules.DiscreteSchedule.grid); N replaces spec.num_steps.
+    denoise_last: the last step returns x_hat (the grid ends at t = 0);
+      False takes it as a regular step to logsnrs[-1] (diffusers' DDIM with
+      set_alpha_to_one=False ends at alpha_bar_0, not at the data).
+    logsnrs_to: float32 [N], where step i goes (default logsnrs[1:]);
+      step i + 1 still starts at logsnrs[i + 1]. diffusers' DDIMScheduler
+      steps from timestep t to t - T // N, which its 'trailing' and
+      'linspace' spacings do not list next; this reproduces it.
 
   Returns:
     x: [B, T, H, W, C] float32.
@@ -812,17 +844,23 @@ def sample(
     z_init = jnp.asarray(z_init, jnp.float32)
     if z_init.shape != shape:
       raise ValueError(f'z_init shape {z_init.shape} != shape {shape}.')
-  logsnrs = timestep_logsnrs(logsnr_fn, spec.num_steps)
+  if logsnrs is None:
+    logsnrs = timestep_logsnrs(logsnr_fn, spec.num_steps)
+  else:
+    logsnrs = check_grid(logsnrs)
   if t_start != 1.0:
     if z_init is None:
       raise ValueError('t_start < 1 starts from z_init (z at t_start).')
-    logsnrs = logsnrs[start_index(spec.num_steps, t_start):]
+    logsnrs = logsnrs[start_index(logsnrs.shape[0] - 1, t_start):]
   return _sample_scan(
       _as_partial(denoise_fn), _as_partial(noise), rng, z_init,
       logsnrs, cond, guidance,
       spec.gamma, spec.eta, spec.delta, shape=shape, target=target,
       sampler=spec.sampler, clip_x=spec.clip_x,
-      reinject=(int(reinject[0]), int(reinject[1])))
+      reinject=(int(reinject[0]), int(reinject[1])),
+      denoise_last=bool(denoise_last),
+      logsnrs_to=(None if logsnrs_to is None
+                  else jnp.asarray(logsnrs_to, jnp.float32)))
 
 
 @functools.partial(jax.jit, static_argnames=('target', 'clip_x'))
