@@ -14,9 +14,11 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 tokenizers = pytest.importorskip('tokenizers')
-from safetensors import numpy as safetensors_np  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+from safetensors import numpy as safetensors_np
 
-from vdm_jax.models import clip  # pylint: disable=g-import-not-at-top
+from vdm_jax.models import clip
+from vdm_jax.models import clip_preprocess
 from vdm_jax.pretrained import clip as clip_pt
 from vdm_jax.pretrained import clip_tokenizer
 from vdm_jax.pretrained import convert
@@ -187,7 +189,9 @@ def test_vision_encoder_matches_transformers(vision_model):
 # and the identity.
 @pytest.mark.parametrize('hw', [(320, 800), (40, 30), (224, 224)])
 def test_svd_preprocess_matches_diffusers(hw):
-  from diffusers.pipelines.stable_video_diffusion import pipeline_stable_video_diffusion as svd  # pylint: disable=g-import-not-at-top
+  svd = pytest.importorskip(
+      'diffusers.pipelines.stable_video_diffusion.'
+      'pipeline_stable_video_diffusion')
   img = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(1))
   img = img * 2 - 1
   mean, std = clip_pt.OPENAI_CLIP_MEAN, clip_pt.OPENAI_CLIP_STD
@@ -196,7 +200,7 @@ def test_svd_preprocess_matches_diffusers(hw):
   ref = (svd._resize_with_antialiasing(img, (224, 224)) + 1) / 2
   ref = (ref - torch.tensor(mean)[:, None, None]) / torch.tensor(
       std)[:, None, None]
-  got = clip.svd_image_preprocess(
+  got = clip_preprocess.svd_image_preprocess(
       jnp.asarray(img.numpy().transpose(0, 2, 3, 1)), mean, std)
   np.testing.assert_allclose(got, ref.numpy().transpose(0, 2, 3, 1), rtol=0,
                              atol=TOL)
@@ -215,7 +219,7 @@ def _write_tokenizer(folder, pad_token: str) -> None:
   """A CLIP-style BPE vocabulary: the 256 byte symbols, each with `</w>`,
   merges trained on a few captions, then the two special tokens (the
   layout of openai/clip-vit-large-patch14's vocab.json and merges.txt)."""
-  from tokenizers import models, normalizers, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  from tokenizers import models, normalizers, pre_tokenizers, trainers
   os.makedirs(folder)
   alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
   tok = tokenizers.Tokenizer(models.BPE(continuing_subword_prefix='',

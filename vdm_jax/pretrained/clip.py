@@ -11,7 +11,8 @@ before 5.0 (every published one) prefix CLIPTextModel's keys with
 saves the plain models without the prefix (its `PrefixChange` in
 transformers/conversion_mapping.py), which the renames below add back.
 The tokenizer is clip_tokenizer.py; SVD's image preprocessing is
-models/clip.py's `svd_image_preprocess` with `image_normalization` below.
+models/clip_preprocess.py's `svd_image_preprocess`, given the mean and std
+of `image_normalization` below.
 """
 
 import logging
@@ -184,7 +185,7 @@ def load(folder: str, dtype: str = 'float32', attention: str = 'auto',
   Returns:
     (module, params): `module.apply({'params': params}, ids)` (text: int
     [B, L] ids of clip_tokenizer) or `(..., pixel_values)` (vision:
-    [B, 224, 224, 3] from svd_image_preprocess).
+    [B, 224, 224, 3] from clip_preprocess.svd_image_preprocess).
   """
   folder = formats.component_folder(folder, component)
   module = build(formats.model_config(folder), dtype, attention, remat)
