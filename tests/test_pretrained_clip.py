@@ -5,6 +5,7 @@ their own layout and loaded by vdm_jax; full size on the meta device."""
 import json
 import logging
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -292,6 +293,12 @@ def test_tokenizer_matches_transformers(tmp_path, caplog, pad_token):
   cut = [r for r in caplog.records if 'truncated' in r.getMessage()]
   assert len(cut) == 1 and 'the quick brown' in cut[0].getMessage()
   assert '77' in cut[0].getMessage()
+  # A folder with tokenizer.json instead of vocab.json and merges.txt.
+  ours._tokenizer.save(os.path.join(folder, 'tokenizer.json'))
+  os.remove(os.path.join(folder, 'vocab.json'))
+  os.remove(os.path.join(folder, 'merges.txt'))
+  np.testing.assert_array_equal(clip_tokenizer.load(folder)(PROMPTS[:-1]),
+                                np.array(want[:-1]))
 
 
 def _meta_state_shapes(cls, config) -> dict[str, tuple[int, ...]]:
@@ -359,3 +366,11 @@ def test_bad_configs_are_refused():
     clip_pt.build(base, remat='full')
   with pytest.raises(ValueError, match="dtype='float16'"):
     clip_pt.build(base, dtype='float16')
+
+
+def test_bad_tokenizer_folders_are_refused(tmp_path):
+  with pytest.raises(FileNotFoundError, match='vocab.json and merges.txt'):
+    clip_tokenizer.load(str(tmp_path))
+  with pytest.raises(ValueError,
+                     match=re.escape("bos_token='<|startoftext|>'")):
+    clip_tokenizer.CLIPTokenizer({'<|endoftext|>': 0}, [])

@@ -17,7 +17,6 @@ tokens) and `special_tokens_map.json` (special tokens; it wins over
 tokenizer_config.json as in transformers). No torch, no transformers.
 """
 
-import json
 import logging
 import os
 from typing import Any, Optional, Sequence, Union
