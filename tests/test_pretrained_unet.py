@@ -16,6 +16,7 @@ torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
 from vdm_jax.models import sd_blocks  # pylint: disable=g-import-not-at-top
+from vdm_jax.models import sd_unet  # pylint: disable=g-import-not-at-top
 from vdm_jax.pretrained import convert  # pylint: disable=g-import-not-at-top
 from vdm_jax.pretrained import unet2d  # pylint: disable=g-import-not-at-top
 
@@ -279,3 +280,24 @@ def test_transformer_block_matches_diffusers_at_small_scale():
       (torch.from_numpy(x), None, torch.from_numpy(ctx)), (x, ctx))
   assert 0.5 < np.abs(want).max() < 50
   np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
+
+
+def test_remat_and_bfloat16_trace(case):
+  """The remat policies with their own wrappers ('full': each block and
+  level under nn.remat with a static upsample size; 'dots_saveable': one
+  checkpoint with a policy) trace the gradient with the same parameter tree;
+  bfloat16 compute returns float32 predictions. Abstract (jax.eval_shape):
+  nothing compiles."""
+  if case['name'] != 'sd1':  # The smallest; its up block passes a size too.
+    pytest.skip('one config suffices')
+  args = tuple(jnp.asarray(a) for a in (case['x'], case['t'], case['ctx']))
+  for remat in ('full', 'dots_saveable'):
+    module = case['module'].clone(remat=remat)
+
+    def loss(p, m=module):
+      return jnp.sum(m.apply({'params': p}, *args) ** 2)
+    grads = jax.eval_shape(jax.grad(loss), case['params'])
+    assert jax.tree.structure(grads) == jax.tree.structure(case['params'])
+  out = jax.eval_shape(case['module'].clone(dtype='bfloat16').apply,
+                       {'params': case['params']}, *args)
+  assert out.dtype == jnp.float32 and out.shape == case['want'].shape
