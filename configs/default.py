@@ -421,6 +421,19 @@ def optimizer_config() -> ml_collections.ConfigDict:
   """The optimizer fields, shared by every method's config (one home)."""
   opt = ml_collections.ConfigDict()
   # 'adam' or 'adamw'.
+
+  # Latent diffusion with this library's UNet (docs/pretrained.md): a frozen
+  # pretrained autoencoder's folder (an AutoencoderKL model folder, or a
+  # pipeline folder whose vae/ is used); '' = pixel space. The UNet then
+  # runs on data.image_size / factor latents with its latent channels;
+  # frames are encoded in the train step and samples decoded before they
+  # are written.
+  config.latent = ml_collections.ConfigDict()
+  config.latent.path = ''
+  # Train on posterior samples (as SD's training scripts); False: the mean.
+  config.latent.sample_posterior = True
+  # Frames per autoencoder call.
+  config.latent.chunk = 8
   opt.name = 'adam'
   opt.learning_rate = 3e-4
   opt.b1 = 0.9

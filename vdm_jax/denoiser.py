@@ -13,6 +13,7 @@ and consumed by the model.
 """
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
@@ -56,8 +57,62 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
   return unet3d.UNet3D(**model_kwargs(config))
 
 
+@functools.lru_cache(maxsize=8)
+def _codec_shape(path: str) -> tuple[int, int]:
+  from vdm_jax.pretrained import autoencoder  # pylint: disable=g-import-not-at-top
+  from vdm_jax.pretrained import formats  # pylint: disable=g-import-not-at-top
+  folder = formats.component_folder(path, 'vae')
+  cfg = formats.model_config(folder)
+  if formats.class_name(cfg) not in autoencoder.CLASS_NAMES:
+    raise ValueError(f'latent.path {path!r} holds a {formats.class_name(cfg)}'
+                     f', not an autoencoder ({autoencoder.CLASS_NAMES}).')
+  kw = autoencoder.module_kwargs(cfg)
+  return 2 ** (len(kw['block_out_channels']) - 1), int(kw['latent_channels'])
+
+
+def has_latent(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model runs in a pretrained autoencoder's latent space."""
+  return bool(config.get('latent') and config.latent.path)
+
+
+def model_space(config: ml_collections.ConfigDict
+                ) -> ml_collections.ConfigDict:
+  """config with data.image_size and data.channels of what the UNet sees.
+
+  Pixel models: config itself. Latent models (latent.path): image_size /
+  factor and the latent channels, read from the autoencoder's config.json
+  (no weights). Data loading keeps the pixel config.
+  """
+  if not has_latent(config):
+    return config
+  factor, channels = _codec_shape(config.latent.path)
+  if config.data.image_size % factor:
+    raise ValueError(f'data.image_size={config.data.image_size} is not a '
+                     f'multiple of the autoencoder factor {factor} '
+                     f'(latent.path).')
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.data.image_size = config.data.image_size // factor
+  out.data.channels = channels
+  return out
+
+
+def load_codec(config: ml_collections.ConfigDict, mesh=None):
+  """(codec, params): latent.Identity() and None for pixel models, else the
+  frozen autoencoder of latent.path (latent.Autoencoder) and its
+  parameters."""
+  from vdm_jax import latent  # pylint: disable=g-import-not-at-top
+  if not has_latent(config):
+    return latent.Identity(), None
+  from vdm_jax.pretrained import autoencoder  # pylint: disable=g-import-not-at-top
+  module, params = autoencoder.load(config.latent.path,
+                                    dtype=config.model.dtype)
+  return latent.Autoencoder(module, chunk=int(config.latent.chunk),
+                            mesh=mesh), params
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError on a config.model the UNet cannot run (no compile)."""
+  config = model_space(config)
   unet3d.validate_model_config(
       config.data.image_size, config.data.num_frames, **model_kwargs(config))
   if videofusion.enabled(config):
@@ -73,7 +128,7 @@ def example_inputs(config: ml_collections.ConfigDict, batch: int = 1
   'label' int32 [batch] for class-conditional models and the empty text
   ('text' [batch, L, D], 'text_mask') for text models.
   """
-  d = config.data
+  d = model_space(config).data
   z = jnp.zeros((batch, d.num_frames + d.image_frames, d.image_size,
                  d.image_size, d.channels), jnp.float32)
   cond = {}

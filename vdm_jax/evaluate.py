@@ -435,6 +435,10 @@ def sample_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     The result written to workdir/eval/fvd_<protocol>_<task>_step_<N>.json.
   """
+  if denoiser.has_latent(config):
+    raise ValueError('--mode=eval does not decode latents yet: sample a latent'
+                     ' model (latent.path) with --mode=sample and score the '
+                     'videos with experiments/fvd_between.py.')
   task = tasks.from_config(config.sample)
   run = plan(config, task, tasks.ModelShape.from_config(config))
   # Checks the request (task, inputs, labels, prompts) on one video.

@@ -116,7 +116,7 @@ class Autoencoder:
 
     def enc(c):
       return jnp.stack(self.module.apply({'params': params}, c,
-                                         method='encode'))
+                                         method='encode'), axis=1)
 
     moments = _chunked(enc, x, self.chunk, self.mesh)  # [N, 2, h, w, c]
     mean, logvar = moments[:, 0], moments[:, 1]

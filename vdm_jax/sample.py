@@ -38,6 +38,8 @@ from vdm_jax.adapt import inbetween
 from vdm_jax.adapt import tuned
 from vdm_jax.text import encoders
 
+# Tasks whose inputs a latent model cannot take (docs/pretrained.md).
+LATENT_UNSUPPORTED = ('upsample',)
 # Frame colours of the side-by-side display: given frames, generated ones.
 KNOWN_COLOUR, OTHER_COLOUR = (0, 200, 0), (96, 96, 96)
 
@@ -164,13 +166,23 @@ def prepare(config: ml_collections.ConfigDict, num_videos: int, *,
   if config.sample.num_videos < 1 or config.sample.batch_size < 1:
     raise ValueError('sample.num_videos and sample.batch_size must be >= 1.')
   task = tasks.from_config(config.sample)
-  setup = tasks.Setup.from_config(config)
-  inputs = sample_inputs.load(config, task, setup.model, num_videos,
-                              seed=seed, split=split,
+  # A latent model (latent.path) samples latents; its inputs are frames,
+  # fitted at the pixel size and encoded in sample_videos.
+  setup = tasks.Setup.from_config(denoiser.model_space(config))
+  if denoiser.has_latent(config) and task.name in LATENT_UNSUPPORTED:
+    raise ValueError(f"sample.task={task.name!r} is not available for a "
+                     'latent model (latent.path): its low-resolution input '
+                     'lives in pixels, the model in latents.')
+  inputs = sample_inputs.load(config, task, tasks.ModelShape.from_config(
+      config), num_videos, seed=seed, split=split,
                               random_start=random_start)
   video = inputs.video
-  task.validate(setup.model, None if video is None else video.shape,
-                setup.spec)
+  shape = None if video is None else video.shape
+  if shape is not None and denoiser.has_latent(config):
+    f = config.data.image_size // setup.model.image_size
+    shape = (*shape[:2], shape[2] // f, shape[3] // f,
+             setup.model.channels)
+  task.validate(setup.model, shape, setup.spec)
   tasks.check_noise(task, setup.noise)
   labels = task.labels(setup.model.num_classes, inputs.labels, num_videos)
   prompts = prompts_for(config, inputs, num_videos)
@@ -192,6 +204,8 @@ def sample_videos(
     mesh: jax.sharding.Mesh,
     num_videos: int,
     pair_fn: Any = None,
+    codec: Any = None,
+    codec_params: Any = None,
 ) -> np.ndarray:
   """Runs the request's task in padded, sharded batches.
 
@@ -202,6 +216,8 @@ def sample_videos(
     mesh: the device mesh.
     num_videos: N.
     pair_fn: task 'inbetween': from `restore_sampler`.
+    codec, codec_params: a latent model's codec (denoiser.load_codec):
+      input frames are encoded, samples decoded; None: pixel space.
 
   Returns:
     uint8 [N, T_out, H, W, C] on every process.
@@ -218,6 +234,8 @@ def sample_videos(
     if video is not None:
       kwargs['video'] = sharding.full_to_global(
           video[idx].astype(np.float32) / 127.5 - 1.0, mesh)
+      if codec_params is not None:
+        kwargs['video'] = codec.encode(codec_params, kwargs['video'])
     if labels is not None:
       kwargs['labels'] = sharding.full_to_global(labels[idx], mesh)
     if request.text is not None:
@@ -227,6 +245,8 @@ def sample_videos(
                                                mesh)}
     x = tasks.run(request.task, denoise_fn, jax.random.fold_in(rng, i),
                   request.setup, num_videos=batch, pair_fn=pair_fn, **kwargs)
+    if codec_params is not None:
+      x = codec.decode(codec_params, x)
     x = multihost_utils.process_allgather(x, tiled=True)
     n = min(batch, num_videos - i * batch)
     chunks.append(video_io.to_uint8(np.asarray(x)[:n]))
@@ -329,9 +349,10 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> dict:
   request = prepare(config, s.num_videos, seed=config.seed)
   mesh = sharding.make_mesh(config.mesh)
   denoise_fn, pair_fn, step = restore_sampler(config, workdir, mesh)
+  codec, codec_params = denoiser.load_codec(config, mesh)
   rng = jax.random.fold_in(jax.random.key(config.seed), 3)
   videos = sample_videos(request, denoise_fn, rng, mesh, s.num_videos,
-                         pair_fn)
+                         pair_fn, codec, codec_params)
   out_dir = os.path.join(workdir, 'samples', f'step_{step}', s.task)
   arrays, display = {}, None
   inputs, task = request.inputs, request.task

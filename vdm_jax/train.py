@@ -9,6 +9,7 @@ hook) is `vdm_jax.training.run`, shared with SinFusion.
 """
 
 import functools
+from typing import Any
 
 from absl import logging
 import flax.linen as nn
@@ -35,7 +36,8 @@ from vdm_jax.data import sources
 def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Fails fast, before any compilation, on impossible settings."""
   diffusion.check_target(config.diffusion.target)
-  schedules.get_logsnr_fn(config.diffusion, config.data.image_size)
+  schedules.get_logsnr_fn(config.diffusion,
+                          denoiser.model_space(config).data.image_size)
   diffusion.sample_time(jax.random.key(0), 1, config.diffusion.time_sampling)
   noise_lib.from_config(config.diffusion, config.data.num_frames)
   denoiser.validate(config)
@@ -111,11 +113,17 @@ def to_model_range(video: jnp.ndarray) -> jnp.ndarray:
   return video.astype(jnp.float32) / 127.5 - 1.0
 
 
-def _make_loss_fn(model, config):
-  """(params, microbatch, dropout rng) -> (mean loss, mean mse_x)."""
+def _make_loss_fn(model, config, codec=None, codec_params=None):
+  """(params, microbatch, dropout rng) -> (mean loss, mean mse_x).
+
+  With a latent codec (latent.path) the frames are encoded by the frozen
+  autoencoder first (a posterior sample per example, or its mean), so the
+  loss is the latent diffusion loss of Rombach et al. 2022 (eq. 2).
+  """
   num_classes = config.model.num_classes
   per_example = config.diffusion.time_sampling == 'uniform'
-  logsnr_fn = schedules.get_logsnr_fn(config.diffusion, config.data.image_size)
+  logsnr_fn = schedules.get_logsnr_fn(
+      config.diffusion, denoiser.model_space(config).data.image_size)
   noise = noise_lib.from_config(config.diffusion, config.data.num_frames)
   text_dropout = config.text.dropout if denoiser.has_text(config) else 0.0
 
@@ -132,6 +140,10 @@ def _make_loss_fn(model, config):
               img[None], key, dropout=t.image_dropout,
               noise_mean=t.image_noise_mean,
               noise_std=t.image_noise_std)))(x[:, 0], mb['image_rng']))
+    if codec_params is not None:
+      enc_rng = (jax.random.fold_in(mb['loss_rng'][0], 7)
+                 if config.latent.sample_posterior else None)
+      x = jax.lax.stop_gradient(codec.encode(codec_params, x, enc_rng))
     out = diffusion.loss(
         denoiser.training_denoise_fn(model, params, drop_rng),
         x,
@@ -156,11 +168,13 @@ def train_step(
     config: ml_collections.ConfigDict,
 ) -> tuple[training.TrainState, dict[str, jnp.ndarray]]:
   """One optimizer update on a global batch; pure, jitted by the caller.
+    codec_params: Any = None,
 
   The loss is VDM's weighted denoising loss (diffusion.loss) with dropout
   on; labels are dropped to the null class with probability
   training.label_dropout (classifier-free guidance, Ho & Salimans 2022),
   per clip and per image frame, and each image frame of joint training is
+    codec: Any = None,
   conditioned on its own video's label (denoiser.training_cond).
 
   Args:
@@ -178,6 +192,9 @@ def train_step(
   """
   rng = jax.random.fold_in(rng, state.step)
   rng_loss, rng_drop, rng_label = jax.random.split(rng, 3)
+    codec_params: the frozen autoencoder's parameters (latent.path), or
+      None (pixel space).
+    codec: latent.Autoencoder (static), with codec_params.
   batch_size, num_total = batch['video'].shape[:2]
   num_images = num_total - config.data.num_frames
   image_label = batch.get('image_label')
@@ -203,7 +220,8 @@ def train_step(
                                           (batch_size,))
     inputs['image_text_u'] = jax.random.uniform(
         jax.random.fold_in(rng_label, 3), (batch_size, max(num_images, 0)))
-  grad_fn = jax.value_and_grad(_make_loss_fn(model, config), has_aux=True)
+  grad_fn = jax.value_and_grad(
+      _make_loss_fn(model, config, codec, codec_params), has_aux=True)
 
   def microbatch_grads(params, mb, j):
     # Dropout draws differ per microbatch (the whole batch: rng_drop).
@@ -220,21 +238,24 @@ def train_step(
   return new_state, metrics
 
 
-def make_train_step(config, model, tx, lr_fn, mesh, state_shardings):
+def make_train_step(config, model, tx, lr_fn, mesh, state_shardings,
+                    codec=None):
   """The jitted train step with shardings and donated state.
 
   Returns:
-    step(state, batch, rng) -> (state, metrics) (train_step).
+    step(state, batch, rng[, codec_params]) -> (state, metrics)
+    (train_step; codec_params replicated).
   """
   step_fn = functools.partial(
-      train_step, model=model, tx=tx, lr_fn=lr_fn, config=config
+      train_step, model=model, tx=tx, lr_fn=lr_fn, config=config,
+      codec=codec,
   )
   return jax.jit(
       step_fn,
       in_shardings=(
           state_shardings, sharding.batch_sharding(mesh),
           sharding.replicated(mesh),
-      ),
+      ) + ((sharding.replicated(mesh),) if codec is not None else ()),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0,
   )
@@ -304,12 +325,14 @@ def train(config: ml_collections.ConfigDict,
       config, model, tx, rng_init, mesh
   )
   train_step_fn = make_train_step(
-      config, model, tx, lr_fn, mesh, state_shardings
+      config, model, tx, lr_fn, mesh, state_shardings,
+      codec if codec_params is not None else None
   )
   ckpt, writer = training.open_workdir(config, workdir)
   if ckpt.latest_step() is None:
     logging.info('Model has %d parameters.',
                  denoiser.count_params(state.params))
+  codec, codec_params = denoiser.load_codec(config, mesh)
     state = videofusion.init_base_from_workdir(config, state)
   encoder = denoiser.text_encoder(config)
   if encoder is not None:
@@ -319,11 +342,13 @@ def train(config: ml_collections.ConfigDict,
                                  encoder.max_length)
 
   def preview(step, current, tb_writer):
-    write_preview(config, model, current.ema_params, step, tb_writer)
+    write_preview(config, model, current.ema_params, step, tb_writer,
+                  codec, codec_params)
 
   return training.run(
       state,
-      training.Step(train_step_fn, lambda s, b: (s, b, rng_train)),
+      training.Step(train_step_fn, lambda s, b: (s, b, rng_train) + (
+          (codec_params,) if codec_params is not None else ())),
       global_batches(create_pipeline(config, workdir), mesh),
       ckpt=ckpt, writer=writer,
       settings=training.LoopSettings.from_config(config.training),
@@ -333,7 +358,8 @@ def train(config: ml_collections.ConfigDict,
 
 def preview_videos(config: ml_collections.ConfigDict, model: nn.Module,
                    params, rng: jax.Array, *, num_videos: int,
-                   num_steps: int) -> np.ndarray:
+                   num_steps: int, codec: Any = None,
+                   codec_params: Any = None) -> np.ndarray:
   """uint8 [N, T, H, W, C] EMA samples, drawn as --mode=sample draws them.
 
   The task is 'class' (labels sample.label, or cycling through the
@@ -342,12 +368,14 @@ def preview_videos(config: ml_collections.ConfigDict, model: nn.Module,
   (sampler, clip_x, ...) with `num_steps` steps. A text model is prompted
   with sample.prompt, or else the captions of the first training examples.
   """
-  setup = tasks.Setup.from_config(config, num_steps=num_steps)
+  setup = tasks.Setup.from_config(denoiser.model_space(config),
+                                  num_steps=num_steps)
   m = setup.model
   task = (tasks.Class(label=config.sample.label) if m.num_classes
           else tasks.Unconditional())
   text = None
   if denoiser.has_text(config):
+  A latent model's samples are decoded by its codec.
     prompts = preview_prompts(config, num_videos)
     emb = denoiser.text_encoder(config).encode(prompts)
     text = {'text': emb.tokens, 'text_mask': emb.mask}
@@ -362,16 +390,20 @@ def preview_prompts(config: ml_collections.ConfigDict,
                     num_videos: int) -> list[str]:
   """sample.prompt, or the captions of the first training examples."""
   if config.sample.prompt:
+  if codec_params is not None:
+    x = codec.decode(codec_params, x)
     return [config.sample.prompt] * num_videos
   source = sources.get_source(config.data, seed=config.seed)
   return [str(source[i]['caption']) for i in range(num_videos)]
 
 
-def write_preview(config, model, params, step, writer) -> None:
+def write_preview(config, model, params, step, writer, codec=None,
+                  codec_params=None) -> None:
   """A few EMA samples as TensorBoard images (frames left to right)."""
   videos = preview_videos(config, model, params, jax.random.key(step),
                           num_videos=min(4, config.sample.batch_size),
-                          num_steps=config.training.preview_num_steps)
+                          num_steps=config.training.preview_num_steps,
+                          codec=codec, codec_params=codec_params)
   n, t, h, w, c = videos.shape
   strip = videos.transpose(0, 2, 1, 3, 4).reshape(n, h, t * w, c)
   writer.write_images(step, {'preview': strip})
