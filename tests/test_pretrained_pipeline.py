@@ -8,10 +8,12 @@ encoder give diffusers' images.
 
 import diffusers
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import torch
 
+from vdm_jax import sharding
 from vdm_jax.pretrained import stable_diffusion
 import sd_fixtures
 
@@ -62,3 +64,19 @@ def test_euler_images_match_diffusers(tiny):
       sd, PROMPTS, jax.random.key(0), sampler='euler', num_steps=5,
       guidance_scale=4.0, init_latents=LATENTS)
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_fsdp_placement_gives_the_same_images(tiny):
+  pipe, sd = tiny
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 4}))
+  sharded = stable_diffusion.load(pipe.folder, mesh=mesh,
+                                  param_sharding='fsdp')
+  kernel = sharded.unet_params['conv_out']['kernel']
+  assert 'fsdp' in str(kernel.sharding.spec)
+  assert len({s.device for s in kernel.addressable_shards}) == 8
+  want, _ = stable_diffusion.text_to_image(
+      sd, PROMPTS, jax.random.key(0), num_steps=3, init_latents=LATENTS)
+  got, _ = stable_diffusion.text_to_image(
+      sharded, PROMPTS, jax.random.key(0), num_steps=3, init_latents=LATENTS,
+      mesh=mesh)
+  np.testing.assert_allclose(got, want, atol=1e-5)

@@ -112,7 +112,8 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   start = time.time()
   sd = stable_diffusion.load(p.path, dtype=p.dtype, chunk=p.vae_chunk,
-                             mesh=mesh, variant=p.variant or None)
+                             mesh=mesh, variant=p.variant or None,
+                             param_sharding=config.mesh.param_sharding)
   logging.info('Loaded %s in %.1f s (sampler %s, %d steps, guidance scale '
                '%.2f).', p.path, time.time() - start, checked['sampler'],
                s.num_steps, s.guidance_scale)

@@ -30,6 +30,7 @@ from vdm_jax import denoiser
 from vdm_jax import latent
 from vdm_jax import sampling
 from vdm_jax import schedules
+from vdm_jax import sharding
 from vdm_jax.pretrained import autoencoder
 from vdm_jax.pretrained import clip
 from vdm_jax.pretrained import clip_tokenizer
@@ -125,17 +126,38 @@ class StableDiffusion:
         self.unet, self.unet_params, self.schedule, mesh=mesh)
 
 
+def _shardings(family, folder: str, mesh, param_sharding: str, **kw):
+  """Shardings of a family's parameters on the mesh, from abstract shapes
+  (None without a mesh: the default device)."""
+  if mesh is None:
+    return None
+  module = family.build(formats.model_config(folder), **kw)
+  return sharding.state_shardings(family.abstract_params(module), mesh,
+                                  param_sharding)
+
+
 def load(path: str, *, dtype: str = 'float32', attention: str = 'auto',
          chunk: int = 8, mesh: Optional[jax.sharding.Mesh] = None,
-         variant: Optional[str] = None) -> StableDiffusion:
-  """Reads every component of a Stable Diffusion folder (checked first)."""
+         variant: Optional[str] = None,
+         param_sharding: str = 'replicated') -> StableDiffusion:
+  """Reads every component of a Stable Diffusion folder (checked first).
+
+  With a mesh, each parameter is placed on its devices as it is read:
+  replicated, or with param_sharding='fsdp' split along its largest
+  dimension divisible by the mesh's 'fsdp' axis (sharding.state_shardings).
+  """
   classes = check_folder(path)
-  unet, unet_params = unet2d.load(path, dtype=dtype, attention=attention,
-                                  variant=variant)
-  vae, vae_params = autoencoder.load(path, dtype=dtype, attention=attention,
-                                     variant=variant)
-  text_model, text_params = clip.load(path, dtype=dtype, attention=attention,
-                                      variant=variant)
+  place = functools.partial(_shardings, mesh=mesh,
+                            param_sharding=param_sharding)
+  unet, unet_params = unet2d.load(
+      path, dtype=dtype, attention=attention, variant=variant,
+      shardings=place(unet2d, os.path.join(path, 'unet')))
+  vae, vae_params = autoencoder.load(
+      path, dtype=dtype, attention=attention, variant=variant,
+      shardings=place(autoencoder, os.path.join(path, 'vae')))
+  text_model, text_params = clip.load(
+      path, dtype=dtype, attention=attention, variant=variant,
+      shardings=place(clip, os.path.join(path, 'text_encoder')))
   tokenizer = clip_tokenizer.load(path)
   schedule = schedules.from_scheduler_config(
       formats.model_config(os.path.join(path, 'scheduler')))
