@@ -46,6 +46,13 @@ _BATCH = flags.DEFINE_integer('batch', 1, 'Batch size.')
 _TOKENS = flags.DEFINE_integer('tokens', 77, 'Context length.')
 _THREADS = flags.DEFINE_integer('threads', 0,
                                 'torch threads (0: os.cpu_count()).')
+_COMPILE_ONLY = flags.DEFINE_bool(
+    'compile_only', False,
+    'Only compile vdm_jax\'s forward from abstract shapes (no weights, no '
+    'torch): compile time, memory analysis, FLOPs.')
+_TINY = flags.DEFINE_bool('tiny', False,
+                          'A tiny config instead of SD-1.5 (checks the '
+                          'script in seconds).')
 
 SD15 = dict(
     _class_name='UNet2DConditionModel', sample_size=64, in_channels=4,
@@ -53,6 +60,12 @@ SD15 = dict(
     layers_per_block=2, attention_head_dim=8, cross_attention_dim=768,
     down_block_types=['CrossAttnDownBlock2D'] * 3 + ['DownBlock2D'],
     up_block_types=['UpBlock2D'] + ['CrossAttnUpBlock2D'] * 3)
+TINY = dict(SD15, block_out_channels=[32, 64, 64, 64], norm_num_groups=8,
+            attention_head_dim=4)
+
+
+def _config() -> dict:
+  return TINY if _TINY.value else SD15
 
 
 def _cpu_name() -> str:
@@ -83,7 +96,7 @@ def _torch_side(folder: str, inputs: tuple[np.ndarray, ...], threads: int,
   from torch.utils import flop_counter  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  model = diffusers.UNet2DConditionModel.from_config(SD15).eval()
+  model = diffusers.UNet2DConditionModel.from_config(_config()).eval()
   x, t, ctx = inputs
   args = (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
           torch.from_numpy(t), torch.from_numpy(ctx))
@@ -104,10 +117,9 @@ def _torch_side(folder: str, inputs: tuple[np.ndarray, ...], threads: int,
               diffusers=diffusers.__version__)
 
 
-def _jax_side(folder: str, inputs: tuple[np.ndarray, ...],
-              runs: int) -> dict:
-  """vdm_jax's forward: compile from abstract shapes, load, time."""
-  module = unet2d.build(SD15)
+def _compile(inputs: tuple[np.ndarray, ...]) -> dict:
+  """vdm_jax's forward compiled from abstract shapes (no weights)."""
+  module = unet2d.build(_config())
   abstract = unet2d.abstract_params(module)
 
   def forward(params, x, t, ctx):
@@ -121,6 +133,16 @@ def _jax_side(folder: str, inputs: tuple[np.ndarray, ...],
   mem = compiled.memory_analysis()
   memory = {k: getattr(mem, f'{k}_size_in_bytes', None) for k in
             ('argument', 'output', 'temp', 'generated_code')}
+  return dict(compiled=compiled, flops=flops, compile_s=compile_s,
+              memory=memory, xla_flops=perf.compiled_flops(compiled),
+              params=convert.count(abstract))
+
+
+def _jax_side(folder: str, inputs: tuple[np.ndarray, ...],
+              runs: int) -> dict:
+  """vdm_jax's forward: compile from abstract shapes, load, time."""
+  result = _compile(inputs)
+  compiled = result.pop('compiled')
   start = time.perf_counter()
   _, params = unet2d.load(folder)
   jax.block_until_ready(params)
@@ -131,10 +153,7 @@ def _jax_side(folder: str, inputs: tuple[np.ndarray, ...],
   def step():
     jax.block_until_ready(compiled(params, *args))
   times = _timed(step, runs)
-  return dict(times=times, flops=flops, out=out, compile_s=compile_s,
-              load_s=load_s, memory=memory,
-              xla_flops=perf.compiled_flops(compiled),
-              params=convert.count(abstract))
+  return dict(result, times=times, out=out, load_s=load_s)
 
 
 def main(argv):
@@ -149,6 +168,11 @@ def main(argv):
         f'{threads}; jax {jax.__version__} on {jax.devices()[0]}; '
         f'shape [{b}, {s}, {s}, 4], {_TOKENS.value} tokens, float32',
         flush=True)
+  if _COMPILE_ONLY.value:
+    result = _compile(inputs)
+    del result['compiled']
+    print(json.dumps(result))
+    return
   with tempfile.TemporaryDirectory(prefix='sd15_unet_') as folder:
     theirs = _torch_side(folder, inputs, threads, _RUNS.value)
     print(f'diffusers {theirs["diffusers"]} (torch {theirs["version"]}): '
