@@ -20,8 +20,8 @@ diffusers = pytest.importorskip('diffusers')
 safetensors_torch = pytest.importorskip('safetensors.torch')
 
 from vdm_jax.models import autoencoder as ae  # pylint: disable=g-import-not-at-top
-from vdm_jax.pretrained import autoencoder as pae  # pylint: disable=g-import-not-at-top
-from vdm_jax.pretrained import convert  # pylint: disable=g-import-not-at-top
+from vdm_jax.pretrained import autoencoder as pae
+from vdm_jax.pretrained import convert
 
 TOL = 1e-5
 
@@ -139,7 +139,7 @@ def test_kl_fields_from_config(kl_case):
 
 def test_gaussian_matches_diffusers():
   """Clipping of logvar to [-30, 20], std, sample with given noise, kl."""
-  from diffusers.models.autoencoders import vae as dvae  # pylint: disable=g-import-not-at-top
+  dvae = diffusers.models.autoencoders.vae
   rng = np.random.RandomState(0)
   moments = rng.uniform(-45, 45, (2, 3, 4, 8)).astype(np.float32)
   moments[..., :4] /= 40.0
