@@ -51,6 +51,7 @@ PAPER_PROTOCOLS = {
     'bair_64': ('bair_vdm', 'test'),
     'kinetics600_64': ('kinetics600_vdm', 'test'),
     'ucf101_64': ('stylegan_v_2048', 'train'),
+    'videofusion_ucf101_64': ('stylegan_v_2048', 'train'),
 }
 MOCK_EXAMPLES = 12  # > image_frames (8): each image frame's own video.
 MOCK_FRAMES = 20  # Frames of mock videos of unknown length (UCF101's).

@@ -332,6 +332,7 @@ def train(config: ml_collections.ConfigDict,
   if ckpt.latest_step() is None:
     logging.info('Model has %d parameters.',
                  denoiser.count_params(state.params))
+    state = videofusion.init_base_from_workdir(config, state)
   codec, codec_params = denoiser.load_codec(config, mesh)
     state = videofusion.init_base_from_workdir(config, state)
   encoder = denoiser.text_encoder(config)
