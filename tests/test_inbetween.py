@@ -280,6 +280,10 @@ def test_bad_requests_are_refused_before_compiling(model_params, tmp_path):
 def test_backward_tune_changes_only_the_tuned_params(model_params):
   config, model, params = model_params
   config = tune_backward.backward_config(config)
+  # Their code keeps no EMA: the EMA the sampler restores is the tuned
+  # parameters (the forward model's 0.9999 left a 2,000-step tune ~82%
+  # untuned).
+  assert config.optimizer.ema_decay == 0.0
   config.optimizer.learning_rate = 1e-2
   tx, lr_fn = training.create_optimizer(config)
   forward = jax.tree.map(jnp.array, params)
@@ -301,3 +305,171 @@ def test_backward_tune_changes_only_the_tuned_params(model_params):
            for a, b in zip(jax.tree.leaves(state.params),
                            jax.tree.leaves(tuned0))]
   assert min(moved) > 0, moved
+  for e, p in zip(jax.tree.leaves(state.ema_params),
+                  jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(e, p)
+
+
+def test_backward_loss_pairs_the_reversed_clip_with_the_forward_reference(
+    model_params, monkeypatch):
+  """The denoiser the backward loss trains: the backward model on z (the
+  reversed clip's noisy latent) conditioned on the clip's LAST frame, with
+  the maps of the frozen forward model run on flip(z) (the forward clip,
+  its noise flipped in time) conditioned on the clip's FIRST frame,
+  rotated; the target is the reversed clip."""
+  _, model, params = model_params
+  tuned = jax.tree.map(lambda a: -a, inbetween.split_backward(params))
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.uniform(-1, 1, (2, T, S, S, 3)), jnp.float32)
+  seen = {}
+
+  def fake_loss(denoise_fn, x0, rngs, **kw):
+    del rngs, kw
+    seen['fn'], seen['x'] = denoise_fn, x0
+
+  monkeypatch.setattr(inbetween.diffusion, 'loss', fake_loss)
+  # Augmentation level e^-40: the conditioning frames are the keyframes.
+  inbetween.backward_loss(
+      model, params, tuned, x, jax.random.key(1), logsnr_fn=None,
+      target='v', noise=None, image_kwargs=dict(
+          dropout=0.0, noise_mean=-40.0, noise_std=0.0),
+      dropout_rng=jax.random.key(2))
+  np.testing.assert_array_equal(seen['x'], x[:, ::-1])
+  z, _, logsnr = _inputs(seed=8)
+  sigma = jnp.full((2,), np.exp(-40.0), jnp.float32)
+  first = denoiser.image_cond(x[:, 0], sigma, jnp.zeros_like(x[:, 0]))
+  last = denoiser.image_cond(x[:, -1], sigma, jnp.zeros_like(x[:, 0]))
+  _, maps = inbetween.capture(model, params, z[:, ::-1], logsnr, first)
+  want = inbetween.inject(model, inbetween.merge_backward(tuned, params), z,
+                          logsnr, last, inbetween.rotate(maps))
+  got = seen['fn'](z, logsnr, {})
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # What the mutations would give differs well beyond that.
+  _, own = inbetween.capture(model, params, z, logsnr, first)
+  wrong = inbetween.inject(model, inbetween.merge_backward(tuned, params), z,
+                           logsnr, first, inbetween.rotate(own))
+  assert float(jnp.abs(wrong - want).max()) > 1e-3
+
+
+def _analytic_pair(z_f, z_b, logsnr, cond_f, cond_b):
+  """Each model's prediction, frame g of its own time: 0.3 z + (g + 1) u
+  with the null image, 0.3 z + (g + 1) image + 1 with the image (u = -2
+  forward, 5 backward), image a scalar per video."""
+  del logsnr
+  g = jnp.arange(z_f.shape[1], dtype=jnp.float32).reshape(1, -1, 1, 1, 1)
+
+  def pred(z, cond, u):
+    null = cond['image_null'].reshape(-1, 1, 1, 1, 1)
+    image = cond['image'][:, None, :1, :1, :1]
+    return 0.3 * z + jnp.where(null, (g + 1) * u, (g + 1) * image + 1)
+
+  return pred(z_f, cond_f, -2.0), pred(z_b, cond_b, 5.0)
+
+
+def _expected_fusion(z, a, b, w, s_f, s_b):
+  """By hand, frame by frame: w_f g_f + (1 - w_f) g_b(T - 1 - f) with each
+  model's guided prediction u + s (c - u) in its own time."""
+  t = z.shape[1]
+  out = np.zeros_like(z)
+  for f in range(t):
+    fwd_c = 0.3 * z[:, f] + (f + 1) * a + 1
+    fwd_u = 0.3 * z[:, f] + (f + 1) * -2.0
+    g = t - 1 - f  # The backward model's frame for fused frame f.
+    bwd_c = 0.3 * z[:, f] + (g + 1) * b + 1  # Its z is flip(z): z[g'] = z[f].
+    bwd_u = 0.3 * z[:, f] + (g + 1) * 5.0
+    fwd = fwd_u + s_f[f] * (fwd_c - fwd_u)
+    bwd = bwd_u + s_b[g] * (bwd_c - bwd_u)
+    out[:, f] = w[f] * fwd + (1 - w[f]) * bwd
+  return out
+
+
+@pytest.mark.parametrize('weight,guidance', [
+    ('half', 'auto'), ('half', 'own'), ('ramp', 'auto'), ('ramp', 'averaged')])
+def test_fused_prediction_flips_the_backward_one_back_and_guides_each(
+    weight, guidance):
+  """The fused denoiser of tasks.Inbetween against the formula written out
+  frame by frame, with analytic models: the backward prediction is made on
+  flip(z) and flipped back; guidance is u + s (c - u) with the ramp 1 -> 3
+  starting on each model's own keyframe ('own') or averaged with its flip,
+  a constant 2 ('averaged': their code's with w = 0.5; 'auto' picks it
+  for 'half' and 'own' for 'ramp')."""
+  model = tasks.ModelShape(T, S, 3, image_condition=True)
+  task = tasks.Inbetween(inbetween_weight=weight, inbetween_guidance=guidance)
+  task.validate(model, (2, 2, S, S, 3), sampling.SamplerSpec())
+  z = np.random.default_rng(3).normal(size=(2, T, 2, 2, 1)).astype(np.float32)
+  a, b = 0.7, -0.4
+  cond_f = {'image': jnp.full((2, 2, 2, 1), a)}
+  cond_b = {'image': jnp.full((2, 2, 2, 1), b)}
+  fused = sampling.fused_bidirectional(
+      _analytic_pair, sampling.fusion_weights(weight, T),
+      task.image_scales(model))
+  got = fused(jnp.asarray(z), jnp.zeros((2,)),
+              {'forward': cond_f, 'backward': cond_b})
+  w = [0.5] * T if weight == 'half' else np.linspace(1, 0, T)
+  mode = {'auto': 'averaged' if weight == 'half' else 'own'}.get(
+      guidance, guidance)
+  ramp = np.linspace(1.0, 3.0, T)  # 1 on the model's keyframe.
+  s = ramp if mode == 'own' else np.full(T, 2.0)
+  np.testing.assert_allclose(got, _expected_fusion(z, a, b, w, s, s),
+                             rtol=1e-6, atol=1e-5)
+
+
+def test_image_guidance_is_one_on_the_given_frame_and_three_on_the_last():
+  """pred_u + s_f (pred_c - pred_u) with s_f linear 1 -> 3 from the given
+  frame: frame 0 is the conditional prediction itself."""
+  model = tasks.ModelShape(T, S, 3, image_condition=True)
+  c, u = 0.25, -1.5
+
+  def fn(z, logsnr, cond):
+    del logsnr
+    null = cond['image_null'].reshape(-1, 1, 1, 1, 1)
+    return jnp.where(null, u, c) + 0 * z
+
+  guided = sampling.image_guided(fn, tasks.ImageToVideo().image_scales(model))
+  got = np.asarray(guided(jnp.zeros((1, T, 2, 2, 1)), jnp.zeros((1,)),
+                          {'image': jnp.zeros((1, 2, 2, 1))}))
+  want = [u + s * (c - u) for s in np.linspace(1.0, 3.0, T)]
+  np.testing.assert_allclose(got[0, :, 0, 0, 0], want, rtol=1e-6)
+  assert got[0, 0, 0, 0, 0] == np.float32(c)
+
+
+def test_reinjection_renoises_repeats_times_as_their_code(monkeypatch):
+  """Their loop: each of the first `steps` steps is taken, then `repeats`
+  times re-noised (N(0, sigma_t^2 - sigma_s^2)) and taken again at the same
+  t: 1 + repeats denoiser calls at t, then one per later step."""
+  calls, renoised = [], []
+  fn = _gaussian_x_eps(0.5)
+
+  def counted(z, logsnr, cond):
+    jax.debug.callback(lambda l: calls.append(float(l[0])), logsnr,
+                       ordered=True)
+    return fn(z, logsnr, cond)
+
+  real_renoise = sampling.renoise
+
+  def counted_renoise(z_s, noise, logsnr_s, logsnr_t):
+    jax.debug.callback(lambda l: renoised.append(float(l)), logsnr_t,
+                       ordered=True)
+    return real_renoise(z_s, noise, logsnr_s, logsnr_t)
+
+  monkeypatch.setattr(sampling, 'renoise', counted_renoise)
+  logsnr_fn = schedules.get_logsnr_fn(tiny.get_config().diffusion, S)
+  spec = sampling.SamplerSpec(sampler='ddim', num_steps=4, eta=0.0)
+  jax.block_until_ready(sampling.sample(
+      jax.tree_util.Partial(counted), jax.random.key(0), (1, 2, 2, 2, 1),
+      logsnr_fn=logsnr_fn, target='eps', spec=spec, reinject=(2, 3)))
+  jax.effects_barrier()
+  grid = np.asarray(sampling.timestep_logsnrs(logsnr_fn, 4))
+  want = [grid[0]] * 4 + [grid[1]] * 4 + [grid[2], grid[3]]
+  np.testing.assert_allclose(calls, want, rtol=1e-6)
+  np.testing.assert_allclose(renoised, [grid[0]] * 3 + [grid[1]] * 3,
+                             rtol=1e-6)
+
+
+def test_sparse_causal_attention_with_joint_image_frames_is_refused(
+    tmp_path):
+  config = tiny.get_config()
+  config.model.spatial_attention = 'sparse_causal'
+  config.data.image_frames = 2
+  with pytest.raises(ValueError, match='image_frames'):
+    train.validate_config(config, str(tmp_path / 'w'))

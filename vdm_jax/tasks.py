@@ -685,6 +685,12 @@ class ImageToVideo(Task):
     return x.at[:, 0].set(image)
 
 
+# How each in-betweening model is image-guided: 'averaged' (the ramp
+# averaged with its flip), 'own' (the ramp in the model's own time), 'auto'
+# (Wang et al. 2024's code: 'averaged' with w = 0.5, 'own' with the ramp).
+INBETWEEN_GUIDANCE = ('auto', 'averaged', 'own')
+
+
 @dataclasses.dataclass(frozen=True)
 class Inbetween(ImageToVideo):
   """The frames between two keyframes: Generative Inbetweening.
@@ -694,17 +700,21 @@ class Inbetween(ImageToVideo):
   backward-motion model's (adapt/inbetween.py) from the last keyframe on
   the time-flipped latent are fused, w pred_fwd + (1 - w) flip(pred_bwd),
   w = 0.5 ('half') or 1 -> 0 over the frames ('ramp'); each of the first
-  inbetween_reinject_fraction of the steps is redone
-  inbetween_reinject_repeats times after re-noising (their code: half of
-  the steps, 5 times); each model is guided on its keyframe per frame as
-  in 'image_to_video'. The two keyframes are kept as the output's first and
-  last frames. Inputs: two image files (sample.keyframes), or the first and
-  last of the first sample.input_frames (default T) frames of a video or of
-  the dataset clips.
+  inbetween_reinject_fraction of the steps is taken, re-noised and taken
+  again inbetween_reinject_repeats times (their code: half of the steps, 5
+  re-noisings). Each model is guided on its keyframe per frame in its own
+  time (`image_scales`): inbetween_guidance 'auto' does as their code does,
+  the ramp averaged with its flip with 'half' (a constant 2 for 1 -> 3:
+  'averaged') and the ramp itself with 'ramp' ('own': 1 on the model's
+  keyframe, 3 on the other). The two keyframes are kept as the output's
+  first and last frames. Inputs: two image files (sample.keyframes), or the
+  first and last of the first sample.input_frames (default T) frames of a
+  video or of the dataset clips.
   """
 
   name: ClassVar[str] = 'inbetween'
   inbetween_weight: str = 'half'
+  inbetween_guidance: str = 'auto'
   inbetween_reinject_fraction: float = 0.5
   inbetween_reinject_repeats: int = 5
 
@@ -719,11 +729,15 @@ class Inbetween(ImageToVideo):
       raise ValueError(f'Task {self.name!r} needs two keyframes; the input'
                        f' has {video_shape[1]} frame.')
     sampling.fusion_weights(self.inbetween_weight, model.num_frames)
+    if self.inbetween_guidance not in INBETWEEN_GUIDANCE:
+      raise ValueError(
+          f'Unknown sample.inbetween_guidance {self.inbetween_guidance!r};'
+          f' choose one of {INBETWEEN_GUIDANCE}.')
     if not 0.0 <= self.inbetween_reinject_fraction <= 1.0 or (
-        self.inbetween_reinject_repeats < 1):
+        self.inbetween_reinject_repeats < 0):
       raise ValueError(
           'sample.inbetween_reinject_fraction must lie in [0, 1] and'
-          ' sample.inbetween_reinject_repeats be >= 1.')
+          ' sample.inbetween_reinject_repeats be >= 0.')
     if spec.guidance_weight and model.num_classes:
       raise ValueError(
           f'Task {self.name!r} is guided on its keyframes'
@@ -735,6 +749,16 @@ class Inbetween(ImageToVideo):
 
   def min_input_frames(self, model):
     return 2
+
+  def image_scales(self, model: ModelShape) -> Optional[jnp.ndarray]:
+    """float32 [T] scales each model is guided with in its own time."""
+    scales = super().image_scales(model)
+    mode = self.inbetween_guidance
+    if mode == 'auto':
+      mode = 'averaged' if self.inbetween_weight == 'half' else 'own'
+    if scales is None or mode == 'own':
+      return scales
+    return sampling.averaged_ramp(scales)
 
   def known_positions(self, model, num_in, num_out):
     known = np.zeros(num_out, bool)

@@ -133,6 +133,10 @@ def _make_loss_fn(model, config, codec=None, codec_params=None):
         mb['image_label_u'], text_dropout=text_dropout,
         text_drop_u=mb.get('text_u'), image_text_drop_u=mb.get('image_text_u'))
     x = to_model_range(mb['video'])
+    if codec_params is not None:
+      enc_rng = (jax.random.fold_in(mb['loss_rng'][0], 7)
+                 if config.latent.sample_posterior else None)
+      x = jax.lax.stop_gradient(codec.encode(codec_params, x, enc_rng))
     if 'image_rng' in mb:  # Image-to-video: the clip's own first frame.
       t = config.training
       cond.update(jax.vmap(lambda img, key: jax.tree.map(
@@ -140,10 +144,6 @@ def _make_loss_fn(model, config, codec=None, codec_params=None):
               img[None], key, dropout=t.image_dropout,
               noise_mean=t.image_noise_mean,
               noise_std=t.image_noise_std)))(x[:, 0], mb['image_rng']))
-    if codec_params is not None:
-      enc_rng = (jax.random.fold_in(mb['loss_rng'][0], 7)
-                 if config.latent.sample_posterior else None)
-      x = jax.lax.stop_gradient(codec.encode(codec_params, x, enc_rng))
     out = diffusion.loss(
         denoiser.training_denoise_fn(model, params, drop_rng),
         x,
@@ -161,20 +161,20 @@ def train_step(
     state: training.TrainState,
     batch: dict[str, jnp.ndarray],
     rng: jax.Array,
+    codec_params: Any = None,
     *,
     model: nn.Module,
     tx: optax.GradientTransformation,
     lr_fn: optax.Schedule,
     config: ml_collections.ConfigDict,
+    codec: Any = None,
 ) -> tuple[training.TrainState, dict[str, jnp.ndarray]]:
   """One optimizer update on a global batch; pure, jitted by the caller.
-    codec_params: Any = None,
 
   The loss is VDM's weighted denoising loss (diffusion.loss) with dropout
   on; labels are dropped to the null class with probability
   training.label_dropout (classifier-free guidance, Ho & Salimans 2022),
   per clip and per image frame, and each image frame of joint training is
-    codec: Any = None,
   conditioned on its own video's label (denoiser.training_cond).
 
   Args:
@@ -185,6 +185,9 @@ def train_step(
       makes all four).
     rng: the root training key; folded with the step here.
     model, tx, lr_fn, config: static.
+    codec_params: the frozen autoencoder's parameters (latent.path), or
+      None (pixel space).
+    codec: latent.Autoencoder (static), with codec_params.
 
   Returns:
     (new_state, metrics) with scalar metrics 'loss', 'mse_x', 'grad_norm',
@@ -192,9 +195,6 @@ def train_step(
   """
   rng = jax.random.fold_in(rng, state.step)
   rng_loss, rng_drop, rng_label = jax.random.split(rng, 3)
-    codec_params: the frozen autoencoder's parameters (latent.path), or
-      None (pixel space).
-    codec: latent.Autoencoder (static), with codec_params.
   batch_size, num_total = batch['video'].shape[:2]
   num_images = num_total - config.data.num_frames
   image_label = batch.get('image_label')
@@ -324,6 +324,7 @@ def train(config: ml_collections.ConfigDict,
   state, state_shardings = create_train_state(
       config, model, tx, rng_init, mesh
   )
+  codec, codec_params = denoiser.load_codec(config, mesh)
   train_step_fn = make_train_step(
       config, model, tx, lr_fn, mesh, state_shardings,
       codec if codec_params is not None else None
@@ -332,8 +333,6 @@ def train(config: ml_collections.ConfigDict,
   if ckpt.latest_step() is None:
     logging.info('Model has %d parameters.',
                  denoiser.count_params(state.params))
-    state = videofusion.init_base_from_workdir(config, state)
-  codec, codec_params = denoiser.load_codec(config, mesh)
     state = videofusion.init_base_from_workdir(config, state)
   encoder = denoiser.text_encoder(config)
   if encoder is not None:
@@ -368,6 +367,7 @@ def preview_videos(config: ml_collections.ConfigDict, model: nn.Module,
   'unconditional' otherwise; every other setting is config.sample's
   (sampler, clip_x, ...) with `num_steps` steps. A text model is prompted
   with sample.prompt, or else the captions of the first training examples.
+  A latent model's samples are decoded by its codec.
   """
   setup = tasks.Setup.from_config(denoiser.model_space(config),
                                   num_steps=num_steps)
@@ -376,7 +376,6 @@ def preview_videos(config: ml_collections.ConfigDict, model: nn.Module,
           else tasks.Unconditional())
   text = None
   if denoiser.has_text(config):
-  A latent model's samples are decoded by its codec.
     prompts = preview_prompts(config, num_videos)
     emb = denoiser.text_encoder(config).encode(prompts)
     text = {'text': emb.tokens, 'text_mask': emb.mask}
@@ -384,6 +383,8 @@ def preview_videos(config: ml_collections.ConfigDict, model: nn.Module,
                 num_videos=num_videos,
                 labels=task.labels(m.num_classes, None, num_videos),
                 text=text)
+  if codec_params is not None:
+    x = codec.decode(codec_params, x)
   return video_io.to_uint8(np.asarray(x))
 
 
@@ -391,8 +392,6 @@ def preview_prompts(config: ml_collections.ConfigDict,
                     num_videos: int) -> list[str]:
   """sample.prompt, or the captions of the first training examples."""
   if config.sample.prompt:
-  if codec_params is not None:
-    x = codec.decode(codec_params, x)
     return [config.sample.prompt] * num_videos
   source = sources.get_source(config.data, seed=config.seed)
   return [str(source[i]['caption']) for i in range(num_videos)]
