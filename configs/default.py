@@ -298,11 +298,15 @@ def get_config(arg=None):
   # keyframes as image files 'first.png,last.png' ('' takes a video's first
   # and last frames: sample.input, or dataset clips); the fusion weight of
   # the forward prediction, 'half' (w = 0.5) or 'ramp' (1 -> 0 over the
-  # frames); noise re-injection: each step of the first
-  # inbetween_reinject_fraction of the steps is redone
-  # inbetween_reinject_repeats times after re-noising its result.
+  # frames); each model's image guidance, in its own time: 'averaged' (the
+  # ramp image_guidance_min -> max averaged with its flip: a constant 2),
+  # 'own' (the ramp itself) or 'auto' (their code: 'averaged' with 'half',
+  # 'own' with 'ramp'); noise re-injection: each step of the first
+  # inbetween_reinject_fraction of the steps is re-noised and taken again
+  # inbetween_reinject_repeats times (their code: 0.5, 5).
   config.sample.keyframes = ''
   config.sample.inbetween_weight = 'half'
+  config.sample.inbetween_guidance = 'auto'
   config.sample.inbetween_reinject_fraction = 0.5
   config.sample.inbetween_reinject_repeats = 5
   # Videos per sampling batch.
@@ -329,8 +333,11 @@ def get_config(arg=None):
   # 3.3): the backward-motion model of the image-to-video model in
   # tune.base_workdir, tuned on config.data's clips reversed (only the value
   # and output projections of its temporal attentions; their code: AdamW lr
-  # 1e-4, batch 1). The run's length and checkpoints follow config.training.
+  # 1e-4, batch 1, no EMA: backward_ema_decay replaces optimizer.ema_decay,
+  # and sampling reads the EMA). The run's length and checkpoints follow
+  # config.training.
   config.tune.backward_learning_rate = 1e-4
+  config.tune.backward_ema_decay = 0.0
   config.tune.backward_batch_size = 1
   config.tune.backward_steps = 2000
 

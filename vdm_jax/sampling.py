@@ -387,6 +387,15 @@ def image_guided(denoise_fn: diffusion.DenoiseFn, scale: jnp.ndarray
                                jnp.asarray(scale, jnp.float32))
 
 
+def averaged_ramp(scale: jnp.ndarray) -> jnp.ndarray:
+  """float32 [T]: per-frame scales averaged with their time flip, (s_f +
+  s_{T-1-f}) / 2 (Generative Inbetweening's guidance with w = 0.5: both
+  models get the same scale on every frame; a linear ramp becomes the
+  constant (first + last) / 2)."""
+  scale = jnp.asarray(scale, jnp.float32)
+  return 0.5 * (scale + jnp.flip(scale, axis=0))
+
+
 FUSION_WEIGHTS = ('half', 'ramp')
 
 
@@ -418,9 +427,9 @@ def _fused_apply(pair_fn, weight, scale, z, logsnr, cond):
     pf, pb = pair_fn(jnp.concatenate([z, z]), jnp.concatenate([z_b, z_b]),
                      jnp.concatenate([logsnr, logsnr]), both(cond_f),
                      both(cond_b))
-    # Each model is guided in its own time: the scale ramps away from its
-    # keyframe, so after the flip the fused scale is the ramp averaged with
-    # its flip (w = 0.5).
+    # Both models are guided with the one `scale`, each in its own time
+    # (frame 0 is its keyframe), before the backward prediction is flipped
+    # back, as their code does.
     pred_f = _per_frame_cfg(*jnp.split(pf, 2), scale)
     pred_b = _per_frame_cfg(*jnp.split(pb, 2), scale)
   w = weight.reshape((1, -1) + (1,) * (z.ndim - 2))
@@ -444,8 +453,11 @@ def fused_bidirectional(pair_fn, weight: jnp.ndarray,
       pred_bwd), both models in one call (the backward one uses the forward
       one's attention: adapt/inbetween.py), a pytree.
     weight: float [T] forward weights (`fusion_weights`).
-    scale: float [T] per-frame image guidance scales of each model in its
-      own time (`guidance_ramp`), or None (no guidance).
+    scale: float [T] per-frame image guidance scales, applied to each
+      model in its own time (entry 0 on its keyframe), or None (no
+      guidance). Their code passes `guidance_ramp` (1 -> 3) with the
+      'ramp' weights and, with w = 0.5, that ramp averaged with its flip
+      (`averaged_ramp`: a constant 2).
 
   Returns:
     denoise_fn(z, logsnr, cond) with cond = {'forward': the forward
@@ -697,18 +709,19 @@ def _sample_scan(denoise_fn, noise, rng, z, logsnrs, cond, guidance, gamma,
 
   def scan_step(z, i):
     key = jax.random.fold_in(rng, i)
-    if not reinject_steps or repeats < 2:
+    if not reinject_steps or repeats < 1:
       return step(z, i, key), None
-    # Noise re-injection: the first reinject_steps steps are redone
-    # `repeats` times, each time from their result taken back to t.
+    # Noise re-injection (Wang et al. 2024's code): each of the first
+    # reinject_steps steps is taken, then `repeats` times its result is
+    # taken back to t and the step taken again: repeats + 1 takes.
 
     def again(r, z_t):
-      z_s = step(z_t, i, jax.random.fold_in(key, r))
-      z_back = renoise(z_s, noise.draw(jax.random.fold_in(key, -r), shape),
-                       logsnrs[i + 1], logsnrs[i])
-      return z_back
+      k_step, k_back = jax.random.split(jax.random.fold_in(key, r))
+      z_s = step(z_t, i, k_step)
+      return renoise(z_s, noise.draw(k_back, shape), logsnrs[i + 1],
+                     logsnrs[i])
 
-    count = jnp.where(i < reinject_steps, repeats - 1, 0)
+    count = jnp.where(i < reinject_steps, repeats, 0)
     z = jax.lax.fori_loop(0, count, again, z)
     return step(z, i, jax.random.fold_in(key, repeats)
                 if reinject_steps else key), None

@@ -58,6 +58,13 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     )
   if not 0.0 <= config.text.dropout < 1.0:
     raise ValueError('text.dropout must lie in [0, 1).')
+  if (config.model.get('spatial_attention', 'self') == 'sparse_causal'
+      and config.data.image_frames):
+    raise ValueError(
+        'Sparse-causal spatial attention (model.spatial_attention) makes'
+        ' every frame attend to frame 0; joint image-video training'
+        ' (data.image_frames > 0) would have its independent image frames'
+        ' attend to a video frame: set data.image_frames=0.')
   if config.model.get('image_condition', False):
     if config.data.image_frames:
       raise ValueError(
