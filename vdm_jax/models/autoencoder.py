@@ -137,9 +137,11 @@ class ResnetBlock2D(nn.Module):
 
 
 class TemporalResnetBlock(nn.Module):
-  """diffusers models/resnet.py TemporalResnetBlock without a time embedding.
+  """diffusers models/resnet.py TemporalResnetBlock.
 
-  As ResnetBlock2D with (3, 1, 1) Conv3d's padded (1, 0, 0) over frames.
+  As ResnetBlock2D with (3, 1, 1) Conv3d's padded (1, 0, 0) over frames;
+  given a time embedding (SVD's UNet; the VAE has none), SiLU and
+  `time_emb_proj` of it are added per frame after conv1.
 
   Attributes:
     out_channels: output channels.
@@ -154,13 +156,17 @@ class TemporalResnetBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """[B, F, H, W, C_in] -> [B, F, H, W, out_channels]."""
+  def __call__(self, x: Array, temb: Optional[Array] = None) -> Array:
+    """[B, F, H, W, C_in], temb [B, F, E] or None -> [B, F, H, W, out]."""
     def conv(name, kernel=(3, 1, 1), pad=((1, 1), (0, 0), (0, 0))):
       return nn.Conv(self.out_channels, kernel, padding=pad,
                      dtype=self.dtype, name=name)
     h = nn.silu(_norm(self.groups, self.eps, 'norm1')(x)).astype(self.dtype)
     h = conv('conv1')(h)
+    if temb is not None:
+      t = nn.Dense(self.out_channels, dtype=self.dtype, name='time_emb_proj')(
+          nn.silu(temb.astype(self.dtype)))
+      h = h + t[:, :, None, None, :]
     h = nn.silu(_norm(self.groups, self.eps, 'norm2')(h)).astype(self.dtype)
     h = conv('conv2')(h)
     if x.shape[-1] != self.out_channels:

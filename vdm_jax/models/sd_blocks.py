@@ -373,13 +373,15 @@ class Transformer2D(nn.Module):
 
 class TimestepEmbedding(nn.Module):
   """diffusers `models/embeddings.py` TimestepEmbedding: linear_1, SiLU,
-  linear_2."""
+  linear_2 (to out_dim, default dim)."""
 
   dim: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    """x: [B, Cin] -> [B, dim]."""
+    """x: [B, Cin] -> [B, out_dim or dim]."""
     x = nn.Dense(self.dim, dtype=self.dtype, name='linear_1')(x)
-    return nn.Dense(self.dim, dtype=self.dtype, name='linear_2')(nn.silu(x))
+    return nn.Dense(self.out_dim or self.dim, dtype=self.dtype,
+                    name='linear_2')(nn.silu(x))
+  out_dim: Optional[int] = None
