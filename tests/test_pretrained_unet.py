@@ -2,9 +2,11 @@
 
 Tiny random models are built from configs, saved in diffusers layout and
 loaded by vdm_jax.pretrained.unet2d: the prediction matches diffusers 0.42.1
-to 1e-5 in float32 with outputs of order 1. The full-size SD-1.5 and SD-2.1
-UNets are checked on the meta device (every key maps with its shape; the
-published parameter count).
+to 1e-5 in float32 with outputs of order 1. The resnet, transformer and
+transformer-block layers are also matched alone at inputs where a wrong
+norm epsilon or a tanh GELU shows. The full-size SD-1.5 and SD-2.1 UNets are
+checked on the meta device (every key maps with its shape; the published
+parameter count).
 """
 
 import jax
