@@ -745,19 +745,6 @@ def timestep_logsnrs(
   return jnp.asarray(logsnr_fn(t), jnp.float32)
 
 
-def start_index(num_steps: int, t_start: float) -> int:
-  """The grid index i of t_i = 1 - i / N nearest to t_start (< N)."""
-  if not 0.0 < t_start <= 1.0:
-    raise ValueError(f't_start must lie in (0, 1], got {t_start}.')
-  return min(int(round((1.0 - t_start) * num_steps)), num_steps - 1)
-
-
-def _as_partial(fn):
-  """A jit-able pytree for fn: params of a tree_util.Partial stay traced.
-
-  Callables that are pytrees themselves (a tree_util.Partial, a
-  flax.struct.dataclass such as noise.Noise) pass through with
-  their leaves traced; any other callable becomes a leafless Partial, keyed
 def check_grid(logsnrs: Any) -> jnp.ndarray:
   """An explicit log-SNR grid as float32 [N + 1], checked non-decreasing.
 
@@ -773,6 +760,19 @@ def check_grid(logsnrs: Any) -> jnp.ndarray:
   return jnp.asarray(grid)
 
 
+def start_index(num_steps: int, t_start: float) -> int:
+  """The grid index i of t_i = 1 - i / N nearest to t_start (< N)."""
+  if not 0.0 < t_start <= 1.0:
+    raise ValueError(f't_start must lie in (0, 1], got {t_start}.')
+  return min(int(round((1.0 - t_start) * num_steps)), num_steps - 1)
+
+
+def _as_partial(fn):
+  """A jit-able pytree for fn: params of a tree_util.Partial stay traced.
+
+  Callables that are pytrees themselves (a tree_util.Partial, a
+  flax.struct.dataclass such as noise.Noise) pass through with
+  their leaves traced; any other callable becomes a leafless Partial, keyed
   by its identity.
   """
   leaves = jax.tree_util.tree_leaves(fn)
@@ -795,6 +795,9 @@ def sample(
     z_init: jnp.ndarray | None = None,
     t_start: float = 1.0,
     reinject: tuple[int, int] = (0, 1),
+    logsnrs: jnp.ndarray | None = None,
+    denoise_last: bool = True,
+    logsnrs_to: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
   """Draws x ~ p(x | cond) with spec.sampler in spec.num_steps steps.
 
@@ -808,9 +811,6 @@ def sample(
   Args:
     denoise_fn: (z [B, T, H, W, C], logsnr [B], cond) -> prediction.
     rng: PRNG key, split into the z_1 key and the step key; step i draws
-    logsnrs: jnp.ndarray | None = None,
-    denoise_last: bool = True,
-    logsnrs_to: jnp.ndarray | None = None,
       its noise from fold_in(step key, i).
     shape: (B, T, H, W, C).
     logsnr_fn: schedule t -> logsnr.
