@@ -9,6 +9,7 @@ attention's probabilities are captured and injected.
 """
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,9 @@ import pytest
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
+from vdm_jax import denoiser  # pylint: disable=g-import-not-at-top
+from vdm_jax import sampling  # pylint: disable=g-import-not-at-top
+from vdm_jax import schedules  # pylint: disable=g-import-not-at-top
 from vdm_jax.models import layers  # pylint: disable=g-import-not-at-top
 from vdm_jax.models import svd_unet  # pylint: disable=g-import-not-at-top
 from vdm_jax.pretrained import convert  # pylint: disable=g-import-not-at-top
@@ -211,3 +215,92 @@ def test_remat_and_bfloat16_trace(case):
   out = jax.eval_shape(case['module'].clone(dtype='bfloat16').apply,
                        {'params': case['params']}, *args)
   assert out.dtype == jnp.float32
+
+
+# stabilityai/stable-video-diffusion-img2vid(-xt)'s scheduler_config.json.
+SVD_SCHEDULER = {
+    '_class_name': 'EulerDiscreteScheduler', 'beta_end': 0.012,
+    'beta_schedule': 'scaled_linear', 'beta_start': 0.00085,
+    'clip_sample': False, 'interpolation_type': 'linear',
+    'num_train_timesteps': 1000, 'prediction_type': 'v_prediction',
+    'set_alpha_to_one': False, 'sigma_max': 700.0, 'sigma_min': 0.002,
+    'skip_prk_steps': True, 'steps_offset': 1, 'timestep_spacing': 'leading',
+    'timestep_type': 'continuous', 'trained_betas': None,
+    'use_karras_sigmas': True}
+
+
+@pytest.mark.parametrize('steps', [25, 4])
+def test_karras_grid_matches_diffusers(steps):
+  sched = diffusers.EulerDiscreteScheduler.from_config(SVD_SCHEDULER)
+  sched.set_timesteps(steps)
+  grid = schedules.karras_grid(SVD_SCHEDULER, steps)
+  np.testing.assert_allclose(grid['sigmas'], sched.sigmas.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(grid['timesteps'], sched.timesteps.numpy(),
+                             rtol=0, atol=1e-6)
+  sigma0 = float(sched.sigmas[0])
+  assert grid['init_scale'] == pytest.approx(
+      float(sched.init_noise_sigma) / (sigma0 ** 2 + 1) ** 0.5, rel=1e-6)
+  assert np.isinf(grid['logsnrs'][-1]) and grid['denoise_last']
+  np.testing.assert_allclose(np.exp(-0.5 * grid['logsnrs'][:-1]),
+                             grid['sigmas'][:-1], rtol=1e-6)
+
+
+class _ToyV(nn.Module):
+  """A stand-in network F(x, c_noise, context, ids) with SVD's arguments."""
+
+  @nn.compact
+  def __call__(self, x, c_noise, context, ids):
+    w = self.param('w', nn.initializers.constant(0.7), (1,))
+    c = x.shape[-1] // 2
+    per_example = 0.1 * c_noise + context.mean((1, 2)) + 0.01 * ids.sum(1)
+    return jnp.tanh(w * x[..., :c] + 0.3 * x[..., c:]
+                    + per_example[:, None, None, None, None])
+
+
+def test_edm_denoiser_and_ddim_equal_diffusers_euler():
+  """EDMApply (c_in, c_skip, c_out, c_noise, v) sampled with the library's
+  DDIM on karras_grid equals diffusers' EulerDiscreteScheduler loop
+  (scale_model_input, step) with the same network, from the same latents,
+  with SVD's per-frame guidance ramp."""
+  steps, shape = 6, (1, 3, 2, 2, 2)
+  rng = np.random.RandomState(0)
+  init = rng.randn(*shape).astype(np.float32)
+  image = rng.randn(1, 2, 2, 2).astype(np.float32)
+  embed = rng.randn(1, 1, 4).astype(np.float32)
+  ids = np.asarray([[6, 127, 0.02]], np.float32)
+  scale = np.linspace(1.0, 3.0, shape[1], dtype=np.float32)
+
+  def toy_torch(x, c_noise, img, emb):
+    c = x[..., :2]
+    return torch.tanh(0.7 * c + 0.3 * img + 0.1 * c_noise + emb.mean()
+                      + 0.01 * float(ids.sum()))
+
+  sched = diffusers.EulerDiscreteScheduler.from_config(SVD_SCHEDULER)
+  sched.set_timesteps(steps)
+  lat = torch.from_numpy(init) * sched.init_noise_sigma
+  img = torch.from_numpy(image)[:, None].expand(shape)
+  with torch.no_grad():
+    for t in sched.timesteps:
+      x_in = sched.scale_model_input(lat, t)
+      pred_u = toy_torch(torch.cat([x_in, 0 * img], -1), t, 0 * img,
+                         torch.zeros(1))
+      pred_c = toy_torch(torch.cat([x_in, img], -1), t, img,
+                         torch.from_numpy(embed))
+      pred = pred_u + torch.from_numpy(scale)[None, :, None, None, None] * (
+          pred_c - pred_u)
+      lat = sched.step(pred, t, lat).prev_sample
+  grid = schedules.karras_grid(SVD_SCHEDULER, steps)
+  module = _ToyV()
+  fn = denoiser.make_edm_denoise_fn(module, {'w': jnp.full((1,), 0.7)})
+  got = sampling.sample(
+      sampling.image_guided(fn, scale), jax.random.PRNGKey(0), shape,
+      logsnr_fn=None, target='v',
+      spec=sampling.SamplerSpec(sampler='ddim', num_steps=steps, eta=0.0,
+                                clip_x=False),
+      cond={'image_latent': image, 'image_embed': embed,
+            'added_time_ids': ids},
+      z_init=jnp.asarray(init * grid['init_scale']),
+      logsnrs=grid['logsnrs'], denoise_last=grid['denoise_last'])
+  want = lat.numpy()
+  assert np.abs(want).max() > 0.1
+  np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)

@@ -447,3 +447,74 @@ def make_pretrained_denoise_fn(model: nn.Module, params: Any,
   table = tuple(float(x) for x in schedule.logsnr_table())
   return jax.tree_util.Partial(
       DiscreteTimeApply(model, table, frames, mesh), params)
+
+
+@dataclasses.dataclass(frozen=True)
+class EDMApply:
+  """An EDM-preconditioned image-to-video model (SVD) as (params, z, logsnr,
+  cond) -> v.
+
+  Stable Video Diffusion (Blattmann et al. 2023, App. D) preconditions a
+  variance-exploding x_VE = x + sigma eps as EDM does (Karras et al. 2022,
+  Table 1) with v-prediction: D(x_VE) = c_skip x_VE + c_out F(c_in x_VE,
+  c_noise), c_in = 1 / sqrt(sigma^2 + 1), c_skip = 1 / (sigma^2 + 1),
+  c_out = -sigma / sqrt(sigma^2 + 1), c_noise = ln(sigma) / 4. Seen as this
+  library's variance-preserving z = x_VE / sqrt(sigma^2 + 1) at logsnr =
+  -2 ln sigma (alpha = c_in, sigma_VP = sigma c_in): the network's input
+  c_in x_VE is z itself, and D = alpha z - sigma_VP F, so F is exactly this
+  library's v (diffusion.py, target 'v'). Hashable, so jit caches on it.
+
+  cond: 'image_latent' [B, h, w, c] the conditioning frame's latent
+  (the autoencoder's mode, not scaled: SVD's pipeline), concatenated on
+  channels to every frame; 'image_embed' [B, L, D] its CLIP image embedding
+  (the cross-attention context); 'added_time_ids' [B, n] (fps - 1, motion
+  bucket, noise augmentation strength); 'image_null' [B] bool (optional)
+  zeroes both the latent and the embedding, SVD's unconditional branch
+  (sampling.image_guided sets it).
+
+  Attributes:
+    model: models.svd_unet.UNetSpatioTemporalConditionModel.
+    mesh: constrain the batch to the mesh's batch sharding, or None.
+  """
+
+  model: nn.Module
+  mesh: Optional[jax.sharding.Mesh] = None
+
+  def inputs(self, z: jax.Array, logsnr: jax.Array,
+             cond: Mapping[str, Any]) -> tuple[jax.Array, ...]:
+    """The network's arguments (x, c_noise, context, added_time_ids).
+
+    Args:
+      z: [B, F, h, w, c] noisy latents at logsnr.
+      logsnr: [B] (or [B, F], equal over frames).
+      cond: as the class says.
+
+    Returns:
+      (x [B, F, h, w, 2c], c_noise [B], context [B, L, D], ids [B, n]).
+    """
+    b, f = z.shape[:2]
+    if self.mesh is not None and b % self.mesh.size == 0:
+      z = jax.lax.with_sharding_constraint(
+          z, sharding.batch_sharding(self.mesh))
+    logsnr = jnp.asarray(logsnr, jnp.float32).reshape((b, -1))[:, 0]
+    image = jnp.asarray(cond['image_latent'], jnp.float32)
+    embed = jnp.asarray(cond['image_embed'], jnp.float32)
+    if 'image_null' in cond:
+      keep = 1.0 - jnp.asarray(cond['image_null'], jnp.float32)
+      image = image * keep[:, None, None, None]
+      embed = embed * keep[:, None, None]
+    x = jnp.concatenate(
+        [z, jnp.broadcast_to(image[:, None], (b, f) + image.shape[1:])],
+        axis=-1)
+    return x, -logsnr / 8.0, embed, jnp.asarray(cond['added_time_ids'],
+                                                jnp.float32)
+
+  def __call__(self, params, z, logsnr, cond):
+    return self.model.apply({'params': params}, *self.inputs(z, logsnr, cond))
+
+
+def make_edm_denoise_fn(model: nn.Module, params: Any,
+                        mesh: Optional[jax.sharding.Mesh] = None):
+  """(z, logsnr, cond) -> v of an SVD-style UNet (`EDMApply`), parameters
+  bound as a traced Partial; sample with target 'v'."""
+  return jax.tree_util.Partial(EDMApply(model, mesh), params)

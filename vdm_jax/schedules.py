@@ -338,3 +338,71 @@ def from_scheduler_config(config: Mapping[str, Any]) -> DiscreteSchedule:
                           timestep_spacing=spacing,
                           steps_offset=int(cfg.get('steps_offset', 0)),
                           final_logsnr=final)
+
+
+# Karras et al. 2022 (EDM) sigmas of a variance-exploding model ---------------
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float,
+                  rho: float = 7.0) -> np.ndarray:
+  """float64 [num_steps] decreasing sigmas (Karras et al. 2022, Eq. 5):
+  (max^(1/rho) + i / (N - 1) (min^(1/rho) - max^(1/rho)))^rho, as
+  diffusers' EulerDiscreteScheduler._convert_to_karras."""
+  ramp = np.linspace(0, 1, int(num_steps))
+  lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+  return (hi + ramp * (lo - hi)) ** rho
+
+
+def karras_grid(config: Mapping[str, Any], num_steps: int) -> dict[str, Any]:
+  """The log-SNR grid of diffusers' EulerDiscreteScheduler with Karras sigmas.
+
+  Stable Video Diffusion's scheduler (use_karras_sigmas, timestep_type
+  'continuous', v-prediction): sigma_min / sigma_max from the config (else
+  the ends of its betas' sigmas at its spaced timesteps), rho 7, then sigma
+  = 0 (final_sigmas_type 'zero') or the first training sigma ('sigma_min').
+  A variance-exploding x_VE at sigma is this library's variance-preserving
+  z = x_VE / sqrt(sigma^2 + 1) at logsnr = -2 ln sigma, and Euler's step on
+  sigma is DDIM's on log-SNR (eta = 0), so the library's DDIM runs it.
+
+  Args:
+    config: a scheduler_config.json (its use_karras_sigmas must be true).
+    num_steps: sampler steps.
+
+  Returns:
+    {'logsnrs': float32 [num_steps + 1] increasing (the last may be inf),
+     'sigmas': float32 [num_steps + 1], 'timesteps': float32 [num_steps]
+     (the pipeline's c_noise = ln(sigma) / 4), 'denoise_last',
+     'init_scale': diffusers' initial latents (unit normal) times this are
+     this library's z at the first log-SNR (the scheduler's
+     init_noise_sigma over sqrt(sigma_0^2 + 1)).}
+  """
+  cfg = dict(config)
+  if not cfg.get('use_karras_sigmas'):
+    raise ValueError('karras_grid needs a scheduler config with '
+                     'use_karras_sigmas=true (Stable Video Diffusion\'s).')
+  lo, hi = cfg.get('sigma_min'), cfg.get('sigma_max')
+  schedule = from_scheduler_config(cfg)
+  table_sigmas = np.exp(-0.5 * schedule.logsnr_table())
+  if lo is None or hi is None:
+    t = schedule.timesteps(num_steps, cfg.get('timestep_spacing',
+                                              'linspace'))
+    ends = np.interp(t.astype(np.float64), np.arange(table_sigmas.shape[0]),
+                     table_sigmas)
+    lo = ends[-1] if lo is None else lo
+    hi = ends[0] if hi is None else hi
+  final = cfg.get('final_sigmas_type', 'zero')
+  if final not in ('zero', 'sigma_min'):
+    raise ValueError(f'Unknown final_sigmas_type {final!r}; supported: '
+                     "'zero', 'sigma_min'.")
+  last = 0.0 if final == 'zero' else table_sigmas[0]
+  sigmas = np.append(karras_sigmas(num_steps, float(lo), float(hi)),
+                     last).astype(np.float32)
+  init = sigmas.max()
+  if cfg.get('timestep_spacing', 'linspace') not in ('linspace', 'trailing'):
+    init = math.sqrt(float(init) ** 2 + 1)
+  with np.errstate(divide='ignore'):
+    logsnrs = -2.0 * np.log(sigmas.astype(np.float64))
+  return {'logsnrs': logsnrs.astype(np.float32), 'sigmas': sigmas,
+          'timesteps': (0.25 * np.log(sigmas[:-1])).astype(np.float32),
+          'denoise_last': final == 'zero',
+          'init_scale': float(init / math.sqrt(float(sigmas[0]) ** 2 + 1))}

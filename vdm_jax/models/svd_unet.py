@@ -245,8 +245,8 @@ class TransformerSpatioTemporal(nn.Module):
                 else TemporalBasicTransformerBlock)
     mixer = AlphaBlender(MERGE_FACTOR, MERGE_STRATEGY, name='time_mixer')
     for i in range(self.num_layers):
-      h = spatial(self.heads, self.dim_head, False, self.attention,
-                  self.dtype, name=f'transformer_blocks_{i}')(
+      h = spatial(self.heads, self.dim_head, attention=self.attention,
+                  dtype=self.dtype, name=f'transformer_blocks_{i}')(
                       h, context_frames)
       # [B*F, S, C] -> [B, S, F, C], plus the frame embedding.
       hm = h.reshape(b, f, hgt * wid, inner) + emb[None, :, None, :]
