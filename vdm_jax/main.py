@@ -100,6 +100,17 @@ def main(argv):
   if _MODE.value == 'tune_backward':
     from vdm_jax.adapt import tune_backward  # pylint: disable=g-import-not-at-top
     tune_backward.tune_backward(config, workdir)
+  if config.method == 'tune_a_video_sd':  # configs/tune_a_video_sd.py
+    if _MODE.value not in ('tune', 'sample'):
+      raise app.UsageError(f'--mode={_MODE.value} does not apply to '
+                           'Tune-A-Video on SD; use --mode=tune or sample.')
+    if _MODE.value == 'tune':
+      from vdm_jax.adapt import tune_sd  # pylint: disable=g-import-not-at-top
+      tune_sd.tune(config, workdir)
+    else:
+      from vdm_jax.adapt import edit_sd  # pylint: disable=g-import-not-at-top
+      edit_sd.edit(config, workdir)
+    return
     return
   if config.method == 'pretrained':  # configs/stable_diffusion.py
     if _MODE.value != 'sample':

@@ -876,14 +876,19 @@ def sample(
                   else jnp.asarray(logsnrs_to, jnp.float32)))
 
 
-@functools.partial(jax.jit, static_argnames=('target', 'clip_x'))
-def _invert_scan(denoise_fn, x, logsnrs, cond, *, target, clip_x):
+@functools.partial(jax.jit,
+                   static_argnames=('target', 'clip_x', 'model_at_next'))
+def _invert_scan(denoise_fn, x, logsnrs, cond, *, target, clip_x,
+                 model_at_next=False):
   batch = x.shape[0]
   xeps_fn = model_x_eps(denoise_fn, target, cond)
 
   def step(z, i):
     lt, ls = logsnrs[i], logsnrs[i + 1]
-    x_hat, eps_hat = xeps_fn(z, jnp.full((batch,), lt))
+    x_hat, eps_hat = xeps_fn(z, jnp.full((batch,), ls if model_at_next
+                                         else lt))
+    if model_at_next:  # eps_hat from level ls; z is at lt.
+      x_hat = diffusion.eps_to_x(eps_hat, z, jnp.full((batch,), lt))
     x_hat, eps_hat = _clip(x_hat, eps_hat, z, lt, clip_x)
     return ddim_step(x_hat, eps_hat, 0.0, lt, ls, 0.0), None
 
@@ -901,6 +906,8 @@ def ddim_invert(
     cond: Mapping[str, Any] | None = None,
     clip_x: bool = False,
     t_end: float = 1.0,
+    logsnrs: jnp.ndarray | None = None,
+    model_at_next: bool = False,
 ) -> jnp.ndarray:
   """DDIM inversion x -> z_1: the eta = 0 sampler run from t = 0 to t = 1.
 
@@ -916,12 +923,24 @@ def ddim_invert(
     clip_x: clip x_hat to [-1, 1] (off by default: inversion should follow
       the model's ODE).
     t_end: stop at t = t_end of the grid (the mirror of sample's t_start).
+    logsnrs: an explicit grid as `sample`'s (float32 [N + 1] increasing; a
+      pretrained scheduler's DDIM timesteps, DiscreteSchedule.grid), run
+      from logsnrs[-1] (x is z there) to logsnrs[0]; logsnr_fn, num_steps
+      and t_end are then unused.
+    model_at_next: evaluate the model at each step's destination level
+      (with z still at the step's start), as Tune-A-Video's ddim_inversion
+      does (showlab/Tune-A-Video, tuneavideo/util.py `next_step`, after
+      prompt-to-prompt's null-text inversion); False: at the start level.
 
   Returns:
     z_1 (z at t_end): [B, T, H, W, C] float32.
   """
   diffusion.check_target(target)
-  logsnrs = timestep_logsnrs(logsnr_fn, num_steps)
-  logsnrs = logsnrs[start_index(num_steps, t_end):][::-1]
+  if logsnrs is None:
+    logsnrs = timestep_logsnrs(logsnr_fn, num_steps)
+    logsnrs = logsnrs[start_index(num_steps, t_end):][::-1]
+  else:
+    logsnrs = jnp.asarray(logsnrs, jnp.float32)[::-1]
   return _invert_scan(_as_partial(denoise_fn), jnp.asarray(x, jnp.float32),
-                      logsnrs, dict(cond or {}), target=target, clip_x=clip_x)
+                      logsnrs, dict(cond or {}), target=target, clip_x=clip_x,
+                      model_at_next=model_at_next)

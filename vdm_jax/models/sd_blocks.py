@@ -7,6 +7,16 @@ activations.py, embeddings.py, transformers/transformer_2d.py), shared by
 SD's UNet (sd_unet.py), SVD's UNet and Tune-A-Video's inflation of SD.
 Layout NHWC: x [N, H, W, C]; tokens [B, T, C].
 
+Tune-A-Video's inflation (Wu et al. 2022, arXiv 2212.11565, Sec. 4.1; as
+showlab/Tune-A-Video's tuneavideo/models/attention.py and resnet.py do it)
+is a set of options whose defaults leave the image model as it is: a clip
+is N = B * F frames on the batch axis (frames of one video consecutive);
+`GroupNorm(frames=F)` pools its statistics over the F frames of a video (as
+torch's GroupNorm on their 5-D tensor), `Attention(sparse_causal_frames=F)`
+gives frame i the keys and values of frames 0 and i - 1, and
+`BasicTransformerBlock(frames=F)` adds the temporal attention `attn_temp`
+(with its LayerNorm `norm_temp`) after the feed-forward.
+
 Submodules are named as diffusers names the PyTorch modules, with `.N`
 written `_N` (`attn2/to_out_0`, `ff/net_0/proj`), so that vdm_jax.pretrained
 loads diffusers folders by the generic rule of pretrained/convert.py.
@@ -102,19 +112,24 @@ class GroupNorm(nn.Module):
     num_groups: channel groups.
     epsilon: variance offset.
     dtype: output dtype.
+    frames: statistics pooled over this many consecutive batch entries (the
+      frames of one video: Tune-A-Video's GroupNorm on [B, C, F, H, W]);
+      1 = per image.
   """
 
   num_groups: int
   epsilon: float
   dtype: Dtype = jnp.float32
+  frames: int = 1
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    """x: [N, ..., C] -> normalised [N, ..., C] of `dtype`."""
+    """x: [N, ..., C] -> normalised [N, ..., C] of `dtype`; N a multiple of
+    `frames`."""
     n, c, g = x.shape[0], x.shape[-1], self.num_groups
     scale = self.param('scale', nn.initializers.ones, (c,))
     bias = self.param('bias', nn.initializers.zeros, (c,))
-    xg = x.reshape(n, -1, g, c // g).astype(jnp.float32)
+    xg = x.reshape(n // self.frames, -1, g, c // g).astype(jnp.float32)
     mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
     var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
     y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
@@ -146,6 +161,8 @@ class ResnetBlock2D(nn.Module):
     eps: GroupNorm epsilon.
     output_scale_factor: divides the residual sum.
     dtype: compute dtype.
+    norm_frames: GroupNorm's `frames` (Tune-A-Video's ResnetBlock3D pools
+      norm1's and norm2's statistics over a video's frames).
   """
 
   out_channels: int
@@ -153,16 +170,21 @@ class ResnetBlock2D(nn.Module):
   eps: float = 1e-5
   output_scale_factor: float = 1.0
   dtype: Dtype = jnp.float32
+  norm_frames: int = 1
 
   @nn.compact
   def __call__(self, x: Array, temb: Array) -> Array:
     """x: [N, H, W, Cin], temb: [N, E] -> [N, H, W, out_channels]."""
-    h = nn.silu(GroupNorm(self.groups, self.eps, self.dtype, name='norm1')(x))
+    def norm(name):
+      return GroupNorm(self.groups, self.eps, self.dtype, self.norm_frames,
+                       name=name)
+
+    h = nn.silu(norm('norm1')(x))
     h = conv(self.out_channels, self.dtype, 'conv1')(h)
     t = nn.Dense(self.out_channels, dtype=self.dtype, name='time_emb_proj')(
         nn.silu(temb.astype(self.dtype)))
     h = h + t[:, None, None, :]
-    h = nn.silu(GroupNorm(self.groups, self.eps, self.dtype, name='norm2')(h))
+    h = nn.silu(norm('norm2')(h))
     h = conv(self.out_channels, self.dtype, 'conv2')(h)
     if x.shape[-1] != self.out_channels:
       x = conv(self.out_channels, self.dtype, 'conv_shortcut', kernel=1)(x)
@@ -210,6 +232,27 @@ class Upsample2D(nn.Module):
     return conv(self.channels, self.dtype, 'conv')(nearest_resize(x, size))
 
 
+def sparse_causal(t: Array, frames: int) -> Array:
+  """Tune-A-Video's sparse-causal keys or values (SparseCausalAttention).
+
+  Frame i of each video attends to frame 0's tokens then frame i - 1's
+  (frame 0 to its own, twice: the same softmax as once).
+
+  Args:
+    t: [B * F, L, ...] keys or values, a video's F frames consecutive.
+    frames: F.
+
+  Returns:
+    [B * F, 2 L, ...].
+  """
+  n, length = t.shape[:2]
+  v = t.reshape((n // frames, frames) + t.shape[1:])
+  former = np.maximum(np.arange(frames) - 1, 0)
+  first = jnp.broadcast_to(v[:, :1], v.shape)
+  return jnp.concatenate([first, v[:, former]], axis=2).reshape(
+      (n, 2 * length) + t.shape[2:])
+
+
 class Attention(nn.Module):
   """diffusers `models/attention_processor.py` Attention (AttnProcessor2_0).
 
@@ -223,12 +266,15 @@ class Attention(nn.Module):
     dim_head: channels per head.
     attention: the dispatch implementation (models/attention.py).
     dtype: compute dtype.
+    sparse_causal_frames: 0, or F: self-attention becomes Tune-A-Video's
+      sparse-causal attention over videos of F frames (`sparse_causal`).
   """
 
   heads: int
   dim_head: int
   attention: str = 'auto'
   dtype: Dtype = jnp.float32
+  sparse_causal_frames: int = 0
 
   @nn.compact
   def __call__(self, x: Array, context: Optional[Array] = None,
@@ -252,6 +298,9 @@ class Attention(nn.Module):
 
     q = proj('to_q', x) * (self.dim_head**-0.5)
     k, v = proj('to_k', kv), proj('to_v', kv)
+    if self.sparse_causal_frames and context is None:
+      k = sparse_causal(k, self.sparse_causal_frames)
+      v = sparse_causal(v, self.sparse_causal_frames)
     mask = None if context_mask is None else context_mask[:, None, None, :]
     o = attention_lib.dot_product_attention(
         q, k, v, mask=mask, implementation=self.attention)
@@ -292,6 +341,9 @@ class BasicTransformerBlock(nn.Module):
 
   x + attn1(norm1(x)) (self-attention, or cross-attention with
   only_cross_attention); x + attn2(norm2(x), context); x + ff(norm3(x)).
+  With frames F > 0 (Tune-A-Video's block): attn1 is sparse-causal, and
+  x + attn_temp(norm_temp(x)) follows over each pixel's F frames (no
+  positional encoding).
 
   Attributes:
     heads: attention heads.
@@ -300,6 +352,7 @@ class BasicTransformerBlock(nn.Module):
       mask, as diffusers passes attn1 the UNet's attention_mask only).
     attention: the dispatch implementation.
     dtype: compute dtype.
+    frames: 0 (an image block), or the F frames of each video in the batch.
   """
 
   heads: int
@@ -307,21 +360,30 @@ class BasicTransformerBlock(nn.Module):
   only_cross_attention: bool = False
   attention: str = 'auto'
   dtype: Dtype = jnp.float32
+  frames: int = 0
 
   @nn.compact
   def __call__(self, x: Array, context: Array,
                context_mask: Optional[Array] = None) -> Array:
     """x: [B, T, C], context: [B, L, D], context_mask: [B, L] -> [B, T, C]."""
-    def attn(name):
+    def attn(name, sparse_causal_frames=0):
       return Attention(self.heads, self.dim_head, self.attention, self.dtype,
-                       name=name)
+                       sparse_causal_frames, name=name)
 
     h = _layer_norm(self.dtype, 'norm1')(x)
-    x = x + attn('attn1')(h, context if self.only_cross_attention else None)
+    x = x + attn('attn1', self.frames)(
+        h, context if self.only_cross_attention else None)
     h = _layer_norm(self.dtype, 'norm2')(x)
     x = x + attn('attn2')(h, context, context_mask)
     h = _layer_norm(self.dtype, 'norm3')(x)
-    return x + FeedForward(dtype=self.dtype, name='ff')(h)
+    x = x + FeedForward(dtype=self.dtype, name='ff')(h)
+    if not self.frames:
+      return x
+    n, d, c = x.shape  # (b f) d c -> (b d) f c.
+    f = self.frames
+    h = x.reshape(n // f, f, d, c).transpose(0, 2, 1, 3).reshape(-1, f, c)
+    h = h + attn('attn_temp')(_layer_norm(self.dtype, 'norm_temp')(h))
+    return h.reshape(n // f, d, f, c).transpose(0, 2, 1, 3).reshape(n, d, c)
 
 
 class Transformer2D(nn.Module):
@@ -339,6 +401,8 @@ class Transformer2D(nn.Module):
     attention: the dispatch implementation.
     remat_blocks: rematerialise each transformer block.
     dtype: compute dtype.
+    frames: the blocks' `frames` (Tune-A-Video); the GroupNorm stays per
+      frame, as their Transformer3DModel has it.
   """
 
   heads: int
@@ -349,6 +413,7 @@ class Transformer2D(nn.Module):
   attention: str = 'auto'
   remat_blocks: bool = False
   dtype: Dtype = jnp.float32
+  frames: int = 0
 
   @nn.compact
   def __call__(self, x: Array, context: Array,
@@ -363,7 +428,8 @@ class Transformer2D(nn.Module):
              else BasicTransformerBlock)
     for i in range(self.num_layers):
       h = block(self.heads, self.dim_head, self.only_cross_attention,
-                self.attention, self.dtype, name=f'transformer_blocks_{i}')(
+                self.attention, self.dtype, self.frames,
+                name=f'transformer_blocks_{i}')(
                     h, context, context_mask)
     h = nn.Dense(c, dtype=self.dtype, name='proj_out')(h)
     return h.reshape(n, hgt, wid, c) + x.astype(self.dtype)
@@ -377,6 +443,7 @@ class TimestepEmbedding(nn.Module):
 
   dim: int
   dtype: Dtype = jnp.float32
+  out_dim: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -384,4 +451,3 @@ class TimestepEmbedding(nn.Module):
     x = nn.Dense(self.dim, dtype=self.dtype, name='linear_1')(x)
     return nn.Dense(self.out_dim or self.dim, dtype=self.dtype,
                     name='linear_2')(nn.silu(x))
-  out_dim: Optional[int] = None

@@ -16,6 +16,16 @@ so that vdm_jax.pretrained.unet2d loads a diffusers folder by the generic
 rule of vdm_jax.pretrained.convert. The block types are modules with typed
 fields that SVD's UNet and Tune-A-Video's inflation reuse; `timesteps` and
 `context` are explicit arguments everywhere. Layout NHWC: x [B, H, W, C].
+
+`inflated=True` is Tune-A-Video's inflation of this UNet (Wu et al. 2022,
+arXiv 2212.11565, Sec. 4.1; showlab/Tune-A-Video, tuneavideo/models/):
+x [B, F, H, W, C] runs as B * F frames through the same convolutions (their
+InflatedConv3d), with the resnets' and conv_norm_out's GroupNorm statistics
+over each video's frames (`frame_norm='pooled'`, their GroupNorm on a 5-D
+tensor; 'per_frame' keeps SD's), sparse-causal attn1 and a temporal
+attention after every transformer block's feed-forward (sd_blocks.py). SD's
+parameters load unchanged; the new ones are every `attn_temp` and
+`norm_temp` (vdm_jax.adapt.inflate_sd).
 """
 
 from typing import Any, Optional, Sequence
@@ -43,6 +53,7 @@ REMAT = ('none', 'block', 'full', 'dots_saveable')
 DOWN_BLOCK_TYPES = ('CrossAttnDownBlock2D', 'DownBlock2D')
 UP_BLOCK_TYPES = ('CrossAttnUpBlock2D', 'UpBlock2D')
 MID_BLOCK_TYPES = ('UNetMidBlock2DCrossAttn', None)
+FRAME_NORMS = ('pooled', 'per_frame')
 
 
 class DownBlock2D(nn.Module):
@@ -60,6 +71,9 @@ class DownBlock2D(nn.Module):
     downsample_padding: see Downsample2D.
     remat_blocks: rematerialise each resnet (and transformer block).
     dtype: compute dtype.
+    frames: 0, or the frames per video of an inflated UNet (the
+      transformer blocks' `frames`).
+    norm_frames: the resnets' GroupNorm `frames`.
   """
 
   out_channels: int
@@ -70,6 +84,8 @@ class DownBlock2D(nn.Module):
   downsample_padding: int = 1
   remat_blocks: bool = False
   dtype: Dtype = jnp.float32
+  frames: int = 0
+  norm_frames: int = 1
 
   def _attend(self, i: int, h: Array, context: Optional[Array],
               context_mask: Optional[Array]) -> Array:
@@ -95,7 +111,7 @@ class DownBlock2D(nn.Module):
     skips = []
     for i in range(self.num_layers):
       x = res(self.out_channels, self.groups, self.eps, dtype=self.dtype,
-              name=f'resnets_{i}')(x, temb)
+              norm_frames=self.norm_frames, name=f'resnets_{i}')(x, temb)
       x = self._attend(i, x, context, context_mask)
       skips.append(x)
     if self.add_downsample:
@@ -113,7 +129,7 @@ class _CrossAttn:
     return Transformer2D(
         self.heads, h.shape[-1] // self.heads, self.transformer_layers,
         self.groups, self.only_cross_attention, self.attention,
-        self.remat_blocks, self.dtype, name=f'attentions_{i}')(
+        self.remat_blocks, self.dtype, self.frames, name=f'attentions_{i}')(
             h, context, context_mask)
 
 
@@ -143,6 +159,8 @@ class UpBlock2D(nn.Module):
   eps: float = 1e-5
   remat_blocks: bool = False
   dtype: Dtype = jnp.float32
+  frames: int = 0
+  norm_frames: int = 1
 
   def _attend(self, i: int, h: Array, context: Optional[Array],
               context_mask: Optional[Array]) -> Array:
@@ -174,7 +192,7 @@ class UpBlock2D(nn.Module):
     for i in range(self.num_layers):
       x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
       x = res(self.out_channels, self.groups, self.eps, dtype=self.dtype,
-              name=f'resnets_{i}')(x, temb)
+              norm_frames=self.norm_frames, name=f'resnets_{i}')(x, temb)
       x = self._attend(i, x, context, context_mask)
     if self.add_upsample:
       x = Upsample2D(self.out_channels, self.dtype, name='upsamplers_0')(
@@ -208,6 +226,8 @@ class UNetMidBlock2DCrossAttn(nn.Module):
   attention: str = 'auto'
   remat_blocks: bool = False
   dtype: Dtype = jnp.float32
+  frames: int = 0
+  norm_frames: int = 1
 
   @nn.compact
   def __call__(self, x: Array, temb: Array, context: Array,
@@ -216,11 +236,13 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     res = nn.remat(ResnetBlock2D) if self.remat_blocks else ResnetBlock2D
     c = x.shape[-1]
     kw = dict(groups=self.groups, eps=self.eps,
-              output_scale_factor=self.output_scale_factor, dtype=self.dtype)
+              output_scale_factor=self.output_scale_factor, dtype=self.dtype,
+              norm_frames=self.norm_frames)
     x = res(c, name='resnets_0', **kw)(x, temb)
     x = Transformer2D(self.heads, c // self.heads, self.transformer_layers,
                       self.groups, False, self.attention, self.remat_blocks,
-                      self.dtype, name='attentions_0')(x, context, context_mask)
+                      self.dtype, self.frames, name='attentions_0')(
+                          x, context, context_mask)
     return res(c, name='resnets_1', **kw)(x, temb)
 
 
@@ -269,6 +291,12 @@ class UNet2DConditionModel(nn.Module):
     remat: 'none'; 'block' (each resnet and transformer block); 'full'
       (also each down/mid/up block as a whole); 'dots_saveable' (one
       checkpoint that keeps matmul and conv outputs).
+    inflated: Tune-A-Video's video UNet (module docstring): x is
+      [B, F, H, W, C]; adds attn_temp / norm_temp to every transformer
+      block.
+    frame_norm: inflated only: 'pooled' (their ResnetBlock3D: the resnets'
+      and conv_norm_out's GroupNorm over all frames of a video) or
+      'per_frame' (SD's GroupNorm on each frame).
   """
 
   sample_size: int = 64
@@ -296,6 +324,8 @@ class UNet2DConditionModel(nn.Module):
   attention: str = 'auto'
   dtype: str = 'float32'
   remat: str = 'none'
+  inflated: bool = False
+  frame_norm: str = 'pooled'
 
   def check(self) -> None:
     """Raises ValueError naming a field the module does not support."""
@@ -303,6 +333,7 @@ class UNet2DConditionModel(nn.Module):
     choices = dict(dtype=(self.dtype, DTYPES), remat=(self.remat, REMAT),
                    mid_block_type=(self.mid_block_type, MID_BLOCK_TYPES),
                    downsample_padding=(self.downsample_padding, (0, 1)),
+                   frame_norm=(self.frame_norm, FRAME_NORMS),
                    attention=(self.attention, attention_lib.IMPLEMENTATIONS))
     for name, (value, ok) in choices.items():
       if value not in ok:
@@ -330,10 +361,13 @@ class UNet2DConditionModel(nn.Module):
     attention_lib.check_implementation(self.attention)
 
   def example_inputs(self, batch: int = 1, context_length: int = 77,
-                     size: Optional[int] = None) -> tuple[Any, Any, Any]:
-    """ShapeDtypeStructs (x, timesteps, context) for init / lowering."""
+                     size: Optional[int] = None, frames: int = 1
+                     ) -> tuple[Any, Any, Any]:
+    """ShapeDtypeStructs (x, timesteps, context) for init / lowering
+    (x [batch, frames, s, s, C] when inflated)."""
     s = size or self.sample_size
-    return (jax.ShapeDtypeStruct((batch, s, s, self.in_channels),
+    lead = (batch, frames) if self.inflated else (batch,)
+    return (jax.ShapeDtypeStruct(lead + (s, s, self.in_channels),
                                  jnp.float32),
             jax.ShapeDtypeStruct((batch,), jnp.float32),
             jax.ShapeDtypeStruct(
@@ -347,7 +381,8 @@ class UNet2DConditionModel(nn.Module):
 
     Args:
       x: [B, H, W, in_channels] noisy latents (any H, W; odd sizes are
-        upsampled to the skips' sizes as diffusers does).
+        upsampled to the skips' sizes as diffusers does); inflated:
+        [B, F, H, W, in_channels], a clip of F frames.
       timesteps: [B] (or scalar) float, the model's own time input: the
         discrete training timestep, possibly fractional.
       context: [B, L, D] encoder hidden states (the text encoder's).
@@ -355,37 +390,58 @@ class UNet2DConditionModel(nn.Module):
         encoder_attention_mask), or None.
 
     Returns:
-      [B, H, W, out_channels] float32.
+      [B, H, W, out_channels] float32 (inflated: [B, F, H, W, ...]).
     """
     self.check()
     dtype = jnp.dtype(self.dtype)
     b = x.shape[0]
     c0 = self.block_out_channels[0]
     t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (b,))
+    if self.inflated:  # b f h w c -> (b f) h w c; t, context per frame.
+      f = x.shape[1]
+      x = x.reshape((b * f,) + x.shape[2:])
+      t = jnp.repeat(t, f)
+      context = jnp.repeat(context, f, axis=0)
+      if context_mask is not None:
+        context_mask = jnp.repeat(context_mask, f, axis=0)
+      h = self._call_frames(x, t, context, context_mask, f)
+      return h.reshape((b, f) + h.shape[1:])
+    return self._call_frames(x, t, context, context_mask, 0)
+
+  def _call_frames(self, x: Array, t: Array, context: Array,
+                   context_mask: Optional[Array], frames: int) -> Array:
+    """x: [N, H, W, Cin], t: [N] -> [N, H, W, Cout] float32 (N = B * frames
+    when inflated)."""
+    dtype = jnp.dtype(self.dtype)
+    c0 = self.block_out_channels[0]
     temb = sd_blocks.timestep_embedding(t, c0, self.flip_sin_to_cos,
                                         self.freq_shift)
     temb = TimestepEmbedding(self.time_embedding_dim or 4 * c0, dtype,
                              name='time_embedding')(temb.astype(dtype))
     trunk = UNet2DConditionModel._trunk
     if self.remat == 'dots_saveable':
-      trunk = nn.remat(trunk, policy=jax.checkpoint_policies.dots_saveable)
+      trunk = nn.remat(trunk, policy=jax.checkpoint_policies.dots_saveable,
+                       static_argnums=(5,))
     h = trunk(self, x.astype(dtype), temb, context.astype(dtype),
-              context_mask)
+              context_mask, frames)
     return h.astype(jnp.float32)
 
   # Over 60 lines: the network reads top to bottom (conv_in, down blocks,
   # middle, up blocks, head) as diffusers' forward does.
   def _trunk(self, x: Array, temb: Array, context: Array,
-             context_mask: Optional[Array]) -> Array:
+             context_mask: Optional[Array], frames: int = 0) -> Array:
     """conv_in .. conv_out: [B, H, W, Cin] -> [B, H, W, Cout] (compute
-    dtype)."""
+    dtype); frames > 0: B = videos x frames (inflated)."""
     dtype = jnp.dtype(self.dtype)
     n = len(self.block_out_channels)
     blocks = self.remat in ('block', 'full')
     lift = ((lambda c, s=(): nn.remat(c, static_argnums=s))
             if self.remat == 'full' else (lambda c, s=(): c))
+    norm_frames = frames if frames and self.frame_norm == 'pooled' else 1
     common = dict(groups=self.norm_num_groups, eps=self.norm_eps,
                   remat_blocks=blocks, dtype=dtype)
+    if frames:  # Only an inflated UNet names them (the image one as before).
+      common.update(frames=frames, norm_frames=norm_frames)
     cross = dict(attention=self.attention)
 
     h = conv(self.block_out_channels[0], dtype, 'conv_in',
@@ -429,6 +485,6 @@ class UNet2DConditionModel(nn.Module):
                   h, level_skips, temb, context, context_mask, size)
 
     h = nn.silu(GroupNorm(self.norm_num_groups, self.norm_eps, dtype,
-                          name='conv_norm_out')(h))
+                          norm_frames, name='conv_norm_out')(h))
     return conv(self.out_channels, dtype, 'conv_out',
                  kernel=self.conv_out_kernel)(h)
