@@ -421,13 +421,6 @@ def get_config(arg=None):
   config.pretrained.variant = ''
   # Frames per autoencoder call (bounds the decoder's memory).
   config.pretrained.vae_chunk = 8
-  return config
-
-
-def optimizer_config() -> ml_collections.ConfigDict:
-  """The optimizer fields, shared by every method's config (one home)."""
-  opt = ml_collections.ConfigDict()
-  # 'adam' or 'adamw'.
 
   # Latent diffusion with this library's UNet (docs/pretrained.md): a frozen
   # pretrained autoencoder's folder (an AutoencoderKL model folder, or a
@@ -441,6 +434,13 @@ def optimizer_config() -> ml_collections.ConfigDict:
   config.latent.sample_posterior = True
   # Frames per autoencoder call.
   config.latent.chunk = 8
+  return config
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+  """The optimizer fields, shared by every method's config (one home)."""
+  opt = ml_collections.ConfigDict()
+  # 'adam' or 'adamw'.
   opt.name = 'adam'
   opt.learning_rate = 3e-4
   opt.b1 = 0.9
