@@ -11,7 +11,9 @@ model, its text dimension is checked first), tune (Tune-A-Video's one-shot
 tuning of a text-to-image model on config.tune.video; then --mode=sample
 with sample.task='edit' edits it), tune_backward (Generative Inbetweening's
 backward-motion tune of the image-to-video model in config.tune.base_workdir;
-then --mode=sample with sample.task='inbetween').
+then --mode=sample with sample.task='inbetween'), plan (compiles the train
+and sampling steps for the TPU/GPU targets of config.plan.targets on this
+CPU host and says what fits; --workdir optional).
 On several hosts, run the same command on each; jax.distributed is set up
 automatically on TPU pods and SLURM, or from --coordinator_address,
 --num_processes and --process_id.
@@ -37,7 +39,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints,'
                                ' logs and samples (local path or gs://).')
 _MODE = flags.DEFINE_enum('mode', 'train',
                           ['train', 'sample', 'eval', 'embed_captions',
-                           'tune', 'tune_backward'],
+                           'tune', 'tune_backward', 'plan'],
                           'What to run.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0 (multi-process).')
@@ -82,6 +84,11 @@ def quiet_libraries() -> None:
 def main(argv):
   del argv
   quiet_libraries()
+  if _MODE.value == 'plan':
+    from vdm_jax import plan  # pylint: disable=g-import-not-at-top
+    plan.prepare_host()
+    plan.plan(_CONFIG.value, _WORKDIR.value)
+    return
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value)
   logging.info('JAX process %d/%d, devices: %s', jax.process_index(),
@@ -93,13 +100,6 @@ def main(argv):
     return
   if not workdir:
     raise app.UsageError(f'--mode={_MODE.value} needs --workdir.')
-  if _MODE.value == 'tune':
-    from vdm_jax.adapt import tune  # pylint: disable=g-import-not-at-top
-    tune.tune(config, workdir)
-    return
-  if _MODE.value == 'tune_backward':
-    from vdm_jax.adapt import tune_backward  # pylint: disable=g-import-not-at-top
-    tune_backward.tune_backward(config, workdir)
   if config.method == 'tune_a_video_sd':  # configs/tune_a_video_sd.py
     if _MODE.value not in ('tune', 'sample'):
       raise app.UsageError(f'--mode={_MODE.value} does not apply to '
@@ -111,6 +111,13 @@ def main(argv):
       from vdm_jax.adapt import edit_sd  # pylint: disable=g-import-not-at-top
       edit_sd.edit(config, workdir)
     return
+  if _MODE.value == 'tune':
+    from vdm_jax.adapt import tune  # pylint: disable=g-import-not-at-top
+    tune.tune(config, workdir)
+    return
+  if _MODE.value == 'tune_backward':
+    from vdm_jax.adapt import tune_backward  # pylint: disable=g-import-not-at-top
+    tune_backward.tune_backward(config, workdir)
     return
   if config.method == 'pretrained':  # configs/stable_diffusion.py
     if _MODE.value != 'sample':
