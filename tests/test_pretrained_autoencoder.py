@@ -313,3 +313,16 @@ def test_bfloat16_compute_is_close(kl_case):
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(kl_case['flax'])):
     assert g.dtype == np.float32
     assert np.abs(g - w).max() < 0.05 * np.abs(w).max()
+
+
+def test_unknown_option_is_warned_and_ignored(caplog):
+  """As diffusers does; the published SD and SVD configs warn of nothing."""
+  with caplog.at_level('WARNING'):
+    pae.module_kwargs(dict(SD_VAE, force_upcast=True, scaling_factor=0.18))
+    pae.module_kwargs(dict(SVD_VAE, _class_name='AutoencoderKLTemporalDecoder',
+                           force_upcast=True, in_channels=3))
+  assert not caplog.records
+  with caplog.at_level('WARNING'):
+    kw = pae.module_kwargs(dict(SD_VAE, conv_style='new'))
+  assert "['conv_style']" in caplog.text
+  assert 'conv_style' not in kw
