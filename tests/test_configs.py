@@ -66,7 +66,28 @@ def _variants(names):
 
 
 def _vdm(name):
-  return name not in SINFUSION
+  """A config of VDM's train/sample/eval programs (not SinFusion's, nor a
+  pretrained model's: configs/stable_diffusion.py and the like, whose
+  programs read a local diffusers folder; tests/test_pretrained_*.py)."""
+  return name not in SINFUSION and _load(name).method == 'vdm'
+
+
+PRETRAINED = [n for n in CONFIG_NAMES
+              if n not in SINFUSION and not _vdm(n)]
+
+
+@pytest.mark.parametrize('name', PRETRAINED)
+def test_pretrained_configs_need_a_folder(name):
+  """Every pretrained-model config names its folder field, and its
+  program says to set it (before reading or compiling anything)."""
+  config = _load(name)
+  assert 'pretrained' in config and config.pretrained.path == ''
+  assert config.method in ('pretrained', 'tune_a_video_sd', 'svd',
+                           'svd_inbetween'), config.method
+  if config.method == 'pretrained':
+    from vdm_jax import sample_pretrained  # pylint: disable=g-import-not-at-top
+    with pytest.raises(ValueError, match='pretrained.path is empty'):
+      sample_pretrained.check(config)
 
 
 def test_every_config_file_is_covered():
