@@ -300,73 +300,6 @@ class VAEAttention(nn.Module):
     return out.reshape(n, hh, ww, c) + x.astype(out.dtype)
 
 
-class Encoder(nn.Module):
-  """diffusers models/autoencoders/vae.py Encoder (DownEncoderBlock2D's).
-
-  conv_in; per level `layers_per_block` ResnetBlock2D's and, except on the
-  last level, a stride-2 3x3 conv padded (0, 1, 0, 1) (Downsample2D with
-  padding 0); mid_block (resnet, attention, resnet); conv_norm_out, SiLU,
-  conv_out to 2 * latent_channels moments.
-
-  Attributes:
-    block_out_channels: channels per level.
-    layers_per_block: res blocks per level.
-    latent_channels: latent channels (the output has twice as many).
-    norm_num_groups: GroupNorm groups.
-    mid_block_add_attention: the attention of the mid block.
-    attention: attention implementation.
-    dtype: compute dtype.
-  """
-
-  block_out_channels: Sequence[int]
-  layers_per_block: int
-  latent_channels: int
-  norm_num_groups: int = 32
-  mid_block_add_attention: bool = True
-  attention: str = 'auto'
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """[N, H, W, in_channels] -> [N, H/f, W/f, 2 * latent_channels]."""
-    g, dt = self.norm_num_groups, self.dtype
-    h = _conv(self.block_out_channels[0], 3, dt, 'conv_in')(x.astype(dt))
-    last = len(self.block_out_channels) - 1
-    for i, ch in enumerate(self.block_out_channels):
-      h = DownEncoderBlock2D(ch, self.layers_per_block, i < last, g, dt,
-                             name=f'down_blocks_{i}')(h)
-    h = MidBlock2D(g, self.mid_block_add_attention, self.attention, dt,
-                   name='mid_block')(h)
-    h = nn.silu(_norm(g, 1e-6, 'conv_norm_out')(h)).astype(dt)
-    return _conv(2 * self.latent_channels, 3, dt, 'conv_out')(h)
-
-
-class MidBlock2D(nn.Module):
-  """diffusers UNetMidBlock2D of the VAE: resnets_0, attentions_0, resnets_1.
-
-  Attributes:
-    groups: GroupNorm groups.
-    add_attention: whether attentions_0 exists (mid_block_add_attention).
-    attention: attention implementation.
-    dtype: compute dtype.
-  """
-
-  groups: int = 32
-  add_attention: bool = True
-  attention: str = 'auto'
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """[N, h, w, C] -> [N, h, w, C]."""
-    c = x.shape[-1]
-    x = ResnetBlock2D(c, self.groups, 1e-6, self.dtype, name='resnets_0')(x)
-    if self.add_attention:
-      x = VAEAttention(1, self.groups, 1e-6, self.attention, self.dtype,
-                       name='attentions_0')(x)
-    return ResnetBlock2D(c, self.groups, 1e-6, self.dtype, name='resnets_1')(x)
-
-
 class Downsample2D(nn.Module):
   """diffusers models/downsampling.py Downsample2D(use_conv, padding=0).
 
@@ -451,6 +384,73 @@ class UpDecoderBlock2D(nn.Module):
     if self.add_upsample:
       x = Upsample2D(self.out_channels, self.dtype, name='upsamplers_0')(x)
     return x
+
+
+class MidBlock2D(nn.Module):
+  """diffusers UNetMidBlock2D of the VAE: resnets_0, attentions_0, resnets_1.
+
+  Attributes:
+    groups: GroupNorm groups.
+    add_attention: whether attentions_0 exists (mid_block_add_attention).
+    attention: attention implementation.
+    dtype: compute dtype.
+  """
+
+  groups: int = 32
+  add_attention: bool = True
+  attention: str = 'auto'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[N, h, w, C] -> [N, h, w, C]."""
+    c = x.shape[-1]
+    x = ResnetBlock2D(c, self.groups, 1e-6, self.dtype, name='resnets_0')(x)
+    if self.add_attention:
+      x = VAEAttention(1, self.groups, 1e-6, self.attention, self.dtype,
+                       name='attentions_0')(x)
+    return ResnetBlock2D(c, self.groups, 1e-6, self.dtype, name='resnets_1')(x)
+
+
+class Encoder(nn.Module):
+  """diffusers models/autoencoders/vae.py Encoder (DownEncoderBlock2D's).
+
+  conv_in; per level `layers_per_block` ResnetBlock2D's and, except on the
+  last level, a stride-2 3x3 conv padded (0, 1, 0, 1) (Downsample2D with
+  padding 0); mid_block (resnet, attention, resnet); conv_norm_out, SiLU,
+  conv_out to 2 * latent_channels moments.
+
+  Attributes:
+    block_out_channels: channels per level.
+    layers_per_block: res blocks per level.
+    latent_channels: latent channels (the output has twice as many).
+    norm_num_groups: GroupNorm groups.
+    mid_block_add_attention: the attention of the mid block.
+    attention: attention implementation.
+    dtype: compute dtype.
+  """
+
+  block_out_channels: Sequence[int]
+  layers_per_block: int
+  latent_channels: int
+  norm_num_groups: int = 32
+  mid_block_add_attention: bool = True
+  attention: str = 'auto'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[N, H, W, in_channels] -> [N, H/f, W/f, 2 * latent_channels]."""
+    g, dt = self.norm_num_groups, self.dtype
+    h = _conv(self.block_out_channels[0], 3, dt, 'conv_in')(x.astype(dt))
+    last = len(self.block_out_channels) - 1
+    for i, ch in enumerate(self.block_out_channels):
+      h = DownEncoderBlock2D(ch, self.layers_per_block, i < last, g, dt,
+                             name=f'down_blocks_{i}')(h)
+    h = MidBlock2D(g, self.mid_block_add_attention, self.attention, dt,
+                   name='mid_block')(h)
+    h = nn.silu(_norm(g, 1e-6, 'conv_norm_out')(h)).astype(dt)
+    return _conv(2 * self.latent_channels, 3, dt, 'conv_out')(h)
 
 
 class Decoder(nn.Module):
