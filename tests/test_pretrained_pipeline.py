@@ -6,13 +6,20 @@ the same initial latents, prompts and guidance scale, the library's DDIM
 encoder give diffusers' images.
 """
 
+import json
+import os
+import shutil
+
 import diffusers
 import jax
 import ml_collections
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
+from configs import stable_diffusion as stable_diffusion_config
+from vdm_jax import sample_pretrained
 from vdm_jax import sharding
 from vdm_jax.pretrained import stable_diffusion
 import sd_fixtures
@@ -80,3 +87,67 @@ def test_fsdp_placement_gives_the_same_images(tiny):
       sharded, PROMPTS, jax.random.key(0), num_steps=3, init_latents=LATENTS,
       mesh=mesh)
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def _program_config(folder, tmp_path, **sample):
+  config = stable_diffusion_config.get_config()
+  config.pretrained.path = folder
+  config.sample.update(dict(dict(num_videos=2, batch_size=2, num_steps=6,
+                                 sampler='ddim', height=16, width=16),
+                            **sample))
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('\n'.join(PROMPTS) + '\n')
+  config.sample.prompts_file = str(prompts)
+  return config
+
+
+def test_program_writes_diffusers_images(tiny, tmp_path):
+  """--mode=sample with configs/stable_diffusion.py: the PNGs and the npz
+  hold diffusers' uint8 images (from the same initial latents)."""
+  pipe, _ = tiny
+  np.save(tmp_path / 'latents.npy', LATENTS)
+  config = _program_config(pipe.folder, tmp_path,
+                           init_latents=str(tmp_path / 'latents.npy'))
+  paths = sample_pretrained.sample_and_save(config, str(tmp_path / 'run'))
+  want = np.rint(_diffusers_images(pipe, LATENTS, 6, 7.5) * 255)
+  videos = np.load(paths['npz'])['videos']
+  assert videos.shape == (2, 1, 16, 16, 3)
+  assert np.abs(videos[:, 0].astype(int) - want).max() <= 1
+  png = np.asarray(PIL.Image.open(paths['png'][1]))
+  np.testing.assert_array_equal(png, videos[1, 0])
+  assert os.path.basename(paths['png'][0]).startswith('sample_000_a_photo')
+
+
+@pytest.mark.parametrize('change, error, message', [
+    ({'path': 'MISSING'}, FileNotFoundError, 'is not a folder'),
+    ({'path': 'MODEL'}, FileNotFoundError, 'has no model_index.json'),
+    ({'sampler': 'pc'}, ValueError, "sample.sampler='pc'"),
+    ({'task': 'predict'}, ValueError, "sample.task='predict'"),
+    ({'init_latents': 'MISSING'}, FileNotFoundError, 'does not exist'),
+    ({'init_latents': 'SHORT'}, ValueError, 'needs sample.num_videos=2'),
+    ({'unet_class': 'UNet3DConditionModel'}, ValueError,
+     "unet class 'UNet3DConditionModel' is not supported"),
+])
+def test_bad_input_is_named_before_loading(tiny, tmp_path, change, error,
+                                           message):
+  pipe, _ = tiny
+  folder = pipe.folder
+  if change.get('path') == 'MISSING':
+    folder = str(tmp_path / 'missing')
+  elif change.get('path') == 'MODEL':
+    folder = os.path.join(pipe.folder, 'unet')
+  elif 'unet_class' in change:
+    folder = str(tmp_path / 'copy')
+    shutil.copytree(pipe.folder, folder)
+    index = json.load(open(os.path.join(folder, 'model_index.json')))
+    index['unet'][1] = change['unet_class']
+    json.dump(index, open(os.path.join(folder, 'model_index.json'), 'w'))
+  sample = {k: v for k, v in change.items() if k in ('sampler', 'task')}
+  config = _program_config(folder, tmp_path, **sample)
+  if change.get('init_latents') == 'MISSING':
+    config.sample.init_latents = str(tmp_path / 'none.npy')
+  elif change.get('init_latents') == 'SHORT':
+    np.save(tmp_path / 'short.npy', LATENTS[:1])
+    config.sample.init_latents = str(tmp_path / 'short.npy')
+  with pytest.raises(error, match=message):
+    sample_pretrained.check(config)
