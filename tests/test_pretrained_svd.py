@@ -25,6 +25,7 @@ from vdm_jax.models import layers  # pylint: disable=g-import-not-at-top
 from vdm_jax.models import svd_unet  # pylint: disable=g-import-not-at-top
 from vdm_jax.pretrained import convert  # pylint: disable=g-import-not-at-top
 from vdm_jax.pretrained import svd  # pylint: disable=g-import-not-at-top
+import svd_fixtures  # pylint: disable=g-import-not-at-top
 
 TOL = 1e-5
 _CROSS_DOWN, _DOWN = ('CrossAttnDownBlockSpatioTemporal',
@@ -217,16 +218,8 @@ def test_remat_and_bfloat16_trace(case):
   assert out.dtype == jnp.float32
 
 
-# stabilityai/stable-video-diffusion-img2vid(-xt)'s scheduler_config.json.
-SVD_SCHEDULER = {
-    '_class_name': 'EulerDiscreteScheduler', 'beta_end': 0.012,
-    'beta_schedule': 'scaled_linear', 'beta_start': 0.00085,
-    'clip_sample': False, 'interpolation_type': 'linear',
-    'num_train_timesteps': 1000, 'prediction_type': 'v_prediction',
-    'set_alpha_to_one': False, 'sigma_max': 700.0, 'sigma_min': 0.002,
-    'skip_prk_steps': True, 'steps_offset': 1, 'timestep_spacing': 'leading',
-    'timestep_type': 'continuous', 'trained_betas': None,
-    'use_karras_sigmas': True}
+SVD_SCHEDULER = dict(svd_fixtures.SVD_SCHEDULER,
+                     _class_name='EulerDiscreteScheduler')
 
 
 @pytest.mark.parametrize('steps', [25, 4])
@@ -304,3 +297,39 @@ def test_edm_denoiser_and_ddim_equal_diffusers_euler():
   want = lat.numpy()
   assert np.abs(want).max() > 0.1
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def svd_folder(tmp_path_factory):
+  """A tiny SVD pipeline folder and the pipeline itself."""
+  folder = str(tmp_path_factory.mktemp('svd_pipeline'))
+  return folder, svd_fixtures.tiny_svd_pipeline(folder)
+
+
+def test_image_to_video_matches_diffusers_pipeline(svd_folder):
+  """From the same initial latents, image, settings and augmentation noise,
+  vdm_jax's image_to_video gives StableVideoDiffusionPipeline's frames
+  (<= 1e-4 in [0, 1]); decode_chunk_size 2 splits the 3 frames."""
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  from vdm_jax.pretrained import stable_video_diffusion as svdp  # pylint: disable=g-import-not-at-top
+  folder, pipe = svd_folder
+  img = svd_fixtures.first_frame()
+  f, s = svd_fixtures.FRAMES, svd_fixtures.SIZE
+  init = torch.randn((1, f, 4, s // 2, s // 2),
+                     generator=torch.Generator().manual_seed(1))
+  noise = torch.randn((1, 3, s, s), generator=torch.Generator().manual_seed(2))
+  settings = dict(height=s, width=s, num_frames=f, decode_chunk_size=2,
+                  noise_aug_strength=0.02, fps=7, motion_bucket_id=127)
+  with torch.no_grad():
+    want = np.asarray(pipe(
+        image=PIL.Image.fromarray(img), num_inference_steps=4,
+        latents=init.clone(), generator=torch.Generator().manual_seed(2),
+        output_type='np', **settings).frames)
+  model = svdp.load(folder)
+  got, _ = svdp.image_to_video(
+      model, (img / 255.0)[None].astype(np.float32), jax.random.PRNGKey(0),
+      num_steps=4, init_latents=init.numpy(),
+      aug_noise=noise.numpy().transpose(0, 2, 3, 1), **settings)
+  assert got.shape == want.shape == (1, f, s, s, 3)
+  assert want.std() > 0.1
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
