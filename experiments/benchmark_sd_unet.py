@@ -168,8 +168,8 @@ def main(argv):
             rng.randn(b, _TOKENS.value, 768).astype(np.float32))
   print(f'CPU: {_cpu_name()}, {os.cpu_count()} cores; torch threads '
         f'{threads}; jax {jax.__version__} on {jax.devices()[0]}; '
-        f'shape [{b}, {s}, {s}, 4], {_TOKENS.value} tokens, float32',
-        flush=True)
+        f'shape [{b}, {s}, {s}, 4], {_TOKENS.value} tokens, float32; load '
+        f'average {os.getloadavg()[0]:.1f}', flush=True)
   if _COMPILE_ONLY.value:
     result = _compile(inputs)
     del result['compiled']
@@ -200,7 +200,8 @@ def main(argv):
       jax_matmul_flops=ours['flops'],
       torch_flops_without_sdpa=theirs['flops'],
       xla_flops=ours['xla_flops'], compile_s=ours['compile_s'],
-      load_s=ours['load_s'], memory=ours['memory'], max_abs_diff=diff)))
+      load_s=ours['load_s'], memory=ours['memory'], max_abs_diff=diff,
+      load_average_end=os.getloadavg()[0])))
 
 
 if __name__ == '__main__':
