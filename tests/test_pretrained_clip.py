@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
-tokenizers = pytest.importorskip('tokenizers')
+from diffusers.pipelines.stable_video_diffusion import pipeline_stable_video_diffusion as svd  # pylint: disable=line-too-long
+import tokenizers
+import torch
+import transformers
 # pylint: disable=g-import-not-at-top
 from safetensors import numpy as safetensors_np
 
@@ -190,9 +191,6 @@ def test_vision_encoder_matches_transformers(vision_model):
 # and the identity.
 @pytest.mark.parametrize('hw', [(320, 800), (40, 30), (224, 224)])
 def test_svd_preprocess_matches_diffusers(hw):
-  svd = pytest.importorskip(
-      'diffusers.pipelines.stable_video_diffusion.'
-      'pipeline_stable_video_diffusion')
   img = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(1))
   img = img * 2 - 1
   mean, std = clip_pt.OPENAI_CLIP_MEAN, clip_pt.OPENAI_CLIP_STD
