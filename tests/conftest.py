@@ -17,6 +17,11 @@ os.environ.setdefault(
     ' --xla_cpu_use_fusion_emitters=false'
 )
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# The CPU, whatever else is installed: with the plan compilers of
+# requirements-plan.txt (libtpu, the CUDA plugin) JAX would otherwise try a
+# TPU and a GPU first in every process, and the first test process to do so
+# holds libtpu's lock file (/tmp/libtpu_lockfile). Subprocesses inherit it.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # One persistent compilation cache per test session, shared with the
 # subprocesses the tests start: identical programs (a run and its resumed
 # twin) compile once.

@@ -60,6 +60,50 @@ PEAK_FLOPS = {
 }
 _LOW_PRECISION = (jnp.bfloat16, jnp.float16)
 
+# Memory per chip: (capacity in bytes, bandwidth in bytes/s), from the same
+# data sheets, matched like PEAK_FLOPS. Google gives GiB and GB/s; NVIDIA
+# GB (10^9 bytes; the cards report a little more: XLA's H100 SXM target
+# config has 84,942,979,072 B) and TB/s or GB/s.
+_GB, _GIB = 1e9, 2**30
+MEMORY = {
+    # NVIDIA A100 data sheet: 80GB SXM 2,039 GB/s, 80GB PCIe 1,935 GB/s;
+    # 40GB SXM and PCIe 1,555 GB/s.
+    'NVIDIA A100-SXM4-80GB': (80 * _GB, 2039 * _GB),
+    'NVIDIA A100 80GB PCIe': (80 * _GB, 1935 * _GB),
+    'NVIDIA A100-SXM4-40GB': (40 * _GB, 1555 * _GB),
+    'NVIDIA A100-PCIE-40GB': (40 * _GB, 1555 * _GB),
+    # NVIDIA H100 data sheet: SXM 80 GB at 3.35 TB/s, PCIe 80 GB at 2 TB/s,
+    # NVL 94 GB at 3.9 TB/s.
+    'NVIDIA H100': (80 * _GB, 3350 * _GB),
+    'NVIDIA H100 PCIe': (80 * _GB, 2000 * _GB),
+    'NVIDIA H100 NVL': (94 * _GB, 3900 * _GB),
+    # NVIDIA H200 data sheet: 141 GB at 4.8 TB/s (SXM and NVL).
+    'NVIDIA H200': (141 * _GB, 4800 * _GB),
+    # Cloud TPU system architecture pages: HBM capacity and bandwidth per
+    # chip.
+    'TPU v4': (32 * _GIB, 1200 * _GB),
+    'TPU v5 lite': (16 * _GIB, 819 * _GB),  # v5e
+    'TPU v5e': (16 * _GIB, 819 * _GB),
+    'TPU v5': (95 * _GIB, 2765 * _GB),  # v5p
+    'TPU v5p': (95 * _GIB, 2765 * _GB),
+    'TPU v6 lite': (32 * _GIB, 1640 * _GB),  # v6e (Trillium)
+    'TPU v6e': (32 * _GIB, 1640 * _GB),
+}
+
+
+def _lookup(table: dict, device_kind: str):
+  """TPUs by exact kind, GPUs by the longest matching prefix; or None."""
+  if device_kind.startswith('TPU'):
+    return table.get(device_kind)
+  prefixes = [k for k in table
+              if not k.startswith('TPU') and device_kind.startswith(k)]
+  return table[max(prefixes, key=len)] if prefixes else None
+
+
+def table_memory(device_kind: str) -> tuple[float | None, float | None]:
+  """(HBM bytes, bytes/s) of one chip from the data sheets, or Nones."""
+  return _lookup(MEMORY, device_kind) or (None, None)
+
 
 def table_peak_flops(device_kind: str, dtype: str = 'bfloat16'
                      ) -> float | None:
