@@ -34,6 +34,14 @@
 #                 `pip install "jax[cuda12]==0.10.2"` and
 #                 `pip install -r requirements.txt -e .` [REPO_DIR/.venv].
 #   GPUS_PER_NODE GPUs of each node, for --ntasks-per-node=1 [8].
+#   PLAN_GPU      plan first (docs/scaling.md "Plan first"): the GPU of the
+#                 nodes, h100, h200, a100_80 or a100_40 [empty: no plan].
+#                 The train step is compiled for gpu:PLAN_GPU:NODESxGPUS_PER_NODE
+#                 on the CPU (needs requirements-plan.txt in VENV) and the
+#                 job stops (exit 3) if the config does not fit. Run outside
+#                 SLURM with NODES=N to plan without submitting:
+#                   PLAN_GPU=h100 NODES=4 CONFIG=... WORKDIR=... \
+#                     experiments/launch_slurm.sh [args]
 #
 #SBATCH --job-name=vdm-jax
 #SBATCH --nodes=2
@@ -52,13 +60,37 @@ REPO_DIR="${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(pwd)}}"
 VENV="${VENV:-${REPO_DIR}/.venv}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 
-if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+PLAN_GPU="${PLAN_GPU:-}"
+
+if [[ -z "${SLURM_JOB_ID:-}" && -z "${PLAN_GPU}" ]]; then
   echo "Submit with sbatch (or run inside an salloc allocation)." >&2
   exit 2
 fi
 if [[ ! -x "${VENV}/bin/python" ]]; then
   echo "No virtual environment at ${VENV}; see the VENV note above." >&2
   exit 2
+fi
+
+if [[ -n "${PLAN_GPU}" ]]; then
+  nodes="${SLURM_JOB_NUM_NODES:-${NODES:?set NODES, the number of nodes}}"
+  plan_dir="$(mktemp -d -t vdm_jax_plan.XXXXXX)"
+  target="gpu:${PLAN_GPU}:${nodes}x${GPUS_PER_NODE}"
+  echo "Planning ${CONFIG} for ${target} (compiles for minutes)." >&2
+  (cd "${REPO_DIR}" && "${VENV}/bin/python" -m vdm_jax.main \
+    --config="${CONFIG}" --mode=plan --workdir="${plan_dir}" \
+    --config.plan.targets="${target}" --config.plan.sample=False "$@")
+  if ! "${VENV}/bin/python" -c 'import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+sys.exit(0 if all(r["fits"] for r in rows if "fits" in r) else 1)' \
+      "${plan_dir}/plan.jsonl"; then
+    echo "${CONFIG} does not fit ${target} (${plan_dir}/plan.md); not" \
+      "training. See docs/scaling.md for what to change." >&2
+    exit 3
+  fi
+  echo "The plan fits (${plan_dir}/plan.md)." >&2
+  if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+    exit 0
+  fi
 fi
 
 tasks_per_node="${SLURM_NTASKS_PER_NODE:-}"

@@ -35,8 +35,14 @@
 #   WORKDIR           checkpoints, logs and samples; a gs:// path, since every
 #                     worker must see the same directory (required).
 #   MODE              train | sample | eval [train].
-#   STAGES            which stages to run, in order: create install run
-#                     ["create install run"].
+#   STAGES            which stages to run, in order: plan create install
+#                     run ["create install run"]. `plan` compiles the train
+#                     step for tpu:ACCELERATOR_TYPE on this machine (no TPU
+#                     needed; `pip install -r requirements-plan.txt` in
+#                     PLAN_PYTHON's venv, docs/scaling.md "Plan first") and
+#                     stops before `create` if CONFIG (with the arguments)
+#                     does not fit the slice.
+#   PLAN_PYTHON       interpreter of the plan stage [ROOT/.venv/bin/python].
 #   DETACH            1: start the run in the background on every worker
 #                     (log in ~/vdm_jax_<MODE>.log) and return [0].
 set -euo pipefail
@@ -63,8 +69,10 @@ WORKDIR="${WORKDIR:?set WORKDIR, a gs:// path that every worker can reach}"
 MODE="${MODE:-train}"
 STAGES="${STAGES:-create install run}"
 DETACH="${DETACH:-0}"
+PLAN_PYTHON="${PLAN_PYTHON:-}"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PLAN_PYTHON="${PLAN_PYTHON:-${ROOT}/.venv/bin/python}"
 GCLOUD_FLAGS=(--zone="${ZONE}")
 if [[ -n "${PROJECT}" ]]; then
   GCLOUD_FLAGS+=(--project="${PROJECT}")
@@ -76,6 +84,27 @@ log() { echo "[launch_tpu_pod] $*" >&2; }
 on_all_workers() {
   gcloud compute tpus tpu-vm ssh "${TPU_NAME}" "${GCLOUD_FLAGS[@]}" \
     --worker=all --command="$1"
+}
+
+# Compiles the run's train step for the slice here; exits 3 if it does not
+# fit (the table and JSON lines stay in a temporary directory).
+plan() {
+  local dir
+  dir="$(mktemp -d -t vdm_jax_plan.XXXXXX)"
+  log "Planning ${CONFIG} for tpu:${ACCELERATOR_TYPE} (compiles for minutes)."
+  (cd "${ROOT}" && "${PLAN_PYTHON}" -m vdm_jax.main --config="${CONFIG}" \
+    --mode=plan --workdir="${dir}" \
+    --config.plan.targets="tpu:${ACCELERATOR_TYPE}" \
+    --config.plan.sample=False "$@")
+  if ! "${PLAN_PYTHON}" -c 'import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+sys.exit(0 if all(r["fits"] for r in rows if "fits" in r) else 1)' \
+      "${dir}/plan.jsonl"; then
+    log "${CONFIG} does not fit ${ACCELERATOR_TYPE} (${dir}/plan.md):" \
+      "not creating the slice. See docs/scaling.md for what to change."
+    exit 3
+  fi
+  log "The plan fits (${dir}/plan.md)."
 }
 
 create() {
@@ -147,9 +176,10 @@ run() {
 
 for stage in ${STAGES}; do
   case "${stage}" in
+    plan) plan "$@" ;;
     create) create ;;
     install) install ;;
     run) run "$@" ;;
-    *) log "Unknown stage ${stage}; use create, install and/or run."; exit 2 ;;
+    *) log "Unknown stage ${stage}; use plan, create, install and/or run."; exit 2 ;;
   esac
 done

@@ -406,7 +406,9 @@ def _roofline(traced, compiled, row: dict, num_devices: int) -> dict:
   _, bandwidth = perf.table_memory(kind)
   if isinstance(compiled, str):
     return out
-  cost = perf.compiled_flops(compiled) is not None and compiled.cost_analysis()
+  # XLA's own count (scan and while bodies once; None on GPU), for reference.
+  out['xla_flops'] = perf.compiled_flops(compiled)
+  cost = out['xla_flops'] is not None and compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
   accessed = (cost or {}).get('bytes accessed')
