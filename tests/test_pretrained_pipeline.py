@@ -20,6 +20,7 @@ import torch
 
 from configs import stable_diffusion as stable_diffusion_config
 from vdm_jax import sample_pretrained
+from vdm_jax import sampling
 from vdm_jax import sharding
 from vdm_jax.pretrained import stable_diffusion
 import sd_fixtures
@@ -151,3 +152,33 @@ def test_bad_input_is_named_before_loading(tiny, tmp_path, change, error,
     config.sample.init_latents = str(tmp_path / 'short.npy')
   with pytest.raises(error, match=message):
     sample_pretrained.check(config)
+
+
+def test_reconstruction_guidance_runs_on_the_pretrained_unet(tiny):
+  """A pretrained model is one more denoise_fn: VDM's reconstruction
+  guidance (eq. 7: jax.grad through SD's UNet inside the sampler's scan)
+  conditions the unknown half of a latent image on the known half
+  (inpainting in latent space); the known half is x_a (replacement)."""
+  _, sd = tiny
+  grid = sd.schedule.grid('ddim', 6)
+  shape = (2, 1, 8, 8, 4)
+  x_a = jax.random.normal(jax.random.key(5), shape)
+  mask = np.zeros((2, 1, 8, 8, 1), bool)
+  mask[:, :, :, :4] = True
+  cond = {'text': stable_diffusion.encode_prompts(sd, PROMPTS)}
+
+  def run(weight):
+    guidance = sampling.make_guidance(x_a=x_a, mask=mask, recon_weight=weight,
+                                      method='reconstruction')
+    return sampling.sample(
+        sd.denoise_fn(), jax.random.key(1), shape, logsnr_fn=None,
+        target=sd.schedule.target,
+        spec=sampling.SamplerSpec(sampler='ddim', num_steps=6, clip_x=False),
+        cond=cond, guidance=guidance, logsnrs=grid['logsnrs'],
+        denoise_last=grid['denoise_last'])
+
+  free, guided = np.asarray(run(0.0)), np.asarray(run(8.0))
+  assert np.all(np.isfinite(guided))
+  np.testing.assert_array_equal(guided[..., :4, :], x_a[..., :4, :])
+  # The gradient term moves the unknown half (w_r = 0 is replacement only).
+  assert np.abs(guided - free)[..., 4:, :].mean() > 1e-2
