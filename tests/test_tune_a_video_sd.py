@@ -424,8 +424,9 @@ def test_edit_reconstructs_and_writes(tuned):
   assert os.path.isfile(paths['grid']) and len(paths['mp4']) == 1
 
 
-def test_lora_tune_step_trains_factors_only(tiny):
-  """LoRA: the state holds the factors only; a step moves B off zero."""
+def test_lora_split_trains_factors_only(tiny):
+  """LoRA: the trained tree holds the factors only, the frozen one every
+  base parameter."""
   record = dict(trainable='lora', lora_rank=2, seed=0)
   trained, frozen = tuned_sd.split_tuned(tiny['params'], record)
   assert frozen is tiny['params']
