@@ -9,18 +9,17 @@ checked on the meta device (every key maps with its shape; the published
 parameter count).
 """
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip('torch')
-diffusers = pytest.importorskip('diffusers')
-
-from vdm_jax.models import sd_blocks  # pylint: disable=g-import-not-at-top
-from vdm_jax.models import sd_unet  # pylint: disable=g-import-not-at-top
-from vdm_jax.pretrained import convert  # pylint: disable=g-import-not-at-top
-from vdm_jax.pretrained import unet2d  # pylint: disable=g-import-not-at-top
+from vdm_jax.models import sd_blocks
+from vdm_jax.models import sd_unet
+from vdm_jax.pretrained import convert
+from vdm_jax.pretrained import unet2d
 
 TOL = 1e-5
 
@@ -290,8 +289,6 @@ def test_remat_and_bfloat16_trace(case):
   checkpoint with a policy) trace the gradient with the same parameter tree;
   bfloat16 compute returns float32 predictions. Abstract (jax.eval_shape):
   nothing compiles."""
-  if case['name'] != 'sd1':  # The smallest; its up block passes a size too.
-    pytest.skip('one config suffices')
   args = tuple(jnp.asarray(a) for a in (case['x'], case['t'], case['ctx']))
   for remat in ('full', 'dots_saveable'):
     module = case['module'].clone(remat=remat)
