@@ -17,10 +17,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import videofusion_quickstart
 from tests import perturb
+from vdm_jax import checkpoint
 from vdm_jax import denoiser
 from vdm_jax import diffusion
 from vdm_jax import noise as noise_lib
@@ -28,6 +30,7 @@ from vdm_jax import sampling
 from vdm_jax import schedules
 from vdm_jax import tasks
 from vdm_jax import train
+from vdm_jax import training
 from vdm_jax import videofusion
 
 T, H, C = 5, 4, 2  # Key frame 2.
@@ -279,16 +282,30 @@ def _train_config(**overrides):
   return config
 
 
+def _image_workdir(workdir, **model):
+  """A workdir holding an image model of the base's shape (step 0)."""
+  config = _train_config()
+  config.videofusion.enabled = False
+  config.data.num_frames = 1
+  config.diffusion.update(noise='iid', target='v', noise_key_frame=-1)
+  config.model.update(config.videofusion.base_model)
+  config.model.update(model)
+  unet = denoiser.create_model(config)
+  params = perturb.perturbed(
+      denoiser.init_params(config, unet, jax.random.key(7)), 7, 0.1)
+  state = training.TrainState.create(params, optax.adam(1e-3))
+  checkpoint.save_config(config, workdir)
+  ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+  ckpt.save(0, state, force=True)
+  ckpt.close()
+  return state
+
+
 def test_train_starts_from_the_image_model_and_samples(tmp_path):
-  """Base stage -> VideoFusion with the frozen base -> extend with the
+  """Image model -> VideoFusion with the frozen base -> extend with the
   base noise held fixed (VideoFusion's long videos)."""
-  base_config = _train_config()
-  base_config.videofusion.enabled = False
-  base_config.data.num_frames = 1
-  base_config.diffusion.update(noise='iid', target='v', noise_key_frame=-1)
-  base_config.model.update(base_config.videofusion.base_model)
   base_dir = str(tmp_path / 'base')
-  base_state = train.train(base_config, base_dir)
+  base_state = _image_workdir(base_dir)
 
   config = _train_config(**{'videofusion.base_training': 'frozen',
                             'videofusion.base_workdir': base_dir})
@@ -314,14 +331,12 @@ def test_train_starts_from_the_image_model_and_samples(tmp_path):
 
 
 def test_a_base_workdir_of_another_shape_is_refused(tmp_path):
-  base_config = _train_config()
-  base_config.videofusion.enabled = False
-  base_config.data.num_frames = 1
-  base_config.diffusion.update(noise='iid', target='v', noise_key_frame=-1)
-  base_config.model.update(base_config.videofusion.base_model)
-  base_config.model.base_channels = 16
-  from vdm_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  checkpoint.save_config(base_config, str(tmp_path))
   config = _train_config(**{'videofusion.base_workdir': str(tmp_path)})
+  with pytest.raises(FileNotFoundError, match='config.json'):
+    videofusion.check_base_workdir(config, str(tmp_path))
+  base_config = _train_config()
+  base_config.model.update(config.videofusion.base_model)
+  base_config.model.base_channels = 16
+  checkpoint.save_config(base_config, str(tmp_path))
   with pytest.raises(ValueError, match='base_channels'):
     videofusion.check_base_workdir(config, str(tmp_path))
