@@ -128,6 +128,18 @@ def main(argv):
     return
   if config.method == 'sinfusion':
     if _MODE.value == 'train':  # The package never imports the optimizer.
+  if config.method == 'svd':  # configs/svd.py
+    if _MODE.value not in ('sample', 'tune_backward'):
+      raise app.UsageError(f'--mode={_MODE.value} does not apply to Stable '
+                           'Video Diffusion; use --mode=sample or '
+                           'tune_backward.')
+    if _MODE.value == 'tune_backward':
+      from vdm_jax.adapt import tune_backward_svd  # pylint: disable=g-import-not-at-top
+      tune_backward_svd.tune_backward(config, workdir)
+    else:
+      from vdm_jax import sample_svd  # pylint: disable=g-import-not-at-top
+      sample_svd.sample_and_save(config, workdir)
+    return
       from vdm_jax.sinfusion import train as program  # pylint: disable=g-import-not-at-top
     else:
       from vdm_jax import sinfusion as program  # pylint: disable=g-import-not-at-top
