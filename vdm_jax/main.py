@@ -69,6 +69,22 @@ class _LibraryNoise(py_logging.Filter):
     return not str(record.msg).startswith(_KNOWN_HARMLESS)
 
 
+def cpu_only_host() -> None:
+  """Runs JAX on the CPU when this host has no accelerator device files.
+
+  With the GPU/TPU compiler packages installed (requirements-plan.txt) on a
+  CPU-only host, JAX would try both plugins at start and print their
+  failures (a CUDA traceback, libtpu errors) before falling back to the CPU;
+  JAX_PLATFORMS, when set, still decides.
+  """
+  if os.environ.get('JAX_PLATFORMS'):
+    return
+  accelerators = ('/dev/nvidiactl', '/dev/nvidia0', '/dev/kfd', '/dev/accel0',
+                  '/dev/vfio/0')
+  if not any(os.path.exists(p) for p in accelerators):
+    jax.config.update('jax_platforms', 'cpu')
+
+
 def quiet_libraries() -> None:
   """Keeps vdm_jax's progress lines and every warning in the terminal.
 
@@ -84,6 +100,7 @@ def quiet_libraries() -> None:
 def main(argv):
   del argv
   quiet_libraries()
+  cpu_only_host()
   if _MODE.value == 'plan':
     from vdm_jax import plan  # pylint: disable=g-import-not-at-top
     plan.prepare_host()
@@ -111,6 +128,18 @@ def main(argv):
       from vdm_jax.adapt import edit_sd  # pylint: disable=g-import-not-at-top
       edit_sd.edit(config, workdir)
     return
+  if config.method == 'svd':  # configs/svd.py
+    if _MODE.value not in ('sample', 'tune_backward'):
+      raise app.UsageError(f'--mode={_MODE.value} does not apply to Stable '
+                           'Video Diffusion; use --mode=sample or '
+                           'tune_backward.')
+    if _MODE.value == 'tune_backward':
+      from vdm_jax.adapt import tune_backward_svd  # pylint: disable=g-import-not-at-top
+      tune_backward_svd.tune_backward(config, workdir)
+    else:
+      from vdm_jax import sample_svd  # pylint: disable=g-import-not-at-top
+      sample_svd.sample_and_save(config, workdir)
+    return
   if _MODE.value == 'tune':
     from vdm_jax.adapt import tune  # pylint: disable=g-import-not-at-top
     tune.tune(config, workdir)
@@ -128,18 +157,6 @@ def main(argv):
     return
   if config.method == 'sinfusion':
     if _MODE.value == 'train':  # The package never imports the optimizer.
-  if config.method == 'svd':  # configs/svd.py
-    if _MODE.value not in ('sample', 'tune_backward'):
-      raise app.UsageError(f'--mode={_MODE.value} does not apply to Stable '
-                           'Video Diffusion; use --mode=sample or '
-                           'tune_backward.')
-    if _MODE.value == 'tune_backward':
-      from vdm_jax.adapt import tune_backward_svd  # pylint: disable=g-import-not-at-top
-      tune_backward_svd.tune_backward(config, workdir)
-    else:
-      from vdm_jax import sample_svd  # pylint: disable=g-import-not-at-top
-      sample_svd.sample_and_save(config, workdir)
-    return
       from vdm_jax.sinfusion import train as program  # pylint: disable=g-import-not-at-top
     else:
       from vdm_jax import sinfusion as program  # pylint: disable=g-import-not-at-top
