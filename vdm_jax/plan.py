@@ -28,7 +28,8 @@ plugin, which needs `JAX_PLATFORMS=cpu` on a host without a GPU:
 memory and gives no cost analysis: the fit is the comparison made here, and
 the bytes of the roofline are then the step's arguments and outputs, read
 and written once (a lower bound). A TPU compile that overflows HBM fails
-fast with RESOURCE_EXHAUSTED: that is reported as not fitting, with the
+with RESOURCE_EXHAUSTED (after XLA has tried to rematerialise under the
+limit, which can take long): that is reported as not fitting, with the
 compiler's numbers.
 """
 
@@ -290,15 +291,15 @@ def check_fits_mesh(config: ml_collections.ConfigDict, target: Target,
     data, fsdp = sharding.mesh_shape(config.mesh, len(devices))
   except ValueError as e:
     raise ValueError(f'{target.name} ({len(devices)} devices): {e}') from e
-  hosts = len({getattr(d, 'process_index', 0) for d in devices})
-  b, k = config.training.batch_size, config.training.grad_accum_steps
-  for n, what in ((len(devices), f'the {data} x {fsdp} devices of the mesh'),
-                  (hosts, f'the {hosts} hosts')):
-    if b % k or (b // k) % n:
-      raise ValueError(
-          f'{target.name}: training.batch_size={b} (microbatches of'
-          f' {b // max(k, 1)}, grad_accum_steps={k}) does not divide over'
-          f' {what}; use a multiple of {n * k}.')
+  # Every host has as many devices, so this also divides over the hosts.
+  b, k, n = (config.training.batch_size, config.training.grad_accum_steps,
+             len(devices))
+  if b % k or (b // k) % n:
+    raise ValueError(
+        f'{target.name}: training.batch_size={b} (microbatches of'
+        f' {b // max(k, 1)}, grad_accum_steps={k}) does not divide over'
+        f' the {data} x {fsdp} devices of the mesh; use a multiple of'
+        f' {n * k}.')
   return data, fsdp
 
 
@@ -314,6 +315,19 @@ def chip_memory(target: Target, kind: str) -> Optional[int]:
 _OOM = re.compile(r'required for HLO temporaries \(([\d.]+)([KMGT]?)\)'
                   r'.*?available HBM \(([\d.]+)([KMGT]?)\)', re.S)
 _UNIT = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+
+
+def overflow_bytes(message: str) -> Optional[tuple[int, int]]:
+  """(required, available) bytes of a TPU compiler's HBM overflow, or None.
+
+  E.g. 'Ran out of memory on HBM, the total memory required for HLO
+  temporaries (36.46G) exceeds available HBM (15.75G)'.
+  """
+  m = _OOM.search(message)
+  if m is None:
+    return None
+  return (int(float(m.group(1)) * _UNIT[m.group(2)]),
+          int(float(m.group(3)) * _UNIT[m.group(4)]))
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -383,10 +397,9 @@ def measure(config: ml_collections.ConfigDict, target: Target,
   usable = None if capacity is None else capacity * (1 - settings.headroom)
   if isinstance(compiled, str):
     row.update(fits=False, error=compiled.strip().splitlines()[0][:400])
-    m = _OOM.search(compiled)
-    if m:
-      row['required'] = int(float(m.group(1)) * _UNIT[m.group(2)])
-      row['available'] = int(float(m.group(3)) * _UNIT[m.group(4)])
+    numbers = overflow_bytes(compiled)
+    if numbers:
+      row['required'], row['available'] = numbers
   else:
     row['memory'] = _memory(compiled)
     row['fits'] = usable is None or row['memory']['total'] <= usable
@@ -443,7 +456,8 @@ def with_settings(config: ml_collections.ConfigDict, **fields
 
 def largest_batch(config, target, devices, progress) -> tuple[int, list]:
   """The largest global batch (a multiple of the devices x microbatches)
-  whose train step fits: doubling, then bisection. (batch or 0, rows)."""
+  whose train step fits: doubling from the smallest, then bisection
+  (batch or 0, rows). Each probe is a compile, an overflowing one slow."""
   unit = len(devices) * config.training.grad_accum_steps
   rows = []
 
