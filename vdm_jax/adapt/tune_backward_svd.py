@@ -89,7 +89,7 @@ def tune_step(tuned, opt_state, frozen, latents, cond_f, cond_b, rng, *,
   loss, grads = jax.value_and_grad(loss_fn)(tuned)
   updates, opt_state = tx.update(grads, opt_state, tuned)
   return optax.apply_updates(tuned, updates), opt_state, {
-      'loss': loss, 'grad_norm': optax.global_norm(grads)}
+      'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
 
 def tune_backward(config: ml_collections.ConfigDict, workdir: str) -> dict:
