@@ -21,8 +21,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-torch = pytest.importorskip('torch')
-pytest.importorskip('diffusers')
+import diffusers  # pylint: disable=g-bad-import-order,unused-import
+import torch  # pylint: disable=g-bad-import-order
 
 from vdm_jax import main  # pylint: disable=g-import-not-at-top
 from vdm_jax import sampling  # pylint: disable=g-import-not-at-top

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
-diffusers = pytest.importorskip('diffusers')
+import diffusers  # pylint: disable=g-bad-import-order
+import torch  # pylint: disable=g-bad-import-order
 
 from vdm_jax import denoiser  # pylint: disable=g-import-not-at-top
 from vdm_jax import sampling  # pylint: disable=g-import-not-at-top
@@ -114,9 +114,10 @@ def case(request, tmp_path_factory):
               want=want.numpy().transpose(0, 1, 3, 4, 2))
 
 
+# 'svd' is checked by test_attention_capture_and_injection (one compile).
+@pytest.mark.parametrize(
+    'case', [n for n in sorted(CONFIGS) if n != 'svd'], indirect=True)
 def test_prediction_matches_diffusers(case):
-  if case['name'] == 'svd':
-    pytest.skip('test_attention_capture_and_injection checks it')
   got = np.asarray(jax.jit(
       lambda p, *a: case['module'].apply({'params': p}, *a))(
           case['params'], *case['args']))
@@ -127,13 +128,12 @@ def test_prediction_matches_diffusers(case):
   np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
 
 
+@pytest.mark.parametrize('case', ['svd'], indirect=True)  # One suffices.
 def test_attention_capture_and_injection(case):
   """Capturing gives [B, H*W, heads, F, F] rows that sum to 1 at every
   controlled attention (the first temporal block of each transformer, not
   the second); injecting what was captured reproduces the prediction;
   injecting the maps rotated by 180 degrees changes it."""
-  if case['name'] != 'svd':
-    pytest.skip('one config suffices (the other compiles slowly)')
   module, params, args = case['module'], case['params'], case['args']
 
   @jax.jit
@@ -200,11 +200,10 @@ def test_full_size_keys_map_and_counts():
              for n in torch_names)
 
 
+@pytest.mark.parametrize('case', ['svd'], indirect=True)  # One suffices.
 def test_remat_and_bfloat16_trace(case):
   """The remat policies trace the gradient with the same parameter tree;
   bfloat16 compute returns float32. Abstract: nothing compiles."""
-  if case['name'] != 'svd':
-    pytest.skip('one config suffices')
   args = tuple(jnp.asarray(a) for a in case['args'])
   for remat in svd_unet.REMAT[1:]:
     module = case['module'].clone(remat=remat)
