@@ -46,6 +46,15 @@ if ROOT not in sys.path:
 # (`python -m pytest -v --durations=0`, commit 77034ee, 2026-12-06); the
 # files not listed take under 10 s each.
 _LONGEST_FIRST = (
+    # The pretrained-model files (2026-12-07): wall seconds measured alone
+    # under a load average of 10-20 on 2 cores, divided by 3 as an estimate
+    # of a quiet VM's; refresh with --durations on a quiet machine.
+    'test_inbetween_svd.py',   # ~110
+    'test_tune_a_video_sd.py',  # ~90
+    'test_pretrained_svd.py',  # ~40
+    'test_pretrained_unet.py',  # ~60
+    'test_pretrained_pipeline.py',  # ~60
+    'test_latent.py',          # ~60
     'test_sharding.py',        # 97
     'test_sinfusion.py',       # 81
     'test_train.py',           # 65
