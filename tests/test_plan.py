@@ -166,8 +166,9 @@ def test_plan_on_the_cpu_mesh_equals_the_run_there():
 def test_flops_of_a_scanned_step_are_unrolled():
   # grad_accum_steps=2 runs the batch as 2 microbatches in a lax.scan: the
   # same work as one pass over the batch, which XLA counts once.
-  one = _row('cpu')
-  two = _row('cpu', training__grad_accum_steps=2)
+  # Global batch 16: microbatches of 8 over the 8 CPU devices.
+  one = _row('cpu', training__batch_size=16)
+  two = _row('cpu', training__batch_size=16, training__grad_accum_steps=2)
   assert two['flops_per_device'] == pytest.approx(one['flops_per_device'],
                                                   rel=1e-6)
   # What XLA's cost analysis gives (the scan body once) is about half.
