@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
-diffusers = pytest.importorskip('diffusers')
+import diffusers  # pylint: disable=g-bad-import-order
+import torch  # pylint: disable=g-bad-import-order
 
 import sd_fixtures  # pylint: disable=g-import-not-at-top,wrong-import-order
 from configs import tune_a_video_sd  # pylint: disable=g-import-not-at-top
