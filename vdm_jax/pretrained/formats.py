@@ -19,7 +19,7 @@ when it is converted.
 import json
 import os
 import struct
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -193,3 +193,52 @@ def load_tensors(folder: str, variant: Optional[str] = None
       out[name] = data[base + start:base + end].view(dtype).reshape(
           info['shape'])
   return out
+
+
+def check_pipeline(path: str, name: str, pipelines: Sequence[str],
+                   components: Mapping[str, Optional[Sequence[str]]],
+                   weighted: Sequence[str]) -> dict[str, str]:
+  """{component: class name} of a pipeline folder, checked before any read.
+
+  Args:
+    path: the folder.
+    name: what it should be, for messages ('Stable Diffusion', ...).
+    pipelines: the accepted model_index.json `_class_name`s.
+    components: {subfolder: accepted class names, or None for any}.
+    weighted: the components whose config.json and weights must exist.
+
+  Raises:
+    FileNotFoundError / ValueError: not a folder, not a pipeline folder, a
+      pipeline of another class, a missing component or file, or a class
+      not supported (naming the supported ones).
+  """
+  needs = ', '.join(f'{c}/' for c in components)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f'pretrained.path {path!r} is not a folder: give a local {name} '
+        'pipeline folder (diffusers layout, with model_index.json).')
+  if not is_pipeline(path):
+    raise FileNotFoundError(
+        f'{path} has no model_index.json: it is not a diffusers pipeline '
+        f'folder ({name} needs {needs} together).')
+  index = read_json(os.path.join(path, 'model_index.json'))
+  pipeline = index.get('_class_name')
+  if pipeline not in pipelines:
+    raise ValueError(f'{path}: pipeline class {pipeline!r} is not {name}; '
+                     f'supported: {tuple(pipelines)}.')
+  classes = {}
+  for component, allowed in components.items():
+    entry = index.get(component)
+    if not entry or entry[1] is None:
+      raise FileNotFoundError(f'{path}: model_index.json has no '
+                              f'{component!r} component.')
+    if allowed is not None and entry[1] not in allowed:
+      raise ValueError(f'{path}: {component} class {entry[1]!r} is not '
+                       f'supported; supported: {tuple(allowed)}.')
+    if not os.path.isdir(os.path.join(path, component)):
+      raise FileNotFoundError(f'{path}: the {component}/ folder is missing.')
+    classes[component] = entry[1]
+  for component in weighted:
+    model_config(os.path.join(path, component))
+    weight_files(os.path.join(path, component))
+  return classes

@@ -63,37 +63,9 @@ def check_folder(path: str) -> dict[str, str]:
       component or file, or a class not supported (listing the supported
       ones); all before anything is read or compiled.
   """
-  if not os.path.isdir(path):
-    raise FileNotFoundError(
-        f'pretrained.path {path!r} is not a folder: give a local Stable '
-        'Diffusion pipeline folder (diffusers layout, with model_index.json).')
-  if not formats.is_pipeline(path):
-    raise FileNotFoundError(
-        f'{path} has no model_index.json: it is not a diffusers pipeline '
-        'folder (text-to-image needs unet/, vae/, text_encoder/, tokenizer/ '
-        'and scheduler/ together).')
-  index = formats.read_json(os.path.join(path, 'model_index.json'))
-  pipeline = index.get('_class_name')
-  if pipeline not in PIPELINES:
-    raise ValueError(f'{path}: pipeline class {pipeline!r} is not supported '
-                     f'here; supported: {PIPELINES}.')
-  classes = {}
-  for name, allowed in COMPONENTS.items():
-    entry = index.get(name)
-    if not entry or entry[1] is None:
-      raise FileNotFoundError(f'{path}: model_index.json has no {name!r} '
-                              'component.')
-    cls = entry[1]
-    if allowed is not None and cls not in allowed:
-      raise ValueError(f'{path}: {name} class {cls!r} is not supported; '
-                       f'supported: {allowed}.')
-    sub = os.path.join(path, name)
-    if not os.path.isdir(sub):
-      raise FileNotFoundError(f'{path}: the {name}/ folder is missing.')
-    classes[name] = cls
-  for name in ('unet', 'vae', 'text_encoder'):
-    formats.model_config(os.path.join(path, name))
-    formats.weight_files(os.path.join(path, name))
+  classes = formats.check_pipeline(path, 'Stable Diffusion', PIPELINES,
+                                   COMPONENTS,
+                                   ('unet', 'vae', 'text_encoder'))
   formats.model_config(os.path.join(path, 'scheduler'))
   return classes
 

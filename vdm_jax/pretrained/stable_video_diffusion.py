@@ -64,35 +64,9 @@ def check_folder(path: str) -> dict[str, str]:
       pipeline (say which it is), a missing component or file, a class not
       supported, a scheduler without Karras sigmas.
   """
-  if not os.path.isdir(path):
-    raise FileNotFoundError(
-        f'pretrained.path {path!r} is not a folder: give a local Stable Video'
-        ' Diffusion folder (diffusers layout, with model_index.json).')
-  if not formats.is_pipeline(path):
-    raise FileNotFoundError(
-        f'{path} has no model_index.json: it is not a diffusers pipeline '
-        'folder (SVD needs unet/, vae/, image_encoder/, feature_extractor/ '
-        'and scheduler/ together).')
-  index = formats.read_json(os.path.join(path, 'model_index.json'))
-  pipeline = index.get('_class_name')
-  if pipeline not in PIPELINES:
-    raise ValueError(f'{path}: pipeline class {pipeline!r} is not Stable '
-                     f'Video Diffusion; the SVD tasks need {PIPELINES}.')
-  classes = {}
-  for name, allowed in COMPONENTS.items():
-    entry = index.get(name)
-    if not entry or entry[1] is None:
-      raise FileNotFoundError(f'{path}: model_index.json has no {name!r} '
-                              'component.')
-    if entry[1] not in allowed:
-      raise ValueError(f'{path}: {name} class {entry[1]!r} is not supported;'
-                       f' supported: {allowed}.')
-    if not os.path.isdir(os.path.join(path, name)):
-      raise FileNotFoundError(f'{path}: the {name}/ folder is missing.')
-    classes[name] = entry[1]
-  for name in ('unet', 'vae', 'image_encoder'):
-    formats.model_config(os.path.join(path, name))
-    formats.weight_files(os.path.join(path, name))
+  classes = formats.check_pipeline(path, 'Stable Video Diffusion',
+                                   PIPELINES, COMPONENTS,
+                                   ('unet', 'vae', 'image_encoder'))
   sched = formats.model_config(os.path.join(path, 'scheduler'))
   if not sched.get('use_karras_sigmas'):
     raise ValueError(f'{path}: scheduler/ does not use Karras sigmas '
