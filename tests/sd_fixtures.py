@@ -20,7 +20,8 @@ SD15_SCHEDULER = {
     'trained_betas': None, 'clip_sample': False}
 CORPUS = ['a photo of a cat riding a horse on the moon',
           'an astronaut, highly detailed, 4k, trending on artstation!',
-          "it's a dog's life; don't worry", 'a red square moving left']
+          "it's a dog's life; don't worry", 'café crème brûlée',
+          'a red square moving left']
 
 
 def write_clip_tokenizer(folder: str, pad_token: str = '<|endoftext|>'
@@ -53,13 +54,21 @@ def write_clip_tokenizer(folder: str, pad_token: str = '<|endoftext|>'
     json.dump(vocab, f)
   with open(os.path.join(folder, 'merges.txt'), 'w') as f:
     f.write('#version: 0.2\n' + '\n'.join(merges) + '\n')
-  special = {'bos_token': '<|startoftext|>', 'eos_token': '<|endoftext|>',
-             'pad_token': pad_token, 'unk_token': '<|endoftext|>'}
+  added = lambda t: {'__type': 'AddedToken', 'content': t, 'lstrip': False,
+                     'normalized': True, 'rstrip': False,
+                     'single_word': False}
+  # As SD's folders: tokenizer_config.json says '<|endoftext|>' for the pad
+  # token, special_tokens_map.json (which wins) the real one.
   with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
-    json.dump(dict(special, model_max_length=77, do_lower_case=True,
-                   tokenizer_class='CLIPTokenizer'), f)
+    json.dump({'bos_token': added('<|startoftext|>'),
+               'eos_token': added('<|endoftext|>'), 'model_max_length': 77,
+               'pad_token': '<|endoftext|>', 'do_lower_case': True,
+               'tokenizer_class': 'CLIPTokenizer',
+               'unk_token': added('<|endoftext|>')}, f)
   with open(os.path.join(folder, 'special_tokens_map.json'), 'w') as f:
-    json.dump(special, f)
+    json.dump({'bos_token': added('<|startoftext|>'),
+               'eos_token': added('<|endoftext|>'), 'pad_token': pad_token,
+               'unk_token': added('<|endoftext|>')}, f)
 
 
 def tiny_sd_pipeline(folder: str, seed: int = 0, prediction_type='epsilon',

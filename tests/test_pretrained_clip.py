@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from diffusers.pipelines.stable_video_diffusion import pipeline_stable_video_diffusion as svd  # pylint: disable=line-too-long
-import tokenizers
 import torch
 import transformers
 # pylint: disable=g-import-not-at-top
 from safetensors import numpy as safetensors_np
 
+import sd_fixtures  # pylint: disable=wrong-import-order
 from vdm_jax.models import clip
 from vdm_jax.models import clip_preprocess
 from vdm_jax.pretrained import clip as clip_pt
@@ -214,55 +214,6 @@ def test_image_normalization_reads_the_feature_extractor(tmp_path):
                                                          (0.25,) * 3)
 
 
-def _write_tokenizer(folder, pad_token: str) -> None:
-  """A CLIP-style BPE vocabulary: the 256 byte symbols, each with `</w>`,
-  merges trained on a few captions, then the two special tokens (the
-  layout of openai/clip-vit-large-patch14's vocab.json and merges.txt)."""
-  from tokenizers import models, normalizers, pre_tokenizers, trainers
-  os.makedirs(folder)
-  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-  tok = tokenizers.Tokenizer(models.BPE(continuing_subword_prefix='',
-                                        end_of_word_suffix='</w>'))
-  tok.normalizer = normalizers.Lowercase()
-  tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(tokenizers.Regex(clip_tokenizer.SPLIT_PATTERN),
-                           behavior='removed', invert=True),
-      pre_tokenizers.ByteLevel(add_prefix_space=False)])
-  corpus = ['a photo of a cat riding a horse on the moon',
-            'an astronaut, highly detailed, 4k, trending on artstation!',
-            "it's a dog's life; don't worry", 'café crème brûlée']
-  tok.train_from_iterator(corpus * 10, trainers.BpeTrainer(
-      vocab_size=700, initial_alphabet=alphabet, end_of_word_suffix='</w>',
-      show_progress=False))
-  model = json.loads(tok.to_str())['model']
-  vocab = {}
-  for t in alphabet + [a + '</w>' for a in alphabet] + sorted(
-      model['vocab'], key=model['vocab'].get) + ['<|startoftext|>',
-                                                 '<|endoftext|>']:
-    vocab.setdefault(t, len(vocab))
-  merges = [m if isinstance(m, str) else ' '.join(m)
-            for m in model['merges']]
-  with open(os.path.join(folder, 'vocab.json'), 'w') as f:
-    json.dump(vocab, f)
-  with open(os.path.join(folder, 'merges.txt'), 'w') as f:
-    f.write('#version: 0.2\n' + '\n'.join(merges) + '\n')
-  added = lambda t: {'__type': 'AddedToken', 'content': t, 'lstrip': False,
-                     'normalized': True, 'rstrip': False,
-                     'single_word': False}
-  # As SD's folders: tokenizer_config.json says '<|endoftext|>' for the pad
-  # token, special_tokens_map.json (which wins) the real one.
-  with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
-    json.dump({'bos_token': added('<|startoftext|>'),
-               'eos_token': added('<|endoftext|>'), 'model_max_length': 77,
-               'pad_token': '<|endoftext|>', 'do_lower_case': True,
-               'tokenizer_class': 'CLIPTokenizer',
-               'unk_token': added('<|endoftext|>')}, f)
-  with open(os.path.join(folder, 'special_tokens_map.json'), 'w') as f:
-    json.dump({'bos_token': added('<|startoftext|>'),
-               'eos_token': added('<|endoftext|>'), 'pad_token': pad_token,
-               'unk_token': added('<|endoftext|>')}, f)
-
-
 PROMPTS = [
     'a photo of a cat riding a horse on the moon',
     'An ASTRONAUT,   highly\tdetailed\n4K!!', "it's a dog's life; DON'T",
@@ -275,7 +226,7 @@ PROMPTS = [
 @pytest.mark.parametrize('pad_token', ['<|endoftext|>', '!'])
 def test_tokenizer_matches_transformers(tmp_path, caplog, pad_token):
   folder = str(tmp_path / 'tokenizer')
-  _write_tokenizer(folder, pad_token)
+  sd_fixtures.write_clip_tokenizer(folder, pad_token)
   (tmp_path / 'model_index.json').write_text('{"tokenizer": []}')
   ref = transformers.CLIPTokenizer.from_pretrained(folder)
   ours = clip_tokenizer.load(str(tmp_path))
