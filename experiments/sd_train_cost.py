@@ -97,7 +97,7 @@ def measure(target_name: str, dtype: str, remat: str) -> dict:
           arg((b,), bspec), arg((b,), bspec))
   fn = jax.jit(step_program(module, tx), donate_argnums=(0, 1))
   start = time.time()
-  traced, compiled = plan.compile_program(fn, args)
+  traced, compiled = plan.compile_program(fn, args, target)
   row = {'target': target_name, 'dtype': dtype, 'remat': remat,
          'devices': len(devices), 'batch': b, 'latent': s,
          'params': convert.count(params),

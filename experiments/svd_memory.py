@@ -129,7 +129,7 @@ def measure(target, program, dtype, remat, frames):
   module = svd.build(SVD, dtype=dtype, remat=remat)
   fn, args = abstract_args(program, module, frames, mesh)
   start = time.time()
-  _, compiled = plan.compile_program(fn, args)
+  _, compiled = plan.compile_program(fn, args, target)
   row = dict(target=target.name, program=program, dtype=dtype, remat=remat,
              frames=frames, compile_s=round(time.time() - start))
   if isinstance(compiled, str):

@@ -37,6 +37,7 @@ from vdm_jax import training
 from vdm_jax.adapt import inflate_sd
 from vdm_jax.adapt import lora
 from vdm_jax.adapt import tune_sd
+from vdm_jax.models import attention
 from vdm_jax.pretrained import unet2d
 from vdm_jax import schedules
 
@@ -94,14 +95,22 @@ def measure(target, trainable, dtype, remat, frames, size):
                                      dtype=dtype)
   args, tx = abstract_args(module, trainable, frames, size, mesh, fsdp)
   schedule = schedules.from_scheduler_config(SCHEDULER)
-  step = jax.jit(functools.partial(
+  tune_step = functools.partial(
       tune_sd.tune_step, module=module,
       table=tuple(float(x) for x in schedule.logsnr_table()),
       logsnr_fn=schedule.logsnr_fn(), target='eps', trainable=trainable,
-      lora_scale=1.0, tx=tx, lr_fn=lambda s: 3e-5, ema_decay=0.0),
-      donate_argnums=0)
+      lora_scale=1.0, tx=tx, lr_fn=lambda s: 3e-5, ema_decay=0.0)
+
+  def step_fn(*a):
+    # On a TPU slice the frames are split over 'fsdp': the Pallas attention
+    # kernels ('auto' on TPU) run per chip on its frames.
+    with attention.kernels_on(mesh, ('fsdp',) if frames % mesh.size == 0
+                              else ()):
+      return tune_step(*a)
+
+  step = jax.jit(step_fn, donate_argnums=0)
   start = time.time()
-  _, compiled = plan.compile_program(step, args)
+  _, compiled = plan.compile_program(step, args, target)
   row = dict(target=target.name, trainable=trainable, dtype=dtype,
              remat=remat, frames=frames, size=size,
              compile_s=round(time.time() - start))

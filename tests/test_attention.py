@@ -125,6 +125,75 @@ def test_pallas_kernel_interpreted(case):
   _assert_close(got, want, F32_TOL, f'pallas ({case})')
 
 
+def _kernel_in_xla(seen):
+  """fa.flash_attention's contract (BNTH, additive ab, equal segment ids
+  attend) in XLA, recording the batch each call sees."""
+
+  def kernel(q, k, v, ab=None, segment_ids=None, sm_scale=1.0):
+    seen.append(q.shape[0])
+    logits = sm_scale * jnp.einsum('bnqd,bnkd->bnqk', q, k)
+    if ab is not None:
+      logits = logits + ab
+    if segment_ids is not None:
+      same = segment_ids.q[:, None, :, None] == segment_ids.kv[:, None, None]
+      logits = jnp.where(same, logits, -1e30)
+    return jnp.einsum('bnqk,bnkd->bnqd', jax.nn.softmax(logits), v)
+
+  return kernel
+
+
+@pytest.mark.parametrize('case', ('key_mask', 'mask_bias'))
+def test_pallas_per_device_within_kernels_on(case, monkeypatch):
+  """Within kernels_on the kernel runs in a shard_map, one batch row per
+  device of a 2-device mesh, its padded inputs and segment ids split with
+  it: values and gradients as unsplit. The kernel is replaced by its
+  contract in XLA (the kernel itself: test_pallas_kernel_interpreted; in
+  interpret mode its callbacks from several CPU devices can deadlock)."""
+  seen = []
+  monkeypatch.setattr(attention.fa, 'flash_attention', _kernel_in_xla(seen))
+  q, k, v, mask, bias = _inputs(case)
+  mesh = jax.sharding.Mesh(jax.devices()[:B], ('data',))
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  q, k, v = (jax.device_put(x, split) for x in (q, k, v))
+  fn = jax.jit(_dispatch('pallas', mask, bias, 'tpu'))
+  with attention.kernels_on(mesh, ('data', 'fsdp')):
+    got = _value_and_grads(fn, q, k, v)
+  assert seen and set(seen) == {1}, f'kernel batches {seen}, not per device'
+  want = _value_and_grads(_dispatch('xla', mask, bias), q, k, v)
+  _assert_close(got, want, F32_TOL, f'pallas per device ({case})')
+  seen.clear()
+  _dispatch('pallas', mask, bias, 'tpu')(q, k, v)  # Outside: unsplit.
+  assert set(seen) == {B}
+
+
+def test_auto_takes_pallas_only_where_it_is_placed():
+  """XLA cannot partition the Pallas kernel: on a process with several
+  devices (this suite has 8) 'auto' takes it only within kernels_on, and
+  only where the rows divide over the mesh's batch axes."""
+  q = (8, 1024, 8, 64)
+  tpu = lambda *a: attention.resolve('auto', *a, backend='tpu')
+  assert jax.device_count() > 1
+  assert tpu(q, q, jnp.bfloat16) == 'xla'
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2),
+                           ('data', 'fsdp'))
+  with attention.kernels_on(mesh, ('data', 'fsdp')):
+    assert tpu(q, q, jnp.bfloat16) == 'pallas'
+    assert tpu((12,) + q[1:], (12,) + q[1:], jnp.bfloat16) == 'xla'
+    with pytest.raises(ValueError, match='12 attention rows do not divide'
+                       ' over 8 devices'):
+      attention.resolve('pallas', (12,) + q[1:], (12,) + q[1:],
+                        jnp.bfloat16, backend='tpu')
+  with attention.kernels_on(mesh, ('data',)):  # 'fsdp' not a batch axis.
+    assert tpu((12,) + q[1:], (12,) + q[1:], jnp.bfloat16) == 'pallas'
+  # A deviceless TPU compile from this host (vdm_jax.plan) decides for the
+  # TPU, and still needs kernels_on.
+  with attention.compile_for('tpu'):
+    assert attention.resolve('auto', q, q, jnp.bfloat16) == 'xla'
+    with attention.kernels_on(mesh, ('data', 'fsdp')):
+      assert attention.resolve('auto', q, q, jnp.bfloat16) == 'pallas'
+  assert attention.resolve('auto', q, q, jnp.bfloat16) == 'xla'
+
+
 def test_bf16_within_tolerance():
   q, k, v, mask, bias = _inputs('mask_bias')
   q16, k16, v16 = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
@@ -156,11 +225,13 @@ def test_auto_choice():
   assert gpu(q, (B, 77, 8, 64), jnp.bfloat16) == 'cudnn'
   assert gpu(q, (B, 77, 8, 64), jnp.bfloat16, masked=True) == 'xla'
   tpu = lambda *a: attention.resolve('auto', *a, backend='tpu')
-  assert tpu(q, kv, jnp.float32) == 'pallas'
-  assert tpu(q, kv, jnp.bfloat16) == 'pallas'
-  assert tpu((B, 256, 8, 64), (B, 256, 8, 64), jnp.bfloat16) == 'xla'
-  assert tpu(q, (B, 16, 8, 64), jnp.bfloat16) == 'xla'  # A text's tokens.
-  assert tpu((B, 1024, 8, 192), (B, 1024, 8, 192), jnp.float32) == 'xla'
+  one_device = jax.sharding.Mesh(jax.devices()[:1], ('data',))
+  with attention.kernels_on(one_device, ('data',)):
+    assert tpu(q, kv, jnp.float32) == 'pallas'
+    assert tpu(q, kv, jnp.bfloat16) == 'pallas'
+    assert tpu((B, 256, 8, 64), (B, 256, 8, 64), jnp.bfloat16) == 'xla'
+    assert tpu(q, (B, 16, 8, 64), jnp.bfloat16) == 'xla'  # A text's tokens.
+    assert tpu((B, 1024, 8, 192), (B, 1024, 8, 192), jnp.float32) == 'xla'
 
 
 def test_explicit_choice_errors():

@@ -5,6 +5,7 @@ requirements). Compiles are shared between tests (`_row` caches them):
 each TPU or GPU compile of the tiny train step takes 10-50 s here.
 """
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -20,6 +21,7 @@ from vdm_jax import plan
 from vdm_jax import sharding
 from vdm_jax import train
 from vdm_jax import training
+from vdm_jax.models import attention
 
 
 def _config(**fields):
@@ -181,6 +183,51 @@ def test_sample_step_compiles_with_replicated_ema_params():
   assert row['fits'] and row['batch'] == 4  # sample.batch_size 2 -> 4 chips.
   train_row = _row('tpu:v5e:2x2')
   assert row['flops_per_device'] < train_row['flops_per_device'] / 2
+
+
+@pytest.mark.parametrize('program', ['train', 'sample'])
+def test_tpu_programs_run_the_pallas_kernel_per_device(program):
+  """With attention at 32x32 (1,024 tokens) 'auto' takes the Pallas kernel
+  on TPU, as on a slice; the train step and the sampler's denoiser enter
+  attention.kernels_on, so the kernel is traced inside a shard_map (XLA
+  cannot partition it). Traced only: the compile is the next test's."""
+  config = _config(**{'data.image_size': 32, 'model.attn_resolutions': (32,)})
+  target = plan.parse_target('tpu:v5e:2x2')
+  mesh = sharding.make_mesh(config.mesh, _devices('tpu:v5e:2x2'))
+  fn, args = (plan.train_step_program if program == 'train'
+              else plan.sample_step_program)(config, mesh)
+  with attention.compile_for(plan.attention_platform(target)):
+    text = str(fn.trace(*args).jaxpr)
+  assert 'pallas_call' in text and 'shard_map' in text
+  # A GPU target traces on this host's choice (cuDNN cannot be traced here).
+  assert plan.attention_platform(plan.parse_target('gpu:h100:4')) is None
+
+
+def test_the_pallas_kernel_compiles_per_chip_for_tpu():
+  """The kernel in a shard_map compiles with libtpu, each chip holding its
+  quarter of the batch; outside kernels_on 'auto' falls back to XLA's
+  einsum instead of failing ("Mosaic kernels cannot be automatically
+  partitioned")."""
+  target = plan.parse_target('tpu:v5e:2x2')
+  mesh = sharding.make_mesh(_config().mesh, _devices('tpu:v5e:2x2'))
+  split = sharding.batch_sharding(mesh)
+  q = jax.ShapeDtypeStruct((8, 1024, 4, 64), jax.numpy.bfloat16,
+                           sharding=split)
+
+  def grad_fn(placed):
+    def loss(q, k, v):
+      with (attention.kernels_on(mesh, sharding.BATCH_AXES) if placed
+            else contextlib.nullcontext()):
+        out = attention.dot_product_attention(q, k, v)
+      return out.astype(np.float32).sum()
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+  for placed in (True, False):
+    _, compiled = plan.compile_program(grad_fn(placed), (q, q, q), target)
+    hlo = compiled.as_text()
+    assert ('tpu_custom_call' in hlo) == placed, placed
+    assert compiled.memory_analysis().argument_size_in_bytes == (
+        3 * 8 * 1024 * 4 * 64 * 2 // 4)
 
 
 @pytest.mark.parametrize('name, topology, devices, hosts', [

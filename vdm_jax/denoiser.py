@@ -24,6 +24,7 @@ import ml_collections
 from vdm_jax import schedules
 from vdm_jax import sharding
 from vdm_jax import videofusion
+from vdm_jax.models import attention
 from vdm_jax.models import nextnet
 from vdm_jax.models import unet3d
 from vdm_jax.text import encoders
@@ -349,8 +350,12 @@ class _Apply:
     if self.mesh is not None and z.shape[0] % self.mesh.size == 0:
       z = jax.lax.with_sharding_constraint(
           z, sharding.batch_sharding(self.mesh))
-    return self.model.apply({'params': params}, z, logsnr, train=False,
-                            **cond)
+    if self.mesh is None:
+      return self.model.apply({'params': params}, z, logsnr, train=False,
+                              **cond)
+    with attention.kernels_on(self.mesh, sharding.BATCH_AXES):
+      return self.model.apply({'params': params}, z, logsnr, train=False,
+                              **cond)
 
 
 def make_denoise_fn(model: nn.Module, params: Any,

@@ -55,6 +55,7 @@ from vdm_jax import perf
 from vdm_jax import sharding
 from vdm_jax import train
 from vdm_jax import training
+from vdm_jax.models import attention
 
 REQUIREMENTS = 'requirements-plan.txt'
 GIB = 2**30
@@ -339,9 +340,27 @@ def _memory(compiled) -> dict[str, int]:
   return out
 
 
-def compile_program(fn, args) -> tuple[Any, Any]:
-  """(traced, compiled); compiled is the error message on an overflow."""
-  traced = fn.trace(*args)
+def attention_platform(target: Target) -> Optional[str]:
+  """The platform model.attention='auto' decides for while tracing.
+
+  TPU: the target's ('auto' takes the Pallas kernel for long attention, as
+  on the slice; libtpu compiles it here). GPU: None, so this CPU host's
+  choice, XLA's einsum: cuDNN's kernel needs the cuDNN library to be traced,
+  which a GPU-less host does not have, so GPU rows are upper bounds where
+  'auto' would take cuDNN there (bf16/fp16).
+  """
+  return 'tpu' if target.platform == 'tpu' else None
+
+
+def compile_program(fn, args, target: Optional[Target] = None
+                    ) -> tuple[Any, Any]:
+  """(traced, compiled); compiled is the error message on an overflow.
+
+  With `target`, attention 'auto' decides as `attention_platform` says.
+  """
+  with attention.compile_for(None if target is None
+                             else attention_platform(target)):
+    traced = fn.trace(*args)
   try:
     return traced, traced.lower().compile()
   except Exception as e:  # pylint: disable=broad-except
@@ -386,7 +405,7 @@ def measure(config: ml_collections.ConfigDict, target: Target,
   progress(f'{target.name}: compiling the {program} step ({row["mesh"]},'
            f' batch {batch}, remat {row["remat"]}, {row["dtype"]}) ...')
   start = time.time()
-  traced, compiled = compile_program(fn, args)
+  traced, compiled = compile_program(fn, args, target)
   row['compile_s'] = round(time.time() - start, 1)
   params = (args[0].params if program == 'train' else args[0])
   row['params'] = int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))

@@ -31,6 +31,7 @@ from vdm_jax import video_io
 from vdm_jax import videofusion
 from vdm_jax.data import pipeline
 from vdm_jax.data import sources
+from vdm_jax.models import attention
 
 
 def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -253,10 +254,12 @@ def make_train_step(config, model, tx, lr_fn, mesh, state_shardings,
     step(state, batch, rng[, codec_params]) -> (state, metrics)
     (train_step; codec_params replicated).
   """
-  step_fn = functools.partial(
-      train_step, model=model, tx=tx, lr_fn=lr_fn, config=config,
-      codec=codec,
-  )
+  def step_fn(*args):
+    # Pallas attention kernels run per device of the mesh (attention.py).
+    with attention.kernels_on(mesh, sharding.BATCH_AXES):
+      return train_step(*args, model=model, tx=tx, lr_fn=lr_fn,
+                        config=config, codec=codec)
+
   return jax.jit(
       step_fn,
       in_shardings=(

@@ -19,9 +19,13 @@ the [batch, tokens, heads, head_dim] layout of `jax.nn.dot_product_attention`
            2022). TPU only; head_dim <= 128 or a multiple of 128; the token
            axes are padded to multiples of its 128-wide blocks (padded keys
            are masked out through segment ids, padded queries cut off).
+           On several devices only within `kernels_on(mesh, ...)` (the
+           train step and the sampler's denoiser enter it), which runs the
+           kernel per device in a shard_map over the batch.
   'auto'   per call, from the backend and the shape: GPU with bf16/fp16
            inputs that cuDNN supports -> 'cudnn'; TPU with >= 1024 query and
-           >= 128 key tokens -> 'pallas'; otherwise (CPU, small attention,
+           >= 128 key tokens, within `kernels_on` or on a one-device
+           process -> 'pallas'; otherwise (CPU, small attention,
            float32 on GPU) -> 'xla'.
 
 Contract shared by every implementation: q is already scaled by
@@ -39,11 +43,15 @@ Sec. 3.2) captures and injects its softmax probabilities, which flash
 kernels never materialise.
 """
 
-from typing import Any, Optional, Sequence
+import contextlib
+import contextvars
+import math
+from typing import Any, Iterator, Optional, Sequence
 
 import jax
 from jax.experimental.pallas.ops.tpu import flash_attention as fa
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
 
@@ -111,7 +119,84 @@ def einsum_attention(q: Array, k: Array, v: Array, spec: Sequence[str],
   return jnp.einsum(f'{ls},{ks}->{qs}', weights.astype(v.dtype), v)
 
 
+# The platform 'auto' decides for when no backend is passed: None is the
+# process's own (jax.default_backend()); `compile_for` sets another while a
+# program is traced for a deviceless compile (vdm_jax.plan).
+_COMPILE_PLATFORM: contextvars.ContextVar[Optional[str]] = (
+    contextvars.ContextVar('attention_compile_platform', default=None))
+
+
+@contextlib.contextmanager
+def compile_for(platform: Optional[str]) -> Iterator[None]:
+  """Within the block, 'auto' decides for `platform` instead of this host.
+
+  For programs traced here and compiled for another platform without its
+  hardware (vdm_jax.plan compiles TPU programs on a CPU host): on 'tpu' the
+  long attentions then take the Pallas kernel, as they would on the slice.
+  None leaves the decision to the host's backend.
+  """
+  token = _COMPILE_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _COMPILE_PLATFORM.reset(token)
+
+
+# The mesh a traced program's Pallas kernels are split over (`kernels_on`).
+# Mosaic kernels cannot be partitioned by XLA: on more than one device each
+# must run inside a shard_map, per device on its share of the batch.
+_KERNEL_MESH: contextvars.ContextVar[Optional[tuple[Any, tuple[str, ...]]]] = (
+    contextvars.ContextVar('attention_kernel_mesh', default=None))
+
+
+@contextlib.contextmanager
+def kernels_on(mesh: Any, batch_axes: Sequence[str]) -> Iterator[None]:
+  """Within the block, Pallas kernels run per device of `mesh`.
+
+  Enter it around the tracing of a program jitted over `mesh` (the train
+  step, the sampler's denoiser): each Pallas attention then runs in a
+  shard_map with its batch axis split over `batch_axes` (those of the mesh's
+  axes that exist). Without it, 'auto' takes the Pallas kernel only where
+  this process has one device: XLA cannot partition the kernel, and
+  jitting it over several devices fails ("Mosaic kernels cannot be
+  automatically partitioned").
+  """
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  token = _KERNEL_MESH.set((mesh, axes))
+  try:
+    yield
+  finally:
+    _KERNEL_MESH.reset(token)
+
+
+def _kernel_split() -> tuple[Any, tuple[str, ...], int]:
+  """(mesh or None, batch axes, devices the batch is split over)."""
+  found = _KERNEL_MESH.get()
+  if found is None:
+    return None, (), 1
+  mesh, axes = found
+  return mesh, axes, math.prod(mesh.shape[a] for a in axes)
+
+
+def _per_device(fn, mesh: Any, axes: tuple[str, ...], *args):
+  """fn(*args) in a shard_map over `mesh`, every arg and the output split
+  on axis 0 over `axes` (replicated over the mesh's other axes); None args
+  pass through."""
+  spec = P(axes if axes else None)
+  present = [a is not None for a in args]
+  given = [a for a in args if a is not None]
+
+  def body(*xs):
+    it = iter(xs)
+    return fn(*[next(it) if p else None for p in present])
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(spec,) * len(given),
+                       out_specs=spec, check_vma=False)(*given)
+
+
 def _platform(backend: Optional[str]) -> str:
+  if backend is None:
+    backend = _COMPILE_PLATFORM.get()
   platform = jax.default_backend() if backend is None else backend
   return {'cuda': 'gpu', 'rocm': 'gpu'}.get(platform, platform)
 
@@ -197,7 +282,19 @@ def unsupported_reason(name: str, q_shape: Sequence[int],
   if name == 'pallas' and d > PALLAS_BLOCK and d % PALLAS_BLOCK:
     return (f'the Pallas TPU flash attention kernel needs head_dim <= 128 or'
             f' a multiple of 128, got {d}')
+  if name == 'pallas' and q_shape[0] % _kernel_split()[2]:
+    return (f'within kernels_on the Pallas kernel runs per device on an'
+            f' equal share of the batch, and {q_shape[0]} attention rows do'
+            f' not divide over {_kernel_split()[2]} devices')
   return None
+
+
+def _pallas_is_placed() -> bool:
+  """'auto' may take the Pallas kernel: inside `kernels_on`, or where the
+  program can only run on one device (XLA cannot partition the kernel)."""
+  if _KERNEL_MESH.get() is not None:
+    return True
+  return _COMPILE_PLATFORM.get() is None and jax.device_count() == 1
 
 
 def resolve(implementation: str, q_shape: Sequence[int],
@@ -220,7 +317,7 @@ def resolve(implementation: str, q_shape: Sequence[int],
     if platform == 'gpu' and unsupported_reason('cudnn', *args) is None:
       return 'cudnn'
     if (platform == 'tpu' and q_shape[1] >= PALLAS_MIN_QUERIES
-        and k_shape[1] >= PALLAS_MIN_KEYS
+        and k_shape[1] >= PALLAS_MIN_KEYS and _pallas_is_placed()
         and unsupported_reason('pallas', *args) is None):
       return 'pallas'
     return 'xla'
@@ -296,8 +393,21 @@ def _pallas_attention(q: Array, k: Array, v: Array, mask: Optional[Array],
         q=jnp.ones((b, pq), jnp.int32),
         kv=_pad_axis(keys.astype(jnp.int32), 1, pk))
   to_bnth = lambda x, size: jnp.swapaxes(_pad_axis(x, 1, size), 1, 2)
-  out = fa.flash_attention(to_bnth(q, pq), to_bnth(k, pk), to_bnth(v, pk),
-                           ab=bias, segment_ids=segment_ids, sm_scale=1.0)
+
+  def kernel(q, k, v, bias, segment_q, segment_kv):
+    ids = (None if segment_q is None
+           else fa.SegmentIds(q=segment_q, kv=segment_kv))
+    return fa.flash_attention(q, k, v, ab=bias, segment_ids=ids,
+                              sm_scale=1.0)
+
+  args = (to_bnth(q, pq), to_bnth(k, pk), to_bnth(v, pk), bias,
+          None if segment_ids is None else segment_ids.q,
+          None if segment_ids is None else segment_ids.kv)
+  mesh, axes, split = _kernel_split()
+  if mesh is not None and mesh.size > 1:
+    out = _per_device(kernel, mesh, axes if split > 1 else (), *args)
+  else:
+    out = kernel(*args)
   return jnp.swapaxes(out, 1, 2)[:, :tq]
 
 
