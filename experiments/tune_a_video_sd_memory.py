@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import optax
 
+from vdm_jax import perf
 from vdm_jax import plan
 from vdm_jax import sharding
 from vdm_jax import training
@@ -86,7 +87,7 @@ def abstract_args(module, trainable, frames, size, mesh, fsdp):
           rng), tx
 
 
-def measure(target, trainable, dtype, remat, frames, size):
+def measure(target, trainable, dtype, remat, frames, size, flops_only=False):
   devices = plan.target_devices(target)
   fsdp = len(devices) > 1
   mesh = sharding.make_mesh(ml_collections.ConfigDict(
@@ -109,11 +110,24 @@ def measure(target, trainable, dtype, remat, frames, size):
       return tune_step(*a)
 
   step = jax.jit(step_fn, donate_argnums=0)
+  row = dict(target=target.name, trainable=trainable, dtype=dtype,
+             remat=remat, frames=frames, size=size)
+  with attention.compile_for(plan.attention_platform(target)):
+    traced = step.trace(*args)
+  # Dots and convolutions, backward and rematerialised forward included,
+  # counted as torch.utils.flop_counter counts (perf.matmul_flops); the
+  # time bound is one chip's data-sheet peak for the matmul dtype.
+  flops = perf.matmul_flops(traced.jaxpr)
+  row['tflop_step'] = round(flops / 1e12, 1)
+  for chip in ('NVIDIA A100', 'NVIDIA H100'):
+    peak = perf.table_peak_flops(chip, perf.matmul_dtype(traced.jaxpr))
+    row[f'{chip.split()[1].lower()}_500_steps_min_ge'] = round(
+        500 * flops / peak / 60, 1)
+  if flops_only:
+    return row
   start = time.time()
   _, compiled = plan.compile_program(step, args, target)
-  row = dict(target=target.name, trainable=trainable, dtype=dtype,
-             remat=remat, frames=frames, size=size,
-             compile_s=round(time.time() - start))
+  row['compile_s'] = round(time.time() - start)
   if isinstance(compiled, str):
     row['result'] = 'overflow: ' + compiled.splitlines()[0][:160]
     return row
@@ -142,6 +156,8 @@ def main():
   p.add_argument('--remat', default='block')
   p.add_argument('--frames', default='24')
   p.add_argument('--size', type=int, default=512)
+  p.add_argument('--flops_only', action='store_true',
+                 help='trace only: FLOPs and the time bound, no compile')
   a = p.parse_args()
   plan.prepare_host()
   targets = [plan.parse_target(t) for t in a.targets.split(',')]
@@ -149,7 +165,7 @@ def main():
   for target, tr, dt, rm, fr in itertools.product(
       targets, a.trainable.split(','), a.dtype.split(','),
       a.remat.split(','), [int(f) for f in a.frames.split(',')]):
-    print(measure(target, tr, dt, rm, fr, a.size), flush=True)
+    print(measure(target, tr, dt, rm, fr, a.size, a.flops_only), flush=True)
 
 
 if __name__ == '__main__':
