@@ -78,6 +78,15 @@ FIT_LADDER = (('float32', 'none'), ('bfloat16', 'none'),
               ('bfloat16', 'full'), ('bfloat16', 'offload'))
 
 
+# The pretrained-model methods are planned by their experiments (the same
+# deviceless compilers and targets) until --mode=plan builds their programs.
+PRETRAINED_PLANS = {
+    'tune_a_video_sd': 'experiments/tune_a_video_sd_memory.py --targets=...',
+    'svd': 'experiments/svd_memory.py --targets=...',
+    'pretrained': 'experiments/sd_train_cost.py --targets=...',
+}
+
+
 def known_targets() -> str:
   return ('tpu:{' + ','.join(TPU_CHIPS) + '}:<topology>[:slices=N] (e.g.'
           ' tpu:v5e:8x8, tpu:v5p:4x4x4), tpu:<accelerator type> (e.g.'
@@ -550,19 +559,22 @@ def plan(config: ml_collections.ConfigDict,
   also writes them to workdir/plan.md and workdir/plan.jsonl. Raises
   ValueError / RuntimeError on bad input before compiling anything.
   """
+  method = config.get('method', 'vdm')
+  if method != 'vdm' or config.get('latent', {}).get('path'):
+    script = PRETRAINED_PLANS.get(method)
+    raise ValueError(
+        f'--mode=plan compiles the train step of vdm_jax.train (config.method'
+        f" 'vdm', pixel space); config.method={method!r}"
+        f"{' with latent.path' if method == 'vdm' else ''} is not planned"
+        ' yet.' + (f' Its programs compile for the same targets with'
+                   f' {script} (docs/scaling.md, "Plan first").'
+                   if script else ''))
   names = [t for t in str(config.plan.targets).split(',') if t.strip()]
   if not names:
     raise ValueError('No targets: set --config.plan.targets, e.g.'
                      f' tpu:v5e:2x2,gpu:h100:8; known: {known_targets()}.')
   targets = [parse_target(n) for n in names]
   check_packages(targets)
-  method = config.get('method', 'vdm')
-  if method != 'vdm' or config.get('latent', {}).get('path'):
-    raise ValueError(
-        f'--mode=plan compiles the train step of vdm_jax.train (config.method'
-        f" 'vdm', pixel space); config.method={method!r}"
-        f"{' with latent.path' if method == 'vdm' else ''} is not planned"
-        ' yet.')
   with tempfile.TemporaryDirectory() as empty:  # No saved config to match.
     train.validate_config(config, workdir or empty)
   prepared = []
