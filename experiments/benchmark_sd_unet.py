@@ -56,12 +56,7 @@ _TINY = flags.DEFINE_bool('tiny', False,
                           'A tiny config instead of SD-1.5 (checks the '
                           'script in seconds).')
 
-SD15 = dict(
-    _class_name='UNet2DConditionModel', sample_size=64, in_channels=4,
-    out_channels=4, block_out_channels=[320, 640, 1280, 1280],
-    layers_per_block=2, attention_head_dim=8, cross_attention_dim=768,
-    down_block_types=['CrossAttnDownBlock2D'] * 3 + ['DownBlock2D'],
-    up_block_types=['UpBlock2D'] + ['CrossAttnUpBlock2D'] * 3)
+SD15 = unet2d.SD15_CONFIG
 TINY = dict(SD15, block_out_channels=[32, 64, 64, 64], norm_num_groups=8,
             attention_head_dim=4)
 

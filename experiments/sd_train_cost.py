@@ -43,12 +43,7 @@ _SIZE = flags.DEFINE_integer('size', 64, 'Latent height and width.')
 _TOKENS = flags.DEFINE_integer('tokens', 77, 'Text states.')
 _TINY = flags.DEFINE_bool('tiny', False, 'A tiny UNet (checks the script).')
 
-SD15 = dict(
-    _class_name='UNet2DConditionModel', sample_size=64, in_channels=4,
-    out_channels=4, block_out_channels=[320, 640, 1280, 1280],
-    layers_per_block=2, attention_head_dim=8, cross_attention_dim=768,
-    down_block_types=['CrossAttnDownBlock2D'] * 3 + ['DownBlock2D'],
-    up_block_types=['UpBlock2D'] + ['CrossAttnUpBlock2D'] * 3)
+SD15 = unet2d.SD15_CONFIG
 TINY = dict(SD15, block_out_channels=[32, 64, 64, 64], norm_num_groups=8,
             attention_head_dim=4)
 
@@ -109,7 +104,7 @@ def measure(target_name: str, dtype: str, remat: str) -> dict:
   if isinstance(compiled, str):
     row.update(fits=False, error=compiled.splitlines()[0][:300])
     return row
-  mem = plan._memory(compiled)  # pylint: disable=protected-access
+  mem = plan.compiled_memory(compiled)
   row['memory'] = mem
   row['fits'] = None if memory is None else mem['total'] <= memory
   return row

@@ -46,20 +46,9 @@ from vdm_jax import sampling
 from vdm_jax import sharding
 from vdm_jax.adapt import inbetween_svd
 from vdm_jax.adapt import tune_backward_svd
-from vdm_jax.models import attention as attention_lib
 from vdm_jax.pretrained import svd
 
-_CROSS_DOWN, _DOWN = ('CrossAttnDownBlockSpatioTemporal',
-                      'DownBlockSpatioTemporal')
-_CROSS_UP, _UP = 'CrossAttnUpBlockSpatioTemporal', 'UpBlockSpatioTemporal'
-SVD = dict(
-    sample_size=96, in_channels=8, out_channels=4,
-    block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
-    num_attention_heads=[5, 10, 20, 20], cross_attention_dim=1024,
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=768,
-    transformer_layers_per_block=1, num_frames=25,
-    down_block_types=[_CROSS_DOWN] * 3 + [_DOWN],
-    up_block_types=[_UP] + [_CROSS_UP] * 3)
+SVD = svd.SVD_XT_CONFIG
 GIB = 2**30
 LATENT = (72, 128)  # 576x1024 frames / 8.
 
@@ -117,35 +106,30 @@ def abstract_args(program, module, frames, mesh):
 
 def measure(target, program, dtype, remat, frames):
   devices = plan.target_devices(target)
-  # 'auto' attention decides from jax.default_backend(), the CPU here: on
-  # a TPU target let it pick what a TPU would (the Pallas flash kernel,
-  # which compiles without the chip). cuDNN's cannot be compiled without a
-  # GPU ('cuDNN not found'), so GPU targets run the XLA einsum, whose
-  # logits [F, heads, H*W, H*W] make these an upper bound for a GPU.
-  attention_lib._platform = lambda backend=None: (  # pylint: disable=protected-access
-      'tpu' if target.platform == 'tpu' else 'cpu')
   mesh = sharding.make_mesh(ml_collections.ConfigDict(
       {'data': 1, 'fsdp': len(devices), 'param_sharding': 'fsdp'}), devices)
   module = svd.build(SVD, dtype=dtype, remat=remat)
   fn, args = abstract_args(program, module, frames, mesh)
+  # On TPU targets 'auto' takes the Pallas flash kernel from 1024 tokens
+  # (plan.attention_platform), per chip on its frames (the frames are split
+  # over 'fsdp'); GPU targets run the XLA einsum, whose logits
+  # [F, heads, H*W, H*W] make these an upper bound for a GPU.
+  kernels = (mesh, ('fsdp',) if frames % mesh.size == 0 else ())
   start = time.time()
-  _, compiled = plan.compile_program(fn, args, target)
+  _, compiled = plan.compile_program(fn, args, target, kernels)
   row = dict(target=target.name, program=program, dtype=dtype, remat=remat,
              frames=frames, compile_s=round(time.time() - start))
   if isinstance(compiled, str):
     row['result'] = 'overflow: ' + compiled.splitlines()[0][:200]
     return row
-  m = compiled.memory_analysis()
-  total = (m.argument_size_in_bytes + m.output_size_in_bytes
-           - m.alias_size_in_bytes + m.temp_size_in_bytes
-           + m.generated_code_size_in_bytes)
-  row.update(argument_gib=round(m.argument_size_in_bytes / GIB, 2),
-             temp_gib=round(m.temp_size_in_bytes / GIB, 2),
-             total_gib=round(total / GIB, 2))
+  mem = plan.compiled_memory(compiled)
+  row.update(argument_gib=round(mem['argument'] / GIB, 2),
+             temp_gib=round(mem['temp'] / GIB, 2),
+             total_gib=round(mem['total'] / GIB, 2))
   cap = plan.chip_memory(target, devices[0].device_kind)
   if cap:
     row['device_gib'] = round(cap / GIB, 1)
-    row['fits'] = total <= cap
+    row['fits'] = mem['total'] <= cap
   return row
 
 

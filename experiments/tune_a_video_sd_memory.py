@@ -38,16 +38,10 @@ from vdm_jax import training
 from vdm_jax.adapt import inflate_sd
 from vdm_jax.adapt import lora
 from vdm_jax.adapt import tune_sd
-from vdm_jax.models import attention
 from vdm_jax.pretrained import unet2d
 from vdm_jax import schedules
 
-SD15 = dict(
-    sample_size=64, in_channels=4, out_channels=4,
-    block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
-    attention_head_dim=8, cross_attention_dim=768,
-    down_block_types=['CrossAttnDownBlock2D'] * 3 + ['DownBlock2D'],
-    up_block_types=['UpBlock2D'] + ['CrossAttnUpBlock2D'] * 3)
+SD15 = unet2d.SD15_CONFIG
 GIB = 2**30
 # SD-1.5's scheduler_config.json (the betas; the sampler does not matter).
 SCHEDULER = {'beta_end': 0.012, 'beta_schedule': 'scaled_linear',
@@ -96,24 +90,23 @@ def measure(target, trainable, dtype, remat, frames, size, flops_only=False):
                                      dtype=dtype)
   args, tx = abstract_args(module, trainable, frames, size, mesh, fsdp)
   schedule = schedules.from_scheduler_config(SCHEDULER)
-  tune_step = functools.partial(
+  step = jax.jit(functools.partial(
       tune_sd.tune_step, module=module,
       table=tuple(float(x) for x in schedule.logsnr_table()),
       logsnr_fn=schedule.logsnr_fn(), target='eps', trainable=trainable,
-      lora_scale=1.0, tx=tx, lr_fn=lambda s: 3e-5, ema_decay=0.0)
-
-  def step_fn(*a):
-    # On a TPU slice the frames are split over 'fsdp': the Pallas attention
-    # kernels ('auto' on TPU) run per chip on its frames.
-    with attention.kernels_on(mesh, ('fsdp',) if frames % mesh.size == 0
-                              else ()):
-      return tune_step(*a)
-
-  step = jax.jit(step_fn, donate_argnums=0)
+      lora_scale=1.0, tx=tx, lr_fn=lambda s: 3e-5, ema_decay=0.0),
+      donate_argnums=0)
+  # On a TPU slice the frames are split over 'fsdp': the Pallas attention
+  # kernels ('auto' on TPU) run per chip on its frames.
+  kernels = (mesh, ('fsdp',) if frames % mesh.size == 0 else ())
   row = dict(target=target.name, trainable=trainable, dtype=dtype,
              remat=remat, frames=frames, size=size)
-  with attention.compile_for(plan.attention_platform(target)):
-    traced = step.trace(*args)
+  start = time.time()
+  if flops_only:
+    traced, compiled = plan.trace_program(step, args, target, kernels), None
+  else:
+    traced, compiled = plan.compile_program(step, args, target, kernels)
+    row['compile_s'] = round(time.time() - start)
   # Dots and convolutions, backward and rematerialised forward included,
   # counted as torch.utils.flop_counter counts (perf.matmul_flops); the
   # time bound is one chip's data-sheet peak for the matmul dtype.
@@ -123,24 +116,18 @@ def measure(target, trainable, dtype, remat, frames, size, flops_only=False):
     peak = perf.table_peak_flops(chip, perf.matmul_dtype(traced.jaxpr))
     row[f'{chip.split()[1].lower()}_500_steps_min_ge'] = round(
         500 * flops / peak / 60, 1)
-  if flops_only:
+  if compiled is None:
     return row
-  start = time.time()
-  _, compiled = plan.compile_program(step, args, target)
-  row['compile_s'] = round(time.time() - start)
   if isinstance(compiled, str):
     row['result'] = 'overflow: ' + compiled.splitlines()[0][:160]
     return row
-  m = compiled.memory_analysis()
-  total = (m.argument_size_in_bytes + m.output_size_in_bytes
-           - m.alias_size_in_bytes + m.temp_size_in_bytes
-           + m.generated_code_size_in_bytes)
-  row.update(argument_gib=m.argument_size_in_bytes / GIB,
-             temp_gib=m.temp_size_in_bytes / GIB, total_gib=total / GIB)
+  mem = plan.compiled_memory(compiled)
+  row.update(argument_gib=mem['argument'] / GIB, temp_gib=mem['temp'] / GIB,
+             total_gib=mem['total'] / GIB)
   cap = plan.chip_memory(target, devices[0].device_kind)
   if cap:
     row['device_gib'] = cap / GIB
-    row['fits'] = total <= cap
+    row['fits'] = mem['total'] <= cap
   cost = compiled.cost_analysis()
   if cost:
     cost = cost[0] if isinstance(cost, list) else cost

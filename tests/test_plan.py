@@ -158,7 +158,7 @@ def test_plan_on_the_cpu_mesh_equals_the_run_there():
   # The same program, so the same memory.
   traced = step.trace(*real)
   compiled = traced.lower().compile()
-  assert row['memory'] == plan._memory(compiled)  # pylint: disable=protected-access
+  assert row['memory'] == plan.compiled_memory(compiled)
   assert row['flops_per_device'] == perf.matmul_flops(traced.jaxpr) / 8
   new_state, metrics = compiled(*real)
   assert np.isfinite(float(metrics['loss'])) and int(new_state.step) == 1

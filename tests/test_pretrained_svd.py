@@ -60,14 +60,7 @@ INPUTS = {
     'svd': (2, 3, 8, 8, [1.2, -0.7], [[6, 127, 0.02], [3, 30, 0.5]]),
     'mixed': (1, 2, 5, 7, [0.4], [[6, 127, 0.02, 2]]),
 }
-SVD_XT = dict(
-    sample_size=96, in_channels=8, out_channels=4,
-    block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
-    num_attention_heads=[5, 10, 20, 20], cross_attention_dim=1024,
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=768,
-    transformer_layers_per_block=1, num_frames=25,
-    down_block_types=[_CROSS_DOWN] * 3 + [_DOWN],
-    up_block_types=[_UP] + [_CROSS_UP] * 3)
+SVD_XT = svd.SVD_XT_CONFIG
 SVD_PARAMS = 1_524_623_082
 INBETWEEN_TRAINABLE = 24_780_800
 

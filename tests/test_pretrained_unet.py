@@ -68,12 +68,7 @@ INPUTS = {
     'mixed': (2, 8, 8, 3, [1.0, 250.0], False),
 }
 
-SD15 = dict(
-    sample_size=64, in_channels=4, out_channels=4,
-    block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
-    attention_head_dim=8, cross_attention_dim=768,
-    down_block_types=['CrossAttnDownBlock2D'] * 3 + ['DownBlock2D'],
-    up_block_types=['UpBlock2D'] + ['CrossAttnUpBlock2D'] * 3)
+SD15 = unet2d.SD15_CONFIG
 SD21 = dict(SD15, sample_size=96, attention_head_dim=[5, 10, 20, 20],
             cross_attention_dim=1024, use_linear_projection=True,
             upcast_attention=True)

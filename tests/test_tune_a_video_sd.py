@@ -40,12 +40,7 @@ TOL = 1e-5
 FRAMES = 6
 CLIP = os.path.join(os.path.dirname(__file__), 'data',
                     'v_CricketShot_g04_c01_rgb.gif')
-SD15 = dict(
-    sample_size=64, in_channels=4, out_channels=4,
-    block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
-    attention_head_dim=8, cross_attention_dim=768,
-    down_block_types=['CrossAttnDownBlock2D'] * 3 + ['DownBlock2D'],
-    up_block_types=['UpBlock2D'] + ['CrossAttnUpBlock2D'] * 3)
+SD15 = unet2d.SD15_CONFIG
 
 
 class _PooledGroupNorm(torch.nn.Module):

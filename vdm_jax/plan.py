@@ -33,6 +33,7 @@ limit, which can take long): that is reported as not fitting, with the
 compiler's numbers.
 """
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -42,7 +43,7 @@ import os
 import re
 import tempfile
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
 import jax
@@ -340,7 +341,8 @@ def overflow_bytes(message: str) -> Optional[tuple[int, int]]:
           int(float(m.group(3)) * _UNIT[m.group(4)]))
 
 
-def _memory(compiled) -> dict[str, int]:
+def compiled_memory(compiled) -> dict[str, int]:
+  """XLA's memory analysis per device, in bytes, with the total."""
   m = compiled.memory_analysis()
   out = {k: int(getattr(m, f'{k}_size_in_bytes')) for k in (
       'argument', 'output', 'alias', 'temp', 'generated_code', 'host_temp')}
@@ -361,15 +363,28 @@ def attention_platform(target: Target) -> Optional[str]:
   return 'tpu' if target.platform == 'tpu' else None
 
 
-def compile_program(fn, args, target: Optional[Target] = None
-                    ) -> tuple[Any, Any]:
-  """(traced, compiled); compiled is the error message on an overflow.
+def trace_program(fn, args, target: Optional[Target] = None,
+                  kernels: Optional[tuple[Any, Sequence[str]]] = None):
+  """fn (jitted) traced on `args` as it is traced for `target`.
 
   With `target`, attention 'auto' decides as `attention_platform` says.
+  `kernels` = (mesh, batch axes): trace within attention.kernels_on, for
+  programs that do not enter it themselves (the train step and the
+  sampler's denoiser do).
   """
+  placed = (contextlib.nullcontext() if kernels is None
+            else attention.kernels_on(*kernels))
   with attention.compile_for(None if target is None
-                             else attention_platform(target)):
-    traced = fn.trace(*args)
+                             else attention_platform(target)), placed:
+    return fn.trace(*args)
+
+
+def compile_program(fn, args, target: Optional[Target] = None,
+                    kernels: Optional[tuple[Any, Sequence[str]]] = None
+                    ) -> tuple[Any, Any]:
+  """(traced, compiled) as `trace_program` traces; compiled is the error
+  message on an overflow."""
+  traced = trace_program(fn, args, target, kernels)
   try:
     return traced, traced.lower().compile()
   except Exception as e:  # pylint: disable=broad-except
@@ -429,7 +444,7 @@ def measure(config: ml_collections.ConfigDict, target: Target,
     if numbers:
       row['required'], row['available'] = numbers
   else:
-    row['memory'] = _memory(compiled)
+    row['memory'] = compiled_memory(compiled)
     row['fits'] = usable is None or row['memory']['total'] <= usable
   row.update(_roofline(traced, compiled, row, len(devices)))
   progress(f'{target.name}: {program} compiled in {row["compile_s"]} s;'

@@ -22,6 +22,21 @@ from vdm_jax.pretrained import formats
 CLASS_NAMES = ('UNetSpatioTemporalConditionModel',)
 TABLE = convert.RuleTable('UNetSpatioTemporalConditionModel')
 _INERT = ('_class_name', '_diffusers_version', '_name_or_path')
+# SVD-xt's unet/config.json, the fields that differ from diffusers'
+# defaults (1,524,623,082 parameters; SVD's 14-frame release differs only
+# in num_frames): for compiling the full-size model without a folder, and
+# the tests' full-size checks.
+_CROSS_DOWN, _DOWN = ('CrossAttnDownBlockSpatioTemporal',
+                      'DownBlockSpatioTemporal')
+_CROSS_UP, _UP = 'CrossAttnUpBlockSpatioTemporal', 'UpBlockSpatioTemporal'
+SVD_XT_CONFIG = dict(
+    _class_name='UNetSpatioTemporalConditionModel', sample_size=96,
+    in_channels=8, out_channels=4, block_out_channels=[320, 640, 1280, 1280],
+    layers_per_block=2, num_attention_heads=[5, 10, 20, 20],
+    cross_attention_dim=1024, addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=768, transformer_layers_per_block=1,
+    num_frames=25, down_block_types=[_CROSS_DOWN] * 3 + [_DOWN],
+    up_block_types=[_UP] + [_CROSS_UP] * 3)
 
 
 def _unsupported(name: str, value: Any, supported: Any) -> ValueError:

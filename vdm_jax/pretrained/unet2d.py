@@ -24,6 +24,15 @@ from vdm_jax.pretrained import formats
 CLASS_NAMES = ('UNet2DConditionModel',)
 TABLE = convert.RuleTable('UNet2DConditionModel')
 ACT_FNS = ('silu', 'swish')
+# SD-1.5's unet/config.json, the fields that differ from diffusers'
+# defaults (859,520,964 parameters): for compiling and benchmarking the
+# full-size model without a folder, and the tests' full-size checks.
+SD15_CONFIG = dict(
+    _class_name='UNet2DConditionModel', sample_size=64, in_channels=4,
+    out_channels=4, block_out_channels=[320, 640, 1280, 1280],
+    layers_per_block=2, attention_head_dim=8, cross_attention_dim=768,
+    down_block_types=['CrossAttnDownBlock2D'] * 3 + ['DownBlock2D'],
+    up_block_types=['UpBlock2D'] + ['CrossAttnUpBlock2D'] * 3)
 
 # Options sd_unet does not implement: the value(s) it supports, which are
 # diffusers' defaults.
