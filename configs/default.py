@@ -393,20 +393,7 @@ def get_config(arg=None):
   # its largest dimension divisible by mesh.fsdp.
   config.mesh.param_sharding = 'replicated'
 
-  # --mode=plan (vdm_jax/plan.py): compile for TPU / GPU targets on a CPU.
-  config.plan = ml_collections.ConfigDict()
-  # Comma-separated targets, e.g. 'tpu:v5p:4x4x4,tpu:v5e:8x8,gpu:h100:8'.
-  config.plan.targets = ''
-  # Also compile one denoiser call of the sampler (EMA params replicated).
-  config.plan.sample = True
-  # Also find the largest global batch that fits, and the cheapest
-  # (model.dtype, model.remat) that fits training.batch_size.
-  config.plan.search = False
-  # Fraction of each device's memory left free by a plan that fits.
-  config.plan.headroom = 0.05
-  # Share of a GPU's memory that JAX may use (its default preallocation,
-  # XLA_PYTHON_CLIENT_MEM_FRACTION=0.75).
-  config.plan.gpu_memory_fraction = 0.75
+  config.plan = plan_config()
 
   # A pretrained model from a local diffusers folder (docs/pretrained.md).
   config.pretrained = ml_collections.ConfigDict()
@@ -435,6 +422,30 @@ def get_config(arg=None):
   # Frames per autoencoder call.
   config.latent.chunk = 8
   return config
+
+
+def plan_config() -> ml_collections.ConfigDict:
+  """--mode=plan (vdm_jax/plan.py): compile for TPU / GPU targets on a CPU
+  host; every method's config holds these (one home)."""
+  plan = ml_collections.ConfigDict()
+  # Comma-separated targets, e.g. 'tpu:v5p:4x4x4,tpu:v5e:8x8,gpu:h100:8'.
+  plan.targets = ''
+  # What a method-'vdm' config runs: 'train' (--mode=train: the train step)
+  # or 'tune' (--mode=tune: Tune-A-Video's step on the inflated base,
+  # configs/tune_a_video.py). Other methods plan their own programs.
+  plan.mode = 'train'
+  # Also compile the sampler's step (one denoiser call, guided where the
+  # method guides), where the method has a train or tune program beside it.
+  plan.sample = True
+  # Also find the largest global batch that fits, and the cheapest
+  # (model.dtype, model.remat) that fits training.batch_size.
+  plan.search = False
+  # Fraction of each device's memory left free by a plan that fits.
+  plan.headroom = 0.05
+  # Share of a GPU's memory that JAX may use (its default preallocation,
+  # XLA_PYTHON_CLIENT_MEM_FRACTION=0.75).
+  plan.gpu_memory_fraction = 0.75
+  return plan
 
 
 def optimizer_config() -> ml_collections.ConfigDict:

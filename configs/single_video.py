@@ -142,6 +142,8 @@ def get_config(arg=None):
   # Also write <input>_sinfusion_<mode>.mp4 beside the input (if writable).
   config.sample.write_next_to_input = True
 
+  config.plan = default.plan_config()
+
   config.eval = ml_collections.ConfigDict()
   # Diverse videos scored by --mode=eval (start and direction from sample).
   config.eval.num_videos = 8

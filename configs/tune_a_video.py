@@ -30,6 +30,7 @@ def get_config(arg=None):
   config.model.temporal_attention = True
   config.model.spatial_attention = 'sparse_causal'
   config.tune.num_frames = 8
+  config.plan.mode = 'tune'
   config.tune.frame_stride = 1
   config.optimizer.name = 'adamw'
   config.optimizer.learning_rate = 3e-5

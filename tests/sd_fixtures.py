@@ -13,11 +13,8 @@ import os
 import numpy as np
 
 # An SD-1.5 scheduler_config.json (its PNDM settings, read by any class).
-SD15_SCHEDULER = {
-    'beta_end': 0.012, 'beta_schedule': 'scaled_linear',
-    'beta_start': 0.00085, 'num_train_timesteps': 1000,
-    'set_alpha_to_one': False, 'skip_prk_steps': True, 'steps_offset': 1,
-    'trained_betas': None, 'clip_sample': False}
+from vdm_jax.pretrained.stable_diffusion import SD15_SCHEDULER  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
+
 CORPUS = ['a photo of a cat riding a horse on the moon',
           'an astronaut, highly detailed, 4k, trending on artstation!',
           "it's a dog's life; don't worry", 'café crème brûlée',

@@ -292,22 +292,6 @@ def test_a_batch_that_does_not_divide_fails_first(monkeypatch):
     _plan(monkeypatch, 'gpu:h100:2x8')
 
 
-@pytest.mark.parametrize('name, message', [
-    ('tune_a_video_sd', 'experiments/tune_a_video_sd_memory.py'),
-    ('svd', 'experiments/svd_memory.py'),
-    ('stable_diffusion', 'experiments/sd_train_cost.py'),
-    ('single_video', "config.method='sinfusion' is not planned yet.$"),
-])
-def test_other_methods_are_refused_with_their_plan_script(name, message,
-                                                          monkeypatch):
-  monkeypatch.setattr(plan, 'measure', _no_compile)
-  config = importlib.import_module(f'configs.{name}').get_config()
-  if 'plan' in config:  # SinFusion's config has no plan section.
-    config.plan.targets = 'gpu:h100:1'
-  with pytest.raises(ValueError, match=message):
-    plan.plan(config, emit=lambda line: None)
-
-
 def test_missing_compilers_name_the_requirements_file(monkeypatch):
   find_spec = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, 'find_spec', lambda name: (

@@ -451,3 +451,50 @@ def test_bad_input_before_compiling(tiny, tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     tuned_sd.check_prompts(folder, ['a red square ' * 40])
   assert 'truncated' in caplog.text
+
+
+def test_one_clip_split_by_frames_equals_one_device(tiny):
+  """Batch 1 on 8 devices: the frames are split over them and the state
+  and frozen parameters sharded FSDP-style (tune_sd.layout 'frames'); one
+  step gives the update of one device."""
+  from vdm_jax import schedules  # pylint: disable=g-import-not-at-top
+  from vdm_jax import training  # pylint: disable=g-import-not-at-top
+  config = _config(tiny['folder'], **{'tune.num_frames': 8})
+  schedule = schedules.from_scheduler_config(sd_fixtures.SD15_SCHEDULER)
+  record = dict(trainable='attention_queries', lora_rank=4, seed=0)
+  rng = np.random.RandomState(3)
+  mean = rng.randn(1, 8, 8, 8, 4).astype(np.float32)
+  batch = {'mean': mean, 'std': 0.1 * np.abs(mean),
+           'text': rng.randn(1, 77, 32).astype(np.float32)}
+  results = {}
+  for name, devices in (('one', jax.devices()[:1]), ('eight', None)):
+    place = tune_sd.layout(config, 8, devices)
+    # Host copies: the step donates its state.
+    trained, frozen = jax.tree.map(
+        np.asarray, tuned_sd.split_tuned(tiny['params'], record))
+    tx, lr_fn = training.create_optimizer(config)
+    step = tune_sd.make_step(config, tiny['video'], schedule, place, tx,
+                             lr_fn, trained, frozen)
+    state = training.TrainState.create(trained, tx)
+    state, frozen, data = jax.device_put(
+        (state, frozen, {k: batch[k] for k in ('mean', 'std', 'text')}),
+        (place.params(state), place.params(frozen),
+         {'mean': place.latents(), 'std': place.latents(),
+          'text': place.text()}))
+    new, metrics = step(state, frozen, data, jax.random.key(0))
+    results[name] = (place, new, metrics)
+  place, new, _ = results['eight']
+  assert place.split == 'frames' and place.mesh.size == 8
+  assert results['one'][0].mesh.size == 1
+  # The largest tuned weight is split in eight, not replicated.
+  big = max(jax.tree.leaves(new.params), key=lambda x: x.size)
+  assert big.addressable_shards[0].data.size * 8 == big.size
+  for key in ('loss', 'grad_norm'):
+    np.testing.assert_allclose(float(results['eight'][2][key]),
+                               float(results['one'][2][key]), rtol=1e-5)
+  # Adam's first step is lr * g / (|g| + eps): where |g| is tiny, rounding
+  # moves it by a fraction of lr (1e-3); a wrong update moves it by ~lr.
+  for a, b in zip(jax.tree.leaves(results['eight'][1].params),
+                  jax.tree.leaves(results['one'][1].params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
+                               atol=1e-5)

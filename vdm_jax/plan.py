@@ -53,6 +53,7 @@ import numpy as np
 
 from vdm_jax import denoiser
 from vdm_jax import perf
+from vdm_jax import plan_methods
 from vdm_jax import sharding
 from vdm_jax import train
 from vdm_jax import training
@@ -77,15 +78,6 @@ GPU_CHIPS = {'h100': 'h100_sxm', 'h200': 'h200', 'a100_80': 'a100_sxm_80',
 FIT_LADDER = (('float32', 'none'), ('bfloat16', 'none'),
               ('bfloat16', 'dots_saveable'), ('bfloat16', 'block'),
               ('bfloat16', 'full'), ('bfloat16', 'offload'))
-
-
-# The pretrained-model methods are planned by their experiments (the same
-# deviceless compilers and targets) until --mode=plan builds their programs.
-PRETRAINED_PLANS = {
-    'tune_a_video_sd': 'experiments/tune_a_video_sd_memory.py --targets=...',
-    'svd': 'experiments/svd_memory.py --targets=...',
-    'pretrained': 'experiments/sd_train_cost.py --targets=...',
-}
 
 
 def known_targets() -> str:
@@ -295,6 +287,43 @@ def sample_step_program(config: ml_collections.ConfigDict,
   return fn, args
 
 
+def tune_program(config: ml_collections.ConfigDict, devices: list[Any]
+                 ) -> 'plan_methods.Program':
+  """--mode=tune of a 'vdm' config (adapt/tune.py): the tuned step of the
+  inflated model on the devices its batch splits over (one device for
+  Tune-A-Video's batch of 1: adapt.tune.batch_mesh)."""
+  from vdm_jax.adapt import inflate  # pylint: disable=g-import-not-at-top
+  from vdm_jax.adapt import tune as tune_lib  # pylint: disable=g-import-not-at-top
+  b = config.training.batch_size
+  used = list(devices) if b % len(devices) == 0 else list(devices[:1])
+  data, fsdp = sharding.mesh_shape(config.mesh, len(used))
+  mesh = sharding.make_mesh(config.mesh, used)
+  repl = sharding.replicated(mesh)
+  model = denoiser.create_model(config)
+  params = denoiser.abstract_params(config, model)
+  tuned, frozen = jax.eval_shape(
+      lambda p: inflate.split(p, config.tune.trainable), params)
+  tx, lr_fn = training.create_optimizer(config)
+  state = jax.eval_shape(lambda p: training.TrainState.create(p, tx), tuned)
+  step = jax.jit(functools.partial(tune_lib.tune_step, model=model, tx=tx,
+                                   lr_fn=lr_fn, config=config),
+                 out_shardings=(repl, repl), donate_argnums=0)
+  video = abstract_batch(config, b, mesh)
+  d = config.data
+  video['video'] = jax.ShapeDtypeStruct(
+      (b, config.tune.num_frames, d.image_size, d.image_size, d.channels),
+      jnp.uint8, sharding=sharding.batch_sharding(mesh))
+  batch = {k: video[k] for k in ('video', 'text', 'text_mask') if k in video}
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=repl)
+  count = lambda t: int(sum(math.prod(x.shape) for x in jax.tree.leaves(t)))
+  return plan_methods.Program(
+      'tune', step, (_abstract(state, jax.tree.map(lambda _: repl, state)),
+                     _abstract(frozen, jax.tree.map(lambda _: repl, frozen)),
+                     batch, rng),
+      used, f'data={data} fsdp={fsdp}', b, count(tuned) + count(frozen),
+      config.model.remat, config.model.dtype)
+
+
 def check_fits_mesh(config: ml_collections.ConfigDict, target: Target,
                     devices: list[Any]) -> tuple[int, int]:
   """(data, fsdp) on the target; ValueError before anything compiles."""
@@ -393,11 +422,29 @@ def compile_program(fn, args, target: Optional[Target] = None,
     return traced, str(e)
 
 
+def vdm_program(config: ml_collections.ConfigDict, devices: list[Any],
+                program: str = 'train') -> 'plan_methods.Program':
+  """The train step or the sampler's denoiser call of method 'vdm'."""
+  data, fsdp = sharding.mesh_shape(config.mesh, len(devices))
+  mesh = sharding.make_mesh(config.mesh, devices)
+  batch = (config.training.batch_size if program == 'train'
+           else -(-config.sample.batch_size // mesh.size) * mesh.size)
+  fn, args = (train_step_program if program == 'train'
+              else sample_step_program)(config, mesh)
+  params = args[0].params if program == 'train' else args[0]
+  return plan_methods.Program(
+      program, fn, args, list(devices), f'data={data} fsdp={fsdp}', batch,
+      int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),
+      config.model.remat, config.model.dtype,
+      config.training.grad_accum_steps if program == 'train' else 1,
+      param_sharding=config.mesh.param_sharding)
+
+
 def measure(config: ml_collections.ConfigDict, target: Target,
             devices: list[Any], program: str = 'train',
             settings: Optional[ml_collections.ConfigDict] = None,
             progress: Callable[[str], None] = logging.info) -> dict[str, Any]:
-  """Compiles one program of `config` for `target`: one result row.
+  """Compiles one program of a 'vdm' config for `target`: one result row.
 
   Args:
     config: the full config (its mesh, batch, model.remat, model.dtype).
@@ -411,28 +458,35 @@ def measure(config: ml_collections.ConfigDict, target: Target,
     A JSON-able dict: target, program, mesh, batch, remat, dtype, params,
     per-device bytes, fits, flops and the roofline (see the module doc).
   """
-  settings = settings or config.plan
-  data, fsdp = check_fits_mesh(config, target, devices)
-  mesh = sharding.make_mesh(config.mesh, devices)
+  check_fits_mesh(config, target, devices)
+  return measure_program(vdm_program(config, devices, program), target,
+                         settings or config.plan, progress)
+
+
+def measure_program(program: 'plan_methods.Program', target: Target,
+                    settings: ml_collections.ConfigDict,
+                    progress: Callable[[str], None] = logging.info
+                    ) -> dict[str, Any]:
+  """Compiles a built program for `target`: one result row (`measure`)."""
+  devices = program.devices
   kind = devices[0].device_kind
-  batch = (config.training.batch_size if program == 'train'
-           else -(-config.sample.batch_size // mesh.size) * mesh.size)
-  row = {'target': target.name, 'program': program, 'device_kind': kind,
+  row = {'target': target.name, 'program': program.name, 'device_kind': kind,
          'devices': len(devices),
          'hosts': len({getattr(d, 'process_index', 0) for d in devices}),
-         'mesh': f'data={data} fsdp={fsdp}',
-         'param_sharding': config.mesh.param_sharding, 'batch': batch,
-         'grad_accum_steps': config.training.grad_accum_steps,
-         'remat': config.model.remat, 'dtype': config.model.dtype}
-  fn, args = (train_step_program if program == 'train'
-              else sample_step_program)(config, mesh)
-  progress(f'{target.name}: compiling the {program} step ({row["mesh"]},'
-           f' batch {batch}, remat {row["remat"]}, {row["dtype"]}) ...')
+         'mesh': program.mesh, 'batch': program.batch,
+         'grad_accum_steps': program.grad_accum_steps,
+         'remat': program.remat, 'dtype': program.dtype}
+  for key in ('param_sharding', 'model'):
+    if getattr(program, key):
+      row[key] = getattr(program, key)
+  progress(f'{target.name}: compiling the {program.name} step'
+           f' ({row["mesh"]}, batch {row["batch"]}, remat {row["remat"]},'
+           f' {row["dtype"]}) ...')
   start = time.time()
-  traced, compiled = compile_program(fn, args, target)
+  traced, compiled = compile_program(program.fn, program.args, target,
+                                     program.kernels)
   row['compile_s'] = round(time.time() - start, 1)
-  params = (args[0].params if program == 'train' else args[0])
-  row['params'] = int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+  row['params'] = program.params
   capacity = chip_memory(target, kind)
   if capacity and target.platform == 'gpu':
     capacity = int(capacity * settings.gpu_memory_fraction)
@@ -446,8 +500,9 @@ def measure(config: ml_collections.ConfigDict, target: Target,
   else:
     row['memory'] = compiled_memory(compiled)
     row['fits'] = usable is None or row['memory']['total'] <= usable
-  row.update(_roofline(traced, compiled, row, len(devices)))
-  progress(f'{target.name}: {program} compiled in {row["compile_s"]} s;'
+  row['work_split'] = program.work_split
+  row.update(_roofline(traced, compiled, row, program.work_split))
+  progress(f'{target.name}: {program.name} compiled in {row["compile_s"]} s;'
            f' fits: {row["fits"]}')
   return row
 
@@ -575,35 +630,58 @@ def plan(config: ml_collections.ConfigDict,
   ValueError / RuntimeError on bad input before compiling anything.
   """
   method = config.get('method', 'vdm')
-  if method != 'vdm' or config.get('latent', {}).get('path'):
-    script = PRETRAINED_PLANS.get(method)
+  if method == 'vdm' and config.get('latent', {}).get('path'):
     raise ValueError(
-        f'--mode=plan compiles the train step of vdm_jax.train (config.method'
-        f" 'vdm', pixel space); config.method={method!r}"
-        f"{' with latent.path' if method == 'vdm' else ''} is not planned"
-        ' yet.' + (f' Its programs compile for the same targets with'
-                   f' {script} (docs/scaling.md, "Plan first").'
-                   if script else ''))
-  names = [t for t in str(config.plan.targets).split(',') if t.strip()]
+        '--mode=plan does not plan latent diffusion with this library\'s'
+        ' UNet (latent.path) yet: plan the same UNet in pixel space at the'
+        ' latent size (data.image_size / 8, model.channels 4) and add the'
+        ' frozen autoencoder\'s encoder pass.')
+  if method != 'vdm' and method not in plan_methods.METHODS:
+    raise ValueError(f'--mode=plan has no programs for config.method='
+                     f'{method!r}; it plans vdm,'
+                     f' {", ".join(plan_methods.METHODS)}.')
+  settings = config.plan
+  if settings.mode not in ('train', 'tune'):
+    raise ValueError(f"plan.mode={settings.mode!r}: 'train' or 'tune'.")
+  if (method != 'vdm' or settings.mode == 'tune') and settings.search:
+    raise ValueError(
+        f'plan.search finds batch and remat settings of method \'vdm\''
+        ' training;'
+        f' for config.method={method!r} plan each setting you consider'
+        ' (e.g. --config.tune.remat, --config.pretrained.dtype).')
+  names = [t for t in str(settings.targets).split(',') if t.strip()]
   if not names:
     raise ValueError('No targets: set --config.plan.targets, e.g.'
                      f' tpu:v5e:2x2,gpu:h100:8; known: {known_targets()}.')
   targets = [parse_target(n) for n in names]
   check_packages(targets)
-  with tempfile.TemporaryDirectory() as empty:  # No saved config to match.
-    train.validate_config(config, workdir or empty)
+  if method == 'vdm' and settings.mode == 'train':
+    with tempfile.TemporaryDirectory() as empty:  # No saved config to match.
+      train.validate_config(config, workdir or empty)
   prepared = []
   for target in targets:  # Every bad input is reported before compiling.
     devices = target_devices(target)
-    check_fits_mesh(config, target, devices)
-    prepared.append((target, devices))
+    if method == 'vdm' and settings.mode == 'tune':
+      prepared.append((target, devices, [tune_program(config, devices)]))
+    elif method == 'vdm':
+      check_fits_mesh(config, target, devices)
+      prepared.append((target, devices, None))
+    else:
+      built = plan_methods.programs(config, devices, target.platform)
+      if not settings.sample and len(built) > 1:
+        built = [p for p in built if p.name != 'sample']
+      prepared.append((target, devices, built))
   rows = []
-  for target, devices in prepared:
+  for target, devices, built in prepared:
+    if built is not None:
+      for program in built:
+        rows.append(measure_program(program, target, settings, progress))
+      continue
     rows.append(measure(config, target, devices, 'train', progress=progress))
-    if config.plan.sample:
+    if settings.sample:
       rows.append(measure(config, target, devices, 'sample',
                           progress=progress))
-    if config.plan.search:
+    if settings.search:
       best, tried = largest_batch(config, target, devices, progress)
       rows += tried
       rows.append({'target': target.name, 'search': 'largest_batch',

@@ -21,11 +21,12 @@ AdamW lr 3e-5, betas 0.9 / 0.999, weight decay 1e-2, eps 1e-8, grad clip
       --config.tune.caption="a man is skiing"
 """
 
+import dataclasses
 import functools
 import itertools
 import logging
 import time
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -37,6 +38,7 @@ from vdm_jax import denoiser
 from vdm_jax import diffusion
 from vdm_jax import sharding
 from vdm_jax import training
+from vdm_jax.models import attention
 from vdm_jax.adapt import inflate_sd
 from vdm_jax.adapt import tune as tune_lib
 from vdm_jax.adapt import tuned_sd
@@ -124,6 +126,150 @@ def tune_step(state: training.TrainState, frozen: Any, batch: Any,
       grads, new_state.params, lr_fn(state.step))}
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where a tune runs: its mesh and what is split over it.
+
+  split 'batch': the clips split over every device, the state replicated
+  (training.batch_size divides the devices); 'frames': Tune-A-Video's one
+  clip (batch 1) split by frames over every device, and the trained state
+  and the frozen parameters sharded FSDP-style (each the largest dimension
+  the device count divides: sharding.state_shardings), so that a slice of
+  small chips (16 GiB v5e) holds a clip no one of them could; 'none': one
+  device (neither divides).
+  """
+
+  mesh: jax.sharding.Mesh
+  split: str
+
+  def params(self, tree: Any) -> Any:
+    """Shardings of a parameter (or optimizer state) tree."""
+    if self.split == 'frames':
+      return sharding.state_shardings(tree, self.mesh, 'fsdp')
+    return jax.tree.map(lambda _: sharding.replicated(self.mesh), tree)
+
+  def latents(self) -> jax.sharding.NamedSharding:
+    """Of the posterior's mean and std [B, F, h, w, c]."""
+    if self.split == 'frames':
+      return jax.sharding.NamedSharding(
+          self.mesh, jax.sharding.PartitionSpec(None, 'fsdp'))
+    return sharding.batch_sharding(self.mesh)
+
+  def text(self) -> jax.sharding.NamedSharding:
+    if self.split == 'frames':
+      return sharding.replicated(self.mesh)
+    return sharding.batch_sharding(self.mesh)
+
+  def kernel_axes(self) -> tuple[str, ...]:
+    """The mesh axes the attention's rows are split over (kernels_on)."""
+    return ('fsdp',) if self.split == 'frames' else sharding.BATCH_AXES
+
+
+def layout(config: ml_collections.ConfigDict, frames: int,
+           devices: Optional[Sequence[Any]] = None) -> Layout:
+  """The Layout of a tune of `frames` frames on `devices` (default: all).
+
+  Raises:
+    ValueError: several processes and neither the batch nor the frames
+      divide over their devices (one device would leave the others idle
+      while every process runs the same step).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n, b = len(devices), config.training.batch_size
+  if b % n == 0:
+    return Layout(sharding.make_mesh(config.mesh, devices), 'batch')
+  if frames % n == 0:
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(
+        {'data': 1, 'fsdp': n, 'param_sharding': 'fsdp'}), devices)
+    return Layout(mesh, 'frames')
+  if len({getattr(d, 'process_index', 0) for d in devices}) > 1:
+    raise ValueError(
+        f'Neither training.batch_size={b} nor tune.num_frames={frames}'
+        f' divides over the {n} devices of this multi-process run; use a'
+        f' multiple of {n} for either, or tune in one process.')
+  logging.info('Neither training.batch_size=%d nor %d frames divide over %d'
+               ' devices: tuning on one device.', b, frames, n)
+  return Layout(sharding.make_mesh(config.mesh, devices[:1]), 'none')
+
+
+def make_step(config: ml_collections.ConfigDict, module: nn.Module,
+              schedule: Any, place: Layout, tx: Any, lr_fn: Any,
+              trained: Any, frozen: Any):
+  """The jitted tune step on `place`, the state donated.
+
+  Pallas attention kernels run per device on its rows (attention.kernels_on:
+  its frames, or its clips). trained, frozen: the trees (arrays or abstract)
+  whose shardings the step takes and returns.
+  """
+  t = config.tune
+  step = functools.partial(
+      tune_step, module=module,
+      table=tuple(float(x) for x in schedule.logsnr_table()),
+      logsnr_fn=schedule.logsnr_fn(), target=schedule.target,
+      trainable=t.trainable, lora_scale=tuned_sd.lora_scale(t), tx=tx,
+      lr_fn=lr_fn, ema_decay=float(config.optimizer.ema_decay))
+  state = jax.eval_shape(lambda x: training.TrainState.create(x, tx),
+                         trained)
+  state_sh = place.params(state)
+
+  def step_fn(*args):
+    with attention.kernels_on(place.mesh, place.kernel_axes()):
+      return step(*args)
+
+  latents = place.latents()
+  return jax.jit(
+      step_fn,
+      in_shardings=(state_sh, place.params(frozen),
+                    {'mean': latents, 'std': latents, 'text': place.text()},
+                    sharding.replicated(place.mesh)),
+      out_shardings=(state_sh, sharding.replicated(place.mesh)),
+      donate_argnums=0)
+
+
+def abstract_program(config: ml_collections.ConfigDict, unet: nn.Module,
+                     schedule: Any, frames: int, height: int, width: int,
+                     devices: Optional[Sequence[Any]] = None):
+  """The tune step of --mode=tune and its abstract arguments, on `devices`.
+
+  For --mode=plan: nothing is read or allocated. unet: the SD UNet module
+  (unet2d.build of the folder's config.json); schedule: its
+  DiscreteSchedule; height, width: the latents'. Returns (jitted step,
+  (state, frozen, batch, rng) as ShapeDtypeStructs with shardings, Layout,
+  trained parameter count, frozen parameter count).
+  """
+  t = config.tune
+  place = layout(config, frames, devices)
+  module = inflate_sd.inflate_module(unet, t.frame_norm, t.remat)
+  params = inflate_sd.abstract_params(module)
+  record = {'trainable': t.trainable, 'lora_rank': t.lora_rank, 'seed': 0}
+  trained, frozen = jax.eval_shape(
+      lambda p: tuned_sd.split_tuned(p, record), params)
+  tx, lr_fn = training.create_optimizer(config)
+  step = make_step(config, module, schedule, place, tx, lr_fn, trained,
+                   frozen)
+  state = jax.eval_shape(lambda x: training.TrainState.create(x, tx),
+                         trained)
+
+  def placed(tree, shardings):
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=sh), tree, shardings)
+
+  b = config.training.batch_size
+  latents = jax.ShapeDtypeStruct(
+      (b, frames, height, width, unet.in_channels), jnp.float32,
+      sharding=place.latents())
+  text = jax.ShapeDtypeStruct(
+      (b, 77, unet.cross_attention_dim), jnp.float32,  # CLIP's 77 tokens.
+      sharding=place.text())
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
+                             sharding=sharding.replicated(place.mesh))
+  args = (placed(state, place.params(state)),
+          placed(frozen, place.params(frozen)),
+          {'mean': latents, 'std': latents, 'text': text}, rng)
+  return (step, args, place, inflate_sd.count(trained),
+          inflate_sd.count(frozen))
+
+
 def tune(config: ml_collections.ConfigDict, workdir: str
          ) -> training.TrainState:
   """Tunes config.tune.video into workdir (resuming); returns the state."""
@@ -131,35 +277,38 @@ def tune(config: ml_collections.ConfigDict, workdir: str
   t, p = config.tune, config.pretrained
   record = tuned_sd.make_record(config, frames)
   tuned_sd.check_same_source(workdir, record)
-  mesh = tune_lib.batch_mesh(config)
-  repl = sharding.replicated(mesh)
+  place = layout(config, len(frames))
+  mesh = place.mesh
   start = time.time()
-  sd = stable_diffusion.load(p.path, dtype=p.dtype, chunk=p.vae_chunk,
-                             mesh=mesh, variant=p.variant or None)
+  # Split by frames, every parameter is read sharded as the step takes it.
+  sd = stable_diffusion.load(
+      p.path, dtype=p.dtype, chunk=p.vae_chunk, mesh=mesh,
+      variant=p.variant or None,
+      param_sharding='fsdp' if place.split == 'frames' else 'replicated')
   module, params = tuned_sd.inflated(sd, record, remat=t.remat)
   trained, frozen = tuned_sd.split_tuned(params, record)
   del params
   logging.info('Loaded and inflated %s in %.1f s: training %d parameters '
-               '(%s), %d frozen; %d frames of %dx%d.', p.path,
-               time.time() - start, inflate_sd.count(trained), t.trainable,
-               inflate_sd.count(frozen), *frames.shape[:3])
+               '(%s), %d frozen; %d frames of %dx%d on %d device(s), split'
+               ' by %s.', p.path, time.time() - start,
+               inflate_sd.count(trained), t.trainable,
+               inflate_sd.count(frozen), *frames.shape[:3], mesh.size,
+               place.split)
   tx, lr_fn = training.create_optimizer(config)
+  step_fn = make_step(config, module, sd.schedule, place, tx, lr_fn,
+                      trained, frozen)
+  abstract = jax.eval_shape(lambda x: training.TrainState.create(x, tx),
+                            trained)
   state = jax.jit(lambda x: training.TrainState.create(x, tx),
-                  out_shardings=repl)(trained)
+                  out_shardings=place.params(abstract))(trained)
   mean, std = posterior(sd, frames)
   b = config.training.batch_size
   text = stable_diffusion.encode_prompts(sd, [t.caption] * b)
-  batch = jax.device_put({'mean': jnp.repeat(mean, b, 0),
-                          'std': jnp.repeat(std, b, 0), 'text': text},
-                         sharding.batch_sharding(mesh))
-  frozen = jax.device_put(frozen, repl)
-  step_fn = jax.jit(functools.partial(
-      tune_step, module=module,
-      table=tuple(float(x) for x in sd.schedule.logsnr_table()),
-      logsnr_fn=sd.schedule.logsnr_fn(), target=sd.schedule.target,
-      trainable=t.trainable, lora_scale=tuned_sd.lora_scale(t), tx=tx,
-      lr_fn=lr_fn, ema_decay=float(config.optimizer.ema_decay)),
-      out_shardings=(repl, repl), donate_argnums=0)
+  batch = {'mean': jax.device_put(jnp.repeat(mean, b, 0), place.latents()),
+           'std': jax.device_put(jnp.repeat(std, b, 0), place.latents()),
+           'text': jax.device_put(text, place.text())}
+  frozen = jax.device_put(frozen, place.params(frozen))
+  del sd, trained  # The step holds its own copies.
   ckpt, writer = training.open_workdir(config, workdir)
   if jax.process_index() == 0:
     tuned_sd.write_record(workdir, record, frames)

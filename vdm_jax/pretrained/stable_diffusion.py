@@ -37,6 +37,15 @@ from vdm_jax.pretrained import clip_tokenizer
 from vdm_jax.pretrained import formats
 from vdm_jax.pretrained import unet2d
 
+# SD-1.5's scheduler/scheduler_config.json (its PNDM settings, read by any
+# of this library's samplers): for planning and benchmarking without a
+# folder, and the tests' tiny folders.
+SD15_SCHEDULER = {
+    'beta_end': 0.012, 'beta_schedule': 'scaled_linear',
+    'beta_start': 0.00085, 'num_train_timesteps': 1000,
+    'set_alpha_to_one': False, 'skip_prk_steps': True, 'steps_offset': 1,
+    'trained_betas': None, 'clip_sample': False}
+
 PIPELINES = ('StableDiffusionPipeline',)
 # The components read, with the classes each may have.
 COMPONENTS = {
