@@ -9,9 +9,11 @@ memory analysis (arguments + outputs - aliased + temporaries + code), and
 for TPU the FLOPs of XLA's cost analysis. GPU compiles do not enforce the
 card's size: 'fits' compares with the target config's device memory.
 
-On a TPU slice the parameters and AdamW state are sharded FSDP-style over
-the slice and the clip's frames are split over it (batch 1 cannot be),
-so that activations are divided too.
+On several devices the step is laid out as --mode=tune lays it out
+(tune_sd.layout): batch 1 cannot be split, so the clip's frames are split
+over the devices and the parameters and AdamW state sharded FSDP-style,
+which divides the activations too. `--mode=plan` of
+configs/tune_a_video_sd.py compiles the same step (and the edit's).
 
   JAX_PLATFORMS=cpu python experiments/tune_a_video_sd_memory.py \\
       --targets=gpu:h100:1,tpu:v5e:2x2 --frames=24 --size=512 \\
@@ -20,92 +22,46 @@ so that activations are divided too.
 """
 
 import argparse
-import functools
 import itertools
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-import ml_collections
-import optax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))  # `configs` is importable from the checkout.
 
-from vdm_jax import perf
-from vdm_jax import plan
-from vdm_jax import sharding
-from vdm_jax import training
-from vdm_jax.adapt import inflate_sd
-from vdm_jax.adapt import lora
-from vdm_jax.adapt import tune_sd
-from vdm_jax.pretrained import unet2d
-from vdm_jax import schedules
+from configs import tune_a_video_sd  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vdm_jax import perf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vdm_jax import plan  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vdm_jax import schedules  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vdm_jax.adapt import tune_sd  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vdm_jax.pretrained import stable_diffusion  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vdm_jax.pretrained import unet2d  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SD15 = unet2d.SD15_CONFIG
 GIB = 2**30
-# SD-1.5's scheduler_config.json (the betas; the sampler does not matter).
-SCHEDULER = {'beta_end': 0.012, 'beta_schedule': 'scaled_linear',
-             'beta_start': 0.00085, 'num_train_timesteps': 1000,
-             'set_alpha_to_one': False, 'steps_offset': 1,
-             'clip_sample': False}
-
-
-def abstract_args(module, trainable, frames, size, mesh, fsdp):
-  """ShapeDtypeStructs (state, frozen, batch, rng) with shardings."""
-  params = inflate_sd.abstract_params(module)
-  if trainable == 'lora':
-    trained = jax.eval_shape(lambda: lora.init(params, jax.random.key(0)))
-    frozen = params
-  else:
-    trained, frozen = inflate_sd.split(params, trainable)
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.adamw(3e-5, 0.9, 0.999, 1e-8, 1e-2))
-  state = jax.eval_shape(lambda p: training.TrainState.create(p, tx),
-                         trained)
-  n = mesh.size
-
-  def place(x):
-    spec = sharding._param_spec(x.shape, n) if fsdp else P()  # pylint: disable=protected-access
-    return jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                sharding=NamedSharding(mesh, spec))
-
-  h = size // 8
-  frame_axis = P(None, 'fsdp') if fsdp and frames % n == 0 else P()
-  lat = jax.ShapeDtypeStruct((1, frames, h, h, 4), jnp.float32,
-                             sharding=NamedSharding(mesh, frame_axis))
-  batch = {'mean': lat, 'std': lat, 'text': jax.ShapeDtypeStruct(
-      (1, 77, 768), jnp.float32, sharding=NamedSharding(mesh, P()))}
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
-                             sharding=NamedSharding(mesh, P()))
-  return (jax.tree.map(place, state), jax.tree.map(place, frozen), batch,
-          rng), tx
 
 
 def measure(target, trainable, dtype, remat, frames, size, flops_only=False):
   devices = plan.target_devices(target)
-  fsdp = len(devices) > 1
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(
-      {'data': 1, 'fsdp': len(devices), 'param_sharding': 'fsdp'}), devices)
-  module = inflate_sd.inflate_module(unet2d.build(SD15), remat=remat,
-                                     dtype=dtype)
-  args, tx = abstract_args(module, trainable, frames, size, mesh, fsdp)
-  schedule = schedules.from_scheduler_config(SCHEDULER)
-  step = jax.jit(functools.partial(
-      tune_sd.tune_step, module=module,
-      table=tuple(float(x) for x in schedule.logsnr_table()),
-      logsnr_fn=schedule.logsnr_fn(), target='eps', trainable=trainable,
-      lora_scale=1.0, tx=tx, lr_fn=lambda s: 3e-5, ema_decay=0.0),
-      donate_argnums=0)
-  # On a TPU slice the frames are split over 'fsdp': the Pallas attention
-  # kernels ('auto' on TPU) run per chip on its frames.
-  kernels = (mesh, ('fsdp',) if frames % mesh.size == 0 else ())
+  config = tune_a_video_sd.get_config()
+  config.tune.trainable, config.tune.remat = trainable, remat
+  config.tune.num_frames = frames
+  config.pretrained.dtype = dtype
+  # --mode=tune's own layout (tune_sd.layout): on several devices the clip
+  # is split by frames, the state and frozen parameters FSDP-sharded, and
+  # the Pallas attention kernels ('auto' on TPU) run per chip on its frames.
+  step, args, _, _, _ = tune_sd.abstract_program(
+      config, unet2d.build(SD15, dtype=dtype),
+      schedules.from_scheduler_config(stable_diffusion.SD15_SCHEDULER),
+      frames, size // 8, size // 8, devices)
   row = dict(target=target.name, trainable=trainable, dtype=dtype,
              remat=remat, frames=frames, size=size)
   start = time.time()
   if flops_only:
-    traced, compiled = plan.trace_program(step, args, target, kernels), None
+    traced, compiled = plan.trace_program(step, args, target), None
   else:
-    traced, compiled = plan.compile_program(step, args, target, kernels)
+    traced, compiled = plan.compile_program(step, args, target)
     row['compile_s'] = round(time.time() - start)
   # Dots and convolutions, backward and rematerialised forward included,
   # counted as torch.utils.flop_counter counts (perf.matmul_flops); the

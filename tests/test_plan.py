@@ -120,7 +120,8 @@ def test_a_tpu_overflow_is_read_from_the_compiler_error(monkeypatch):
   message = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory'
              ' required for HLO temporaries (36.46G) exceeds available HBM'
              ' (15.75G)')
-  monkeypatch.setattr(plan, 'compile_program', lambda fn, args, target=None:
+  monkeypatch.setattr(plan, 'compile_program', lambda fn, args, target=None,
+                      kernels=None:
                       (fn.trace(*args), message))
   target = plan.parse_target('tpu:v5e:2x2')
   row = plan.measure(_config(), target, _devices('tpu:v5e:2x2'),
