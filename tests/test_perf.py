@@ -258,3 +258,19 @@ def test_compiled_operations_are_classified_by_what_they_compute():
   assert len(convs) == 1, convs
   assert perf.hlo_conv_flops(convs[0], comps, instructions) == (
       2 * (2 * 8 * 8 * 6) * (3 * 3 * 4))
+
+
+def test_pallas_attention_counts_every_block_of_its_grid():
+  """The flash kernel's jaxpr is one block of a (batch, heads, q blocks, kv
+  blocks) grid: counted per block, its forward has the einsum's 4 B H Tq Tk
+  D FLOPs (traced for TPU; nothing compiles)."""
+  from vdm_jax.models import attention  # pylint: disable=g-import-not-at-top
+  q = jax.ShapeDtypeStruct((2, 512, 4, 64), jnp.float32)
+  counts = {}
+  for impl in ('xla', 'pallas'):
+    fn = jax.jit(lambda q, k, v, impl=impl: attention.dot_product_attention(
+        q, k, v, implementation=impl))
+    with attention.compile_for('tpu'):
+      counts[impl] = perf.matmul_flops(fn.trace(q, q, q).jaxpr)
+  assert counts['xla'] == 4 * 2 * 4 * 512 * 512 * 64
+  assert counts['pallas'] == counts['xla']

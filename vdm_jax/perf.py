@@ -287,8 +287,9 @@ def matmul_flops(jaxpr: Any) -> float:
   convolutions and attention, nothing elementwise), so that FLOP rates of
   the two frameworks compare; XLA's cost analysis (`compiled_flops`) also
   counts elementwise work. A scan body counts `length` times, a cond its
-  most expensive branch, a while body once (its trip count is not in the
-  jaxpr).
+  most expensive branch, a Pallas kernel once per program instance of its
+  grid (flash attention's backward kernels as they run: they recompute the
+  logits), a while body once (its trip count is not in the jaxpr).
 
   Args:
     jaxpr: a (closed) jaxpr, e.g. `jitted.trace(*args).jaxpr` of a train
@@ -313,6 +314,10 @@ def matmul_flops(jaxpr: Any) -> float:
       total += eqn.params['length'] * matmul_flops(eqn.params['jaxpr'])
     elif name == 'cond':
       total += max(matmul_flops(b) for b in eqn.params['branches'])
+    elif name == 'pallas_call':
+      # The kernel's jaxpr is one program instance: one block of the grid.
+      total += math.prod(eqn.params['grid_mapping'].grid) * matmul_flops(
+          eqn.params['jaxpr'])
     else:
       for param in eqn.params.values():
         for sub in (param if isinstance(param, (list, tuple)) else (param,)):
