@@ -49,7 +49,9 @@ _LONGEST_FIRST = (
     # The pretrained-model files (2026-12-07): wall seconds measured alone
     # under a load average of 10-20 on 2 cores, divided by 3 as an estimate
     # of a quiet VM's; refresh with --durations on a quiet machine.
+    'test_plan.py',            # ~240 (libtpu and GPU compiles)
     'test_inbetween_svd.py',   # ~110
+    'test_plan_methods.py',    # ~95 alone (2026-12-07)
     'test_tune_a_video_sd.py',  # ~90
     'test_pretrained_svd.py',  # ~40
     'test_pretrained_unet.py',  # ~60
