@@ -20,8 +20,11 @@ compiled without a GPU: an upper bound there. Reported per
 device: XLA's memory analysis (arguments + outputs - aliased + temporaries
 + code). GPU compiles do not enforce the card's size: 'fits' compares with
 the target config's device memory; a TPU overflow is reported as such.
-On several devices the parameters are sharded FSDP-style and the frames
-split over the devices where F divides.
+On several devices this script shards the parameters FSDP-style and
+splits the frames over the devices where F divides: a layout studied here,
+not the one the drivers use (--mode=sample replicates the parameters on
+the config's mesh, --mode=tune_backward runs on one device; --mode=plan
+of configs/svd.py plans those).
 
   JAX_PLATFORMS=cpu python experiments/svd_memory.py \\
       --targets=gpu:h100:1,gpu:a100_40:1 --programs=sample,inbetween,tune \\
