@@ -434,6 +434,9 @@ def plan_config() -> ml_collections.ConfigDict:
   # or 'tune' (--mode=tune: Tune-A-Video's step on the inflated base,
   # configs/tune_a_video.py). Other methods plan their own programs.
   plan.mode = 'train'
+  # Comma-separated programs to compile (e.g. 'sample'); '' = every program
+  # of the method (--mode=plan prints their names: train, sample, tune).
+  plan.programs = ''
   # Also compile the sampler's step (one denoiser call, guided where the
   # method guides), where the method has a train or tune program beside it.
   plan.sample = True

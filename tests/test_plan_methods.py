@@ -106,7 +106,7 @@ def test_tune_a_video_plan_compiles_for_a_tpu_slice(sd_folder):
   """4 frames over a v5e-4's 4 chips: the tune compiles with libtpu."""
   config = _tav(sd_folder, **{'tune.num_frames': 4})
   config.plan.targets = 'tpu:v5e:2x2'
-  config.plan.sample = False
+  config.plan.programs = 'tune'
   (row,) = plan.plan(config, **QUIET)
   assert row['mesh'] == 'frames over fsdp=4' and row['fits']
   assert row['device_kind'] == 'TPU v5 lite'
@@ -169,6 +169,10 @@ def test_bad_input_fails_before_compiling(sd_folder, tmp_path, monkeypatch):
     plan.plan(_tav(sd_folder, **{'tune.height': 0}), **QUIET)
   with pytest.raises(ValueError, match='trainable'):
     plan.plan(_tav(sd_folder, **{'tune.trainable': 'everything'}), **QUIET)
+  config = _tav(sd_folder)
+  config.plan.programs = 'train'
+  with pytest.raises(ValueError, match='plans tune, sample'):
+    plan.plan(config, **QUIET)
   # A bad target among good ones: nothing compiles.
   config = _tav(sd_folder)
   config.plan.targets = 'cpu,tpu:v9:2x2'
@@ -190,3 +194,42 @@ def test_the_vdm_tune_a_video_config_plans_its_tune_step():
   assert row['params'] == sum(np.prod(x.shape)
                               for x in jax.tree.leaves(params))
   assert row['fits'] and row['memory']['temp'] > 0
+
+
+@pytest.mark.parametrize('frames', ['batch', 'video'])
+def test_sd_denoisers_run_the_pallas_kernel_per_device(sd_folder, frames):
+  """SD's denoiser (text-to-image, and the inflated UNet of the edit) at
+  32x32 latents (1,024 tokens) on a TPU mesh: attention 'auto' takes the
+  Pallas kernel inside a shard_map (denoiser enters kernels_on), as the
+  train step does; XLA could not partition it otherwise. Traced only."""
+  from vdm_jax import denoiser  # pylint: disable=g-import-not-at-top
+  from vdm_jax import schedules  # pylint: disable=g-import-not-at-top
+  from vdm_jax import sharding  # pylint: disable=g-import-not-at-top
+  from vdm_jax.models import attention  # pylint: disable=g-import-not-at-top
+  from vdm_jax.pretrained import stable_diffusion  # pylint: disable=g-import-not-at-top
+  module, _ = unet2d.load(sd_folder)
+  if frames == 'video':
+    module = inflate_sd.inflate_module(module)
+  params = (inflate_sd.abstract_params(module) if frames == 'video'
+            else unet2d.abstract_params(module))
+  schedule = schedules.from_scheduler_config(
+      stable_diffusion.SD15_SCHEDULER)
+  target = plan.parse_target('tpu:v5e:2x2')
+  mesh = sharding.make_mesh(svd_config.get_config().mesh,
+                            plan.target_devices(target))
+  z = jax.ShapeDtypeStruct((4, 2, 32, 32, 4), np.float32)
+  cond = {'text': jax.ShapeDtypeStruct((4, 77, 32), np.float32)}
+  logsnr = jax.ShapeDtypeStruct((4,), np.float32)
+  fn = jax.jit(lambda p, z, l, c: denoiser.make_pretrained_denoise_fn(
+      module, p, schedule, frames=frames, mesh=mesh)(z, l, c))
+  with attention.compile_for('tpu'):
+    text = str(fn.trace(params, z, logsnr, cond).jaxpr)
+  assert 'pallas_call' in text and 'shard_map' in text
+
+
+def test_plan_programs_picks_what_compiles():
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.plan.targets = 'cpu'
+  config.plan.programs = 'sample'
+  assert [r['program'] for r in plan.plan(config, **QUIET)] == ['sample']

@@ -12,6 +12,7 @@ NextNet), built here for training (`training_cond`) and sampling
 and consumed by the model.
 """
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Mapping, Optional
@@ -350,12 +351,17 @@ class _Apply:
     if self.mesh is not None and z.shape[0] % self.mesh.size == 0:
       z = jax.lax.with_sharding_constraint(
           z, sharding.batch_sharding(self.mesh))
-    if self.mesh is None:
+    with _kernels_on(self.mesh):
       return self.model.apply({'params': params}, z, logsnr, train=False,
                               **cond)
-    with attention.kernels_on(self.mesh, sharding.BATCH_AXES):
-      return self.model.apply({'params': params}, z, logsnr, train=False,
-                              **cond)
+
+
+def _kernels_on(mesh: Optional[jax.sharding.Mesh]):
+  """Pallas attention kernels per device of the mesh (a program jitted
+  over it; attention.kernels_on), or nothing to do without one."""
+  if mesh is None:
+    return contextlib.nullcontext()
+  return attention.kernels_on(mesh, sharding.BATCH_AXES)
 
 
 def make_denoise_fn(model: nn.Module, params: Any,
@@ -431,15 +437,18 @@ class DiscreteTimeApply:
       text = jnp.where(null, cond['text_uncond'], text)
     mask = cond.get('text_mask')
     if self.frames == 'video':
-      return self.model.apply({'params': params}, z, steps[:, 0], text, mask)
+      with _kernels_on(self.mesh):
+        return self.model.apply({'params': params}, z, steps[:, 0], text,
+                                mask)
     if text.ndim == 3:
       text = jnp.repeat(text, t, axis=0)
       mask = None if mask is None else jnp.repeat(mask, t, axis=0)
     else:
       text = text.reshape((b * t,) + text.shape[2:])
     x = z.reshape((b * t,) + z.shape[2:])
-    out = self.model.apply({'params': params}, x, steps.reshape(-1), text,
-                           mask)
+    with _kernels_on(self.mesh):
+      out = self.model.apply({'params': params}, x, steps.reshape(-1), text,
+                             mask)
     return out.reshape((b, t) + out.shape[1:])
 
 
@@ -515,7 +524,9 @@ class EDMApply:
                                                 jnp.float32)
 
   def __call__(self, params, z, logsnr, cond):
-    return self.model.apply({'params': params}, *self.inputs(z, logsnr, cond))
+    inputs = self.inputs(z, logsnr, cond)
+    with _kernels_on(self.mesh):
+      return self.model.apply({'params': params}, *inputs)
 
 
 def make_edm_denoise_fn(model: nn.Module, params: Any,

@@ -658,6 +658,8 @@ def plan(config: ml_collections.ConfigDict,
   if method == 'vdm' and settings.mode == 'train':
     with tempfile.TemporaryDirectory() as empty:  # No saved config to match.
       train.validate_config(config, workdir or empty)
+  wanted = [n.strip() for n in str(settings.get('programs', '')).split(',')
+            if n.strip()]
   prepared = []
   for target in targets:  # Every bad input is reported before compiling.
     devices = target_devices(target)
@@ -668,17 +670,27 @@ def plan(config: ml_collections.ConfigDict,
       prepared.append((target, devices, None))
     else:
       built = plan_methods.programs(config, devices, target.platform)
-      if not settings.sample and len(built) > 1:
+      if not settings.sample and len(built) > 1 and not wanted:
         built = [p for p in built if p.name != 'sample']
       prepared.append((target, devices, built))
+  for i, (target, devices, built) in enumerate(prepared):
+    names = (['train', 'sample'] if built is None
+             else [p.name for p in built])
+    if not set(wanted) <= set(names):
+      raise ValueError(f'plan.programs={settings.programs!r}: this config'
+                       f' plans {", ".join(names)}.')
+    if wanted and built is not None:
+      prepared[i] = (target, devices, [p for p in built if p.name in wanted])
   rows = []
   for target, devices, built in prepared:
     if built is not None:
       for program in built:
         rows.append(measure_program(program, target, settings, progress))
       continue
-    rows.append(measure(config, target, devices, 'train', progress=progress))
-    if settings.sample:
+    if not wanted or 'train' in wanted:
+      rows.append(measure(config, target, devices, 'train',
+                          progress=progress))
+    if (settings.sample and not wanted) or 'sample' in wanted:
       rows.append(measure(config, target, devices, 'sample',
                           progress=progress))
     if settings.search:

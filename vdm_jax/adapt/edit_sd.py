@@ -141,7 +141,7 @@ def edit(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out = invert_and_edit(
       sd, module, params, frames, prompts, num_steps=int(s.num_steps),
       guidance_scale=float(s.guidance_scale),
-      rng=jax.random.fold_in(jax.random.key(config.seed), 3))
+      rng=jax.random.fold_in(jax.random.key(config.seed), 3), mesh=mesh)
   err = float(jnp.max(jnp.abs(out['reconstruction'] - out['source'])))
   decoded = sd.codec.decode(
       sd.vae_params, jnp.concatenate([out['reconstruction'], out['edits']]))
