@@ -3,6 +3,7 @@ every shipped config plans, each method's programs are its driver's (the
 same layout, parameters and batch), bad input fails before compiling."""
 
 import glob
+import json
 import importlib
 import os
 
@@ -233,3 +234,24 @@ def test_plan_programs_picks_what_compiles():
   config.plan.targets = 'cpu'
   config.plan.programs = 'sample'
   assert [r['program'] for r in plan.plan(config, **QUIET)] == ['sample']
+
+
+def test_a_plan_stopped_part_way_keeps_its_rows(sd_folder, tmp_path,
+                                                monkeypatch):
+  """plan.jsonl and plan.md are rewritten (atomically) after every row."""
+  real = plan.measure_program
+  calls = []
+
+  def first_then_stop(*args, **kwargs):
+    calls.append(1)
+    if len(calls) > 1:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(plan, 'measure_program', first_then_stop)
+  with pytest.raises(KeyboardInterrupt):
+    plan.plan(_tav(sd_folder), str(tmp_path), **QUIET)
+  lines = (tmp_path / 'plan.jsonl').read_text().splitlines()
+  assert [json.loads(line)['program'] for line in lines] == ['tune']
+  assert '| cpu | tune |' in (tmp_path / 'plan.md').read_text()
+  assert sorted(os.listdir(tmp_path)) == ['plan.jsonl', 'plan.md']

@@ -52,6 +52,7 @@ import ml_collections
 import numpy as np
 
 from vdm_jax import denoiser
+from vdm_jax import fileio
 from vdm_jax import perf
 from vdm_jax import plan_methods
 from vdm_jax import sharding
@@ -502,7 +503,9 @@ def measure_program(program: 'plan_methods.Program', target: Target,
     row['fits'] = usable is None or row['memory']['total'] <= usable
   row['work_split'] = program.work_split
   row.update(_roofline(traced, compiled, row, program.work_split))
+  total = row.get('memory', {}).get('total', row.get('required'))
   progress(f'{target.name}: {program.name} compiled in {row["compile_s"]} s;'
+           f' {_size(total)} GiB per device of {_size(capacity)};'
            f' fits: {row["fits"]}')
   return row
 
@@ -682,37 +685,45 @@ def plan(config: ml_collections.ConfigDict,
     if wanted and built is not None:
       prepared[i] = (target, devices, [p for p in built if p.name in wanted])
   rows = []
+
+  def write(final: bool = False) -> None:
+    """plan.md and plan.jsonl (atomically) after every row, so that a plan
+    stopped part way keeps what it measured; printed at the end."""
+    measured = [r for r in rows if 'search' not in r]
+    text = table(measured)
+    lines = [json.dumps(r, default=float) for r in rows]
+    if final:
+      emit(text)
+      for line in lines:
+        emit(line)
+    if workdir:
+      for name, content in (('plan.md', text), ('plan.jsonl',
+                                                '\n'.join(lines))):
+        with fileio.atomic_path(os.path.join(workdir, name)) as tmp:
+          with open(tmp, 'w') as f:
+            f.write(content + '\n')
+
+  def add(*new: dict) -> None:
+    rows.extend(new)
+    write()
+
   for target, devices, built in prepared:
     if built is not None:
       for program in built:
-        rows.append(measure_program(program, target, settings, progress))
+        add(measure_program(program, target, settings, progress))
       continue
     if not wanted or 'train' in wanted:
-      rows.append(measure(config, target, devices, 'train',
-                          progress=progress))
+      add(measure(config, target, devices, 'train', progress=progress))
     if (settings.sample and not wanted) or 'sample' in wanted:
-      rows.append(measure(config, target, devices, 'sample',
-                          progress=progress))
+      add(measure(config, target, devices, 'sample', progress=progress))
     if settings.search:
       best, tried = largest_batch(config, target, devices, progress)
-      rows += tried
-      rows.append({'target': target.name, 'search': 'largest_batch',
-                   'batch': best, 'remat': config.model.remat,
-                   'dtype': config.model.dtype})
+      add(*tried)
+      add({'target': target.name, 'search': 'largest_batch', 'batch': best,
+           'remat': config.model.remat, 'dtype': config.model.dtype})
       fit, tried = cheapest_fit(config, target, devices, progress)
-      rows += tried
-      rows.append({'target': target.name, 'search': 'cheapest_fit',
-                   'batch': config.training.batch_size, 'fit': fit})
-  measured = [r for r in rows if 'search' not in r]
-  text = table(measured)
-  lines = [json.dumps(r, default=float) for r in rows]
-  emit(text)
-  for line in lines:
-    emit(line)
-  if workdir:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'plan.md'), 'w') as f:
-      f.write(text + '\n')
-    with open(os.path.join(workdir, 'plan.jsonl'), 'w') as f:
-      f.write('\n'.join(lines) + '\n')
+      add(*tried)
+      add({'target': target.name, 'search': 'cheapest_fit',
+           'batch': config.training.batch_size, 'fit': fit})
+  write(final=True)
   return rows
