@@ -51,7 +51,7 @@ _LONGEST_FIRST = (
     # of a quiet VM's; refresh with --durations on a quiet machine.
     'test_plan.py',            # ~240 (libtpu and GPU compiles)
     'test_inbetween_svd.py',   # ~110
-    'test_plan_methods.py',    # ~95 alone (2026-12-07)
+    'test_plan_methods.py',    # ~110 alone (2026-12-08)
     'test_tune_a_video_sd.py',  # ~90
     'test_pretrained_svd.py',  # ~40
     'test_pretrained_unet.py',  # ~60
