@@ -70,6 +70,10 @@ def get_config(arg=None):
   s.num_steps = 50
   s.guidance_scale = 12.5
   s.prompt = ''
+  # Videos per sampler call of the edit (the reconstruction, then the
+  # prompts); guidance doubles it. 24 frames at 512x512 make each call large
+  # (docs/scaling.md plans one call of 2); more prompts run as more calls.
+  s.batch_size = 2
   s.fps = 8
   if arg == 'tiny':
     t.num_frames, t.frame_stride, t.height, t.width = 4, 2, 32, 32

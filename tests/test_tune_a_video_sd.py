@@ -498,3 +498,26 @@ def test_one_clip_split_by_frames_equals_one_device(tiny):
                   jax.tree.leaves(results['one'][1].params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
                                atol=1e-5)
+
+
+def test_edit_in_calls_of_batch_size_equals_one_call(tiny):
+  """sample.batch_size bounds the videos per sampler call of the edit; the
+  reconstruction and each edit come out as from one call."""
+  from vdm_jax.pretrained import stable_diffusion  # pylint: disable=g-import-not-at-top
+  sd = stable_diffusion.load(tiny['folder'])
+  frames = np.random.RandomState(0).randint(
+      0, 255, (FRAMES, 16, 16, 3)).astype(np.uint8)
+  prompts = ['a dog riding a horse', 'a red square moving left']
+  outs = [edit_sd.invert_and_edit(
+      sd, tiny['video'], tiny['params'], frames, prompts, num_steps=3,
+      guidance_scale=5.0, rng=jax.random.key(0), batch_size=b)
+          for b in (0, 1)]
+  assert outs[0]['edits'].shape[0] == 2
+  for key in ('reconstruction', 'edits'):
+    # float32 rounding differs with the batch (~2e-5 on latents of ~2).
+    np.testing.assert_allclose(np.asarray(outs[1][key]),
+                               np.asarray(outs[0][key]), rtol=1e-4,
+                               atol=1e-4)
+  # The calls differ in what they sample: the edits are not all one.
+  assert np.abs(np.asarray(outs[0]['edits'][0] - outs[0]['edits'][1])
+                ).max() > 1e-3

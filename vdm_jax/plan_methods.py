@@ -214,7 +214,9 @@ def tune_a_video_sd(config: ml_collections.ConfigDict, devices: list
   if s.get('prompts_file'):
     from vdm_jax.text import encoders  # pylint: disable=g-import-not-at-top
     prompts = len(encoders.read_prompts(s.prompts_file))
-  n = 1 + prompts
+  n = 1 + prompts  # The reconstruction and the prompts, in calls of
+  if int(s.batch_size) > 0:  # sample.batch_size (edit_sd.invert_and_edit).
+    n = min(n, int(s.batch_size))
   fn, sample_args = _guided_text_program(
       module, schedule,
       _abstract(params, jax.tree.map(lambda _: sharding.replicated(mesh),

@@ -73,7 +73,8 @@ def check(config: ml_collections.ConfigDict, workdir: str
 def invert_and_edit(sd: stable_diffusion.StableDiffusion, module: Any,
                     params: Any, frames: np.ndarray, prompts: list[str], *,
                     num_steps: int, guidance_scale: float, rng: jax.Array,
-                    mesh: Any = None) -> dict[str, jax.Array]:
+                    mesh: Any = None, batch_size: int = 0
+                    ) -> dict[str, jax.Array]:
   """Inversion, reconstruction and edits (module docstring).
 
   Args:
@@ -85,6 +86,8 @@ def invert_and_edit(sd: stable_diffusion.StableDiffusion, module: Any,
     guidance_scale: g of the edits.
     rng: unused by DDIM (eta 0); kept for the sampler's signature.
     mesh: split the batch over it.
+    batch_size: videos (the reconstruction and the edits) per sampler
+      call; 0: all at once.
 
   Returns:
     {'source': [1, F, h, w, c] latents, 'inverted': [1, F, h, w, c],
@@ -105,18 +108,25 @@ def invert_and_edit(sd: stable_diffusion.StableDiffusion, module: Any,
   kw = dict(logsnr_fn=None, target=target, spec=spec,
             logsnrs=grid['logsnrs'], denoise_last=grid['denoise_last'],
             logsnrs_to=grid.get('logsnrs_to'))
-  # One batch: the reconstruction is the empty prompt guided towards
-  # itself, eps_u + g (eps_u - eps_u) = eps_u, i.e. unguided.
-  n = 1 + len(prompts)
+  # The reconstruction is the empty prompt guided towards itself,
+  # eps_u + g (eps_u - eps_u) = eps_u, i.e. unguided; it and the prompts
+  # run `batch_size` videos per sampler call (each call's memory).
+  texts = [''] + list(prompts)
   guided = guidance_scale > 1.0
-  cond = {'text': stable_diffusion.encode_prompts(sd, [''] + list(prompts))}
-  if guided:
-    cond['text_uncond'] = jnp.repeat(empty, n, axis=0)
-  out = sampling.sample(
-      denoise_fn, rng, (n,) + z0.shape[1:], cond=cond,
-      guidance=sampling.make_guidance(cfg_weight=guidance_scale - 1.0,
-                                      null_text=guided),
-      z_init=jnp.repeat(z_t, n, axis=0), **kw)
+  guidance = sampling.make_guidance(cfg_weight=guidance_scale - 1.0,
+                                    null_text=guided)
+  step = max(1, int(batch_size or len(texts)))
+  parts = []
+  for start in range(0, len(texts), step):
+    n = len(texts[start:start + step])
+    cond = {'text': stable_diffusion.encode_prompts(
+        sd, texts[start:start + step])}
+    if guided:
+      cond['text_uncond'] = jnp.repeat(empty, n, axis=0)
+    parts.append(sampling.sample(
+        denoise_fn, rng, (n,) + z0.shape[1:], cond=cond, guidance=guidance,
+        z_init=jnp.repeat(z_t, n, axis=0), **kw))
+  out = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
   return {'source': z0, 'inverted': z_t, 'reconstruction': out[:1],
           'edits': out[1:]}
 
@@ -141,7 +151,8 @@ def edit(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out = invert_and_edit(
       sd, module, params, frames, prompts, num_steps=int(s.num_steps),
       guidance_scale=float(s.guidance_scale),
-      rng=jax.random.fold_in(jax.random.key(config.seed), 3), mesh=mesh)
+      rng=jax.random.fold_in(jax.random.key(config.seed), 3), mesh=mesh,
+      batch_size=int(s.batch_size))
   err = float(jnp.max(jnp.abs(out['reconstruction'] - out['source'])))
   decoded = sd.codec.decode(
       sd.vae_params, jnp.concatenate([out['reconstruction'], out['edits']]))
