@@ -274,3 +274,23 @@ def test_pallas_attention_counts_every_block_of_its_grid():
       counts[impl] = perf.matmul_flops(fn.trace(q, q, q).jaxpr)
   assert counts['xla'] == 4 * 2 * 4 * 512 * 512 * 64
   assert counts['pallas'] == counts['xla']
+
+
+def test_a_shard_map_body_counts_once_per_shard():
+  """A shard_map body has one device's shapes; split over 'data' (4) and
+  copied over 'fsdp' (2), the matmul counts 4 times: the global 2 m n k."""
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((4, 2), ('data', 'fsdp'))
+  fn = jax.jit(lambda a, b: jax.shard_map(
+      lambda x, y: x @ y, mesh=mesh, in_specs=(P('data'), P()),
+      out_specs=P('data'))(a, b))
+  traced = fn.trace(
+      jax.ShapeDtypeStruct((64, 32), jnp.float32,
+                           sharding=NamedSharding(mesh, P('data'))),
+      jax.ShapeDtypeStruct((32, 16), jnp.float32,
+                           sharding=NamedSharding(mesh, P())))
+  assert perf.matmul_flops(traced.jaxpr) == 2 * 64 * 32 * 16
+  # (all shards, one device): plan.py adds one device's share exactly.
+  assert perf.shard_map_flops(traced.jaxpr) == (2 * 64 * 32 * 16,
+                                                2 * 16 * 32 * 16)

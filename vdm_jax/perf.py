@@ -287,9 +287,11 @@ def matmul_flops(jaxpr: Any) -> float:
   convolutions and attention, nothing elementwise), so that FLOP rates of
   the two frameworks compare; XLA's cost analysis (`compiled_flops`) also
   counts elementwise work. A scan body counts `length` times, a cond its
-  most expensive branch, a Pallas kernel once per program instance of its
-  grid (flash attention's backward kernels as they run: they recompute the
-  logits), a while body once (its trip count is not in the jaxpr).
+  most expensive branch, a shard_map body once per distinct shard (the
+  mesh axes its inputs are split over), a Pallas kernel once per program
+  instance of its grid (flash attention's backward kernels as they run:
+  they recompute the logits), a while body once (its trip count is not in
+  the jaxpr).
 
   Args:
     jaxpr: a (closed) jaxpr, e.g. `jitted.trace(*args).jaxpr` of a train
@@ -314,6 +316,8 @@ def matmul_flops(jaxpr: Any) -> float:
       total += eqn.params['length'] * matmul_flops(eqn.params['jaxpr'])
     elif name == 'cond':
       total += max(matmul_flops(b) for b in eqn.params['branches'])
+    elif name == 'shard_map':
+      total += _shards(eqn) * matmul_flops(eqn.params['jaxpr'])
     elif name == 'pallas_call':
       # The kernel's jaxpr is one program instance: one block of the grid.
       total += math.prod(eqn.params['grid_mapping'].grid) * matmul_flops(
@@ -325,6 +329,52 @@ def matmul_flops(jaxpr: Any) -> float:
                                              'eqns'):
             total += matmul_flops(sub)
   return total
+
+
+def _shards(eqn) -> int:
+  """Distinct shards of a shard_map: the sizes of the mesh axes its inputs
+  are split over (devices along its other axes hold copies). Its body has
+  one shard's shapes."""
+  axes = set()
+  for spec in eqn.params['in_specs']:
+    for entry in spec:
+      axes.update((entry,) if isinstance(entry, str) else entry or ())
+  shape = dict(eqn.params['mesh'].shape)
+  return math.prod(shape[a] for a in axes)
+
+
+def shard_map_flops(jaxpr: Any) -> tuple[float, float]:
+  """(all shards', one device's) `matmul_flops` of the jaxpr's shard_map
+  bodies (nested in scans and conds as matmul_flops counts them).
+
+  A program partitioned by XLA over n devices does 1/n of its other work
+  per device only where its batch splits n ways; a shard_map body's work
+  per device is known exactly: plan.py combines the two.
+  """
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
+  whole = one = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'shard_map':
+      body = matmul_flops(eqn.params['jaxpr'])
+      whole, one = whole + _shards(eqn) * body, one + body
+      continue
+    if name == 'scan':
+      w, o = shard_map_flops(eqn.params['jaxpr'])
+      whole += eqn.params['length'] * w
+      one += eqn.params['length'] * o
+      continue
+    if name == 'cond':
+      w, o = max(shard_map_flops(b) for b in eqn.params['branches'])
+      whole, one = whole + w, one + o
+      continue
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else (param,)):
+        if hasattr(sub, 'eqns') or hasattr(getattr(sub, 'jaxpr', None),
+                                           'eqns'):
+          w, o = shard_map_flops(sub)
+          whole, one = whole + w, one + o
+  return whole, one
 
 
 def _eqns(jaxpr):

@@ -512,7 +512,11 @@ def measure_program(program: 'plan_methods.Program', target: Target,
 
 def _roofline(traced, compiled, row: dict, num_devices: int) -> dict:
   """FLOPs per device (matmuls, scans unrolled), bytes and the bound."""
-  flops = perf.matmul_flops(traced.jaxpr) / num_devices
+  # XLA partitions the program's work over the devices its batch splits
+  # over (num_devices); a shard_map body (Pallas kernels, kernels_on) runs
+  # one shard per device whatever the rest does.
+  whole, one = perf.shard_map_flops(traced.jaxpr)
+  flops = (perf.matmul_flops(traced.jaxpr) - whole) / num_devices + one
   out = {'flops_per_device': flops}
   kind = row['device_kind']
   dtype = perf.matmul_dtype(traced.jaxpr)
