@@ -18,7 +18,6 @@ from configs import stable_diffusion as sd_config  # pylint: disable=g-import-no
 from configs import svd as svd_config  # pylint: disable=g-import-not-at-top
 from configs import tune_a_video_sd  # pylint: disable=g-import-not-at-top
 from vdm_jax import plan  # pylint: disable=g-import-not-at-top
-from vdm_jax import plan_methods  # pylint: disable=g-import-not-at-top
 from vdm_jax import training  # pylint: disable=g-import-not-at-top
 from vdm_jax.adapt import inflate_sd  # pylint: disable=g-import-not-at-top
 from vdm_jax.pretrained import svd as svd_format  # pylint: disable=g-import-not-at-top

@@ -49,7 +49,6 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from vdm_jax import denoiser
 from vdm_jax import fileio

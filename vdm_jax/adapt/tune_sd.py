@@ -40,7 +40,6 @@ from vdm_jax import sharding
 from vdm_jax import training
 from vdm_jax.models import attention
 from vdm_jax.adapt import inflate_sd
-from vdm_jax.adapt import tune as tune_lib
 from vdm_jax.adapt import tuned_sd
 from vdm_jax.pretrained import stable_diffusion
 
