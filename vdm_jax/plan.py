@@ -241,12 +241,6 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_size: int,
           for k, (s, dt) in shapes.items()}
 
 
-def _abstract(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      tree, shardings)
-
-
 def train_step_program(config: ml_collections.ConfigDict,
                        mesh: jax.sharding.Mesh) -> tuple[Any, tuple]:
   """(the jitted train step of --mode=train, its abstract arguments)."""
@@ -256,7 +250,7 @@ def train_step_program(config: ml_collections.ConfigDict,
   step = train.make_train_step(config, model, tx, lr_fn, mesh, shardings)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
                              sharding=sharding.replicated(mesh))
-  args = (_abstract(state, shardings),
+  args = (sharding.abstract(state, shardings),
           abstract_batch(config, config.training.batch_size, mesh), rng)
   return step, args
 
@@ -278,9 +272,9 @@ def sample_step_program(config: ml_collections.ConfigDict,
   z = jax.ShapeDtypeStruct((b, config.data.num_frames) + z.shape[2:],
                            z.dtype)
   batch = sharding.batch_sharding(mesh)
-  args = (_abstract(params, jax.tree.map(
+  args = (sharding.abstract(params, jax.tree.map(
       lambda _: sharding.replicated(mesh), params)),
-          *_abstract((z, logsnr, cond), jax.tree.map(
+          *sharding.abstract((z, logsnr, cond), jax.tree.map(
               lambda _: batch, (z, logsnr, cond))))
   fn = jax.jit(lambda p, z, logsnr, cond: denoiser.make_denoise_fn(
       model, p, mesh)(z, logsnr, cond))
@@ -295,9 +289,8 @@ def tune_program(config: ml_collections.ConfigDict, devices: list[Any]
   from vdm_jax.adapt import inflate  # pylint: disable=g-import-not-at-top
   from vdm_jax.adapt import tune as tune_lib  # pylint: disable=g-import-not-at-top
   b = config.training.batch_size
-  used = list(devices) if b % len(devices) == 0 else list(devices[:1])
-  data, fsdp = sharding.mesh_shape(config.mesh, len(used))
-  mesh = sharding.make_mesh(config.mesh, used)
+  mesh = tune_lib.batch_mesh(config, devices)
+  data, fsdp = sharding.mesh_shape(config.mesh, mesh.size)
   repl = sharding.replicated(mesh)
   model = denoiser.create_model(config)
   params = denoiser.abstract_params(config, model)
@@ -315,12 +308,12 @@ def tune_program(config: ml_collections.ConfigDict, devices: list[Any]
       jnp.uint8, sharding=sharding.batch_sharding(mesh))
   batch = {k: video[k] for k in ('video', 'text', 'text_mask') if k in video}
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=repl)
-  count = lambda t: int(sum(math.prod(x.shape) for x in jax.tree.leaves(t)))
   return plan_methods.Program(
-      'tune', step, (_abstract(state, jax.tree.map(lambda _: repl, state)),
-                     _abstract(frozen, jax.tree.map(lambda _: repl, frozen)),
+      'tune', step, (sharding.abstract(state, jax.tree.map(lambda _: repl, state)),
+                     sharding.abstract(frozen, jax.tree.map(lambda _: repl, frozen)),
                      batch, rng),
-      used, f'data={data} fsdp={fsdp}', b, count(tuned) + count(frozen),
+      list(mesh.devices.flat), f'data={data} fsdp={fsdp}', b,
+      denoiser.count_params(params),
       config.model.remat, config.model.dtype)
 
 
@@ -434,7 +427,7 @@ def vdm_program(config: ml_collections.ConfigDict, devices: list[Any],
   params = args[0].params if program == 'train' else args[0]
   return plan_methods.Program(
       program, fn, args, list(devices), f'data={data} fsdp={fsdp}', batch,
-      int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),
+      denoiser.count_params(params),
       config.model.remat, config.model.dtype,
       config.training.grad_accum_steps if program == 'train' else 1,
       param_sharding=config.mesh.param_sharding)

@@ -35,7 +35,6 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from vdm_jax import denoiser
@@ -87,15 +86,6 @@ class Program:
   def __post_init__(self):
     if not self.work_split:
       self.work_split = len(self.devices)
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def _count(tree: Any) -> int:
-  return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
 
 
 def _folder_config(config: ml_collections.ConfigDict, sub: str,
@@ -219,12 +209,12 @@ def tune_a_video_sd(config: ml_collections.ConfigDict, devices: list
     n = min(n, int(s.batch_size))
   fn, sample_args = _guided_text_program(
       module, schedule,
-      _abstract(params, jax.tree.map(lambda _: sharding.replicated(mesh),
+      sharding.abstract(params, jax.tree.map(lambda _: sharding.replicated(mesh),
                                      params)),
       mesh, (n, frames, h, w, unet.in_channels), 77, 'video',
       float(s.guidance_scale) > 1.0)
   programs.append(Program('sample', fn, sample_args, list(devices),
-                          _mesh_note(mesh), n, _count(params), 'none',
+                          _mesh_note(mesh), n, denoiser.count_params(params), 'none',
                           config.pretrained.dtype, model=note,
                           work_split=_split(
                               n * (2 if float(s.guidance_scale) > 1.0 else 1),
@@ -246,11 +236,11 @@ def pretrained(config: ml_collections.ConfigDict, devices: list
                                        config.mesh.param_sharding)
   b = int(s.batch_size)
   fn, args = _guided_text_program(
-      unet, schedule, _abstract(params, shardings), mesh,
+      unet, schedule, sharding.abstract(params, shardings), mesh,
       (b, 1, hw[0] // factor, hw[1] // factor, unet.in_channels), 77,
       'batch', float(s.guidance_scale) > 1.0)
   return [Program('sample', fn, args, list(devices), _mesh_note(mesh), b,
-                  _count(params), 'none', config.pretrained.dtype,
+                  denoiser.count_params(params), 'none', config.pretrained.dtype,
                   model=note, param_sharding=config.mesh.param_sharding,
                   work_split=_split(
                       b * (2 if float(s.guidance_scale) > 1.0 else 1), mesh))]
@@ -291,7 +281,7 @@ def svd(config: ml_collections.ConfigDict, devices: list) -> list[Program]:
   params = svd_format.abstract_params(module)
   mesh = sharding.make_mesh(config.mesh, devices)
   repl = sharding.replicated(mesh)
-  rparams = _abstract(params, jax.tree.map(lambda _: repl, params))
+  rparams = sharding.abstract(params, jax.tree.map(lambda _: repl, params))
   latent_channels = module.in_channels // 2
   embed = int(module.cross_attention_dim)
   ids = 3
@@ -309,7 +299,7 @@ def svd(config: ml_collections.ConfigDict, devices: list) -> list[Program]:
               z_, logsnr_, cond_)
     return [Program('sample', jax.jit(sample_fn),
                     (rparams, z, logsnr, cond(repl)), list(devices),
-                    mesh_note, 1, _count(params), 'none', p.dtype,
+                    mesh_note, 1, denoiser.count_params(params), 'none', p.dtype,
                     model=note, work_split=_split(2, mesh))]
   weight = s.inbetween_weight
   guidance = s.inbetween_guidance
@@ -325,7 +315,7 @@ def svd(config: ml_collections.ConfigDict, devices: list) -> list[Program]:
 
   programs = [Program('sample', jax.jit(pair_fn),
                       (rparams, rparams, z, logsnr, cond(repl), cond(repl)),
-                      list(devices), mesh_note, 1, 2 * _count(params), 'none',
+                      list(devices), mesh_note, 1, 2 * denoiser.count_params(params), 'none',
                       p.dtype, model=note, work_split=_split(2, mesh))]
   # The backward tune: one device, nothing donated (tune_backward_svd).
   one = jax.sharding.SingleDeviceSharding(devices[0])
@@ -334,7 +324,7 @@ def svd(config: ml_collections.ConfigDict, devices: list) -> list[Program]:
                    b2=0.999, eps=1e-8, weight_decay=1e-2)
   tuned = jax.eval_shape(inbetween_svd.split, params)
   opt = jax.eval_shape(tx.init, tuned)
-  on_one = lambda tree: _abstract(tree, jax.tree.map(lambda _: one, tree))
+  on_one = lambda tree: sharding.abstract(tree, jax.tree.map(lambda _: one, tree))
   b, f = int(config.tune.backward_batch_size), int(config.tune.num_frames)
   latents = jax.ShapeDtypeStruct((b, f, h, w, latent_channels), jnp.float32,
                                  sharding=one)
@@ -346,7 +336,7 @@ def svd(config: ml_collections.ConfigDict, devices: list) -> list[Program]:
   programs.append(Program(
       'tune', step, (on_one(tuned), on_one(opt), on_one(params), latents,
                      tune_cond, tune_cond, rng),
-      [devices[0]], 'one device', b, _count(params), c.remat, p.dtype,
+      [devices[0]], 'one device', b, denoiser.count_params(params), c.remat, p.dtype,
       model=note))
   return programs
 
@@ -378,11 +368,11 @@ def sinfusion(config: ml_collections.ConfigDict, devices: list,
       sf_train.init_state, models, tx, channels=video_shape[-1]),
                          jax.random.key(0))
   one = jax.sharding.SingleDeviceSharding(devices[0])
-  args = (_abstract(state, jax.tree.map(lambda _: one, state)),
+  args = (sharding.abstract(state, jax.tree.map(lambda _: one, state)),
           jax.ShapeDtypeStruct(video_shape, jnp.float32, sharding=one),
           jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=one))
   return [Program('train', step, args, [devices[0]], 'one device',
-                  int(config.training.batch_size), _count(state.params),
+                  int(config.training.batch_size), denoiser.count_params(state.params),
                   'none', 'float32',
                   int(config.training.grad_accum_steps), model=note)]
 

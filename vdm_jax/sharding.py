@@ -102,6 +102,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def abstract(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of a tree (arrays or abstract) with the given
+  shardings (a tree of the same structure): inputs to lower or trace a
+  program without allocating it."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)
+
+
 def _param_spec(shape: tuple[int, ...], fsdp: int) -> P:
   """Shards the largest dimension divisible by `fsdp`; else replicates."""
   if fsdp <= 1 or not shape:

@@ -113,10 +113,12 @@ def tune_step(state: training.TrainState, frozen, batch, rng, *, model, tx,
       grads, new_state.params, lr_fn(state.step))}
 
 
-def batch_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """The mesh of config.mesh, or one device for a batch that cannot split
-  (Tune-A-Video's batch of 1: no device repeats another's work)."""
-  devices = jax.devices()
+def batch_mesh(config: ml_collections.ConfigDict, devices=None
+               ) -> jax.sharding.Mesh:
+  """The mesh of config.mesh over `devices` (default: all), or one device
+  for a batch that cannot split (Tune-A-Video's batch of 1: no device
+  repeats another's work)."""
+  devices = list(jax.devices() if devices is None else devices)
   b = config.training.batch_size
   if b % len(devices) == 0:
     return sharding.make_mesh(config.mesh)

@@ -248,11 +248,6 @@ def abstract_program(config: ml_collections.ConfigDict, unet: nn.Module,
                    frozen)
   state = jax.eval_shape(lambda x: training.TrainState.create(x, tx),
                          trained)
-
-  def placed(tree, shardings):
-    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=sh), tree, shardings)
-
   b = config.training.batch_size
   latents = jax.ShapeDtypeStruct(
       (b, frames, height, width, unet.in_channels), jnp.float32,
@@ -262,8 +257,8 @@ def abstract_program(config: ml_collections.ConfigDict, unet: nn.Module,
       sharding=place.text())
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
                              sharding=sharding.replicated(place.mesh))
-  args = (placed(state, place.params(state)),
-          placed(frozen, place.params(frozen)),
+  args = (sharding.abstract(state, place.params(state)),
+          sharding.abstract(frozen, place.params(frozen)),
           {'mean': latents, 'std': latents, 'text': text}, rng)
   return (step, args, place, inflate_sd.count(trained),
           inflate_sd.count(frozen))
